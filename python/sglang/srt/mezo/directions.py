@@ -1,0 +1,185 @@
+"""Counter-based random directions z for MeZO.
+
+z is a pure function of (step seed, canonical parameter name, element offset): a
+SplitMix64-style hash of a per-tensor key and a counter. Nothing is drawn from a global
+RNG and nothing is stored, so the same z comes out whatever the chunking, thread count,
+order of the trainable set or backend (the SGLang engine regenerates it in its own
+process from the seed alone).
+
+* Rademacher: one 64-bit hash per block of 64 elements, element i takes bit i % 64.
+* Gaussian: one 64-bit hash per pair of elements; Box-Muller on its two 32-bit halves,
+  computed in float64, rounded once to float32.
+
+`axpy_direction_(w, src, key, start, alpha)` writes ``w = round(src + alpha * z)`` with the
+arithmetic in float64 and a single rounding to w's dtype. On CPU float32 tensors it runs
+as one fused numba kernel (the hot path: unpack bits and apply without ever
+materialising z); other dtypes and devices go through the torch reference in chunks of
+`CHUNK` elements, which computes the identical value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numba
+import numpy as np
+import torch
+
+GAUSSIAN = "gaussian"
+RADEMACHER = "rademacher"
+PERTURBATIONS = (GAUSSIAN, RADEMACHER)
+
+# Elements per chunk for the torch path: 1 Mi float32 scratch = 4 MiB (times ~4 temporaries).
+CHUNK = 1 << 20
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+_TWO_PI = 2.0 * math.pi
+_INV_2_32 = 1.0 / 4294967296.0
+
+
+def tensor_key(seed: int, name: str) -> int:
+    """Stable 63-bit key of one tensor's direction for one seed (blake2b, not hash())."""
+    digest = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# ----------------------------------------------------------------------------- numba
+@numba.njit(inline="always")
+def _mix(key, counter):
+    x = key + (counter + np.uint64(1)) * np.uint64(_GOLDEN)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_M1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_M2)
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(inline="always")
+def _gaussian_at(key, i):
+    h = _mix(key, np.uint64(i >> 1))
+    u1 = (np.float64(h >> np.uint64(32)) + 1.0) * _INV_2_32
+    u2 = np.float64(h & np.uint64(0xFFFFFFFF)) * _INV_2_32
+    r = math.sqrt(-2.0 * math.log(u1))
+    if i & 1:
+        return np.float64(np.float32(r * math.sin(_TWO_PI * u2)))
+    return np.float64(np.float32(r * math.cos(_TWO_PI * u2)))
+
+
+_BLOCK = 1 << 14  # elements per parallel task; a multiple of 64 and of 2
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _axpy_rademacher(w, src, key, start, alpha):
+    n = w.shape[0]
+    key = np.uint64(key)
+    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
+        lo = b * _BLOCK
+        hi = min(n, lo + _BLOCK)
+        j = lo
+        while j < hi:
+            g = np.uint64(start + j)
+            bits = _mix(key, g >> np.uint64(6))
+            shift = g & np.uint64(63)
+            end = min(hi, j + 64 - np.int64(shift))
+            while j < end:
+                sign = 1.0 - 2.0 * np.float64((bits >> shift) & np.uint64(1))
+                w[j] = np.float32(np.float64(src[j]) + alpha * sign)
+                shift += np.uint64(1)
+                j += 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _axpy_gaussian(w, src, key, start, alpha):
+    n = w.shape[0]
+    key = np.uint64(key)
+    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
+        lo = b * _BLOCK
+        hi = min(n, lo + _BLOCK)
+        for j in range(lo, hi):
+            z = _gaussian_at(key, np.int64(start + j))
+            w[j] = np.float32(np.float64(src[j]) + alpha * z)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _fill(out, kind, key, start):
+    n = out.shape[0]
+    key = np.uint64(key)
+    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
+        lo = b * _BLOCK
+        hi = min(n, lo + _BLOCK)
+        for j in range(lo, hi):
+            g = np.int64(start + j)
+            if kind == 0:
+                out[j] = _gaussian_at(key, g)
+            else:
+                bit = (_mix(key, np.uint64(g) >> np.uint64(6)) >> (np.uint64(g) & np.uint64(63))) & np.uint64(1)
+                out[j] = 1.0 - 2.0 * np.float64(bit)
+
+
+# ----------------------------------------------------------------------------- torch
+def _torch_mix(key: int, counter: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 on int64 tensors (two's-complement wraparound, logical shifts emulated)."""
+
+    def shr(x: torch.Tensor, s: int) -> torch.Tensor:
+        return (x >> s) & ((1 << (64 - s)) - 1)
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    x = (counter + 1) * signed(_GOLDEN) + signed(key & _MASK64)
+    x = (x ^ shr(x, 30)) * signed(_M1)
+    x = (x ^ shr(x, 27)) * signed(_M2)
+    return x ^ shr(x, 31)
+
+
+def direction_chunk_torch(kind: str, key: int, start: int, n: int, device="cpu") -> torch.Tensor:
+    """z for elements [start, start + n) of one tensor, float32, reference implementation."""
+    idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    if kind == RADEMACHER:
+        bits = _torch_mix(key, idx >> 6)
+        bit = ((bits >> (idx & 63)) & 1).to(torch.float32)
+        return 1.0 - 2.0 * bit
+    h = _torch_mix(key, idx >> 1)
+    hi = ((h >> 32) & 0xFFFFFFFF).to(torch.float64)
+    lo = (h & 0xFFFFFFFF).to(torch.float64)
+    u1 = (hi + 1.0) * _INV_2_32
+    u2 = lo * _INV_2_32
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    z = torch.where((idx & 1).bool(), r * torch.sin(_TWO_PI * u2), r * torch.cos(_TWO_PI * u2))
+    return z.to(torch.float32)
+
+
+def direction_chunk(kind: str, key: int, start: int, n: int, device="cpu") -> torch.Tensor:
+    """z for elements [start, start + n) of one tensor as float32 (numba on CPU)."""
+    if torch.device(device).type != "cpu":
+        return direction_chunk_torch(kind, key, start, n, device)
+    out = np.empty(n, dtype=np.float32)
+    _fill(out, 0 if kind == GAUSSIAN else 1, np.uint64(key), np.int64(start))
+    return torch.from_numpy(out)
+
+
+def direction(kind: str, seed: int, name: str, shape, device="cpu") -> torch.Tensor:
+    """The whole z of one tensor (tests and small tensors; the trainer never calls this)."""
+    n = math.prod(shape)
+    return direction_chunk(kind, tensor_key(seed, name), 0, n, device).reshape(shape)
+
+
+def axpy_direction_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float) -> None:
+    """w = round_to_dtype(src + alpha * z) elementwise, z of the tensor keyed `key`.
+
+    `src` may be `w` itself or a backup of it (same shape); both must be contiguous.
+    """
+    if kind not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
+    flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
+    if w.device.type == "cpu" and w.dtype == torch.float32 and src.dtype == torch.float32:
+        kernel = _axpy_gaussian if kind == GAUSSIAN else _axpy_rademacher
+        kernel(flat_w.numpy(), flat_src.numpy(), np.uint64(key), np.int64(0), float(alpha))
+        return
+    for start in range(0, flat_w.numel(), CHUNK):
+        n = min(CHUNK, flat_w.numel() - start)
+        z = direction_chunk(kind, key, start, n, w.device).to(w.device, torch.float64)
+        out = flat_src[start : start + n].to(torch.float64).add_(z, alpha=float(alpha))
+        flat_w[start : start + n].copy_(out)

@@ -1,0 +1,137 @@
+"""MeZO objectives: callables ``(model, batch) -> (sum, count)``.
+
+Returning a sum and a count, not a mean, lets micro-batches and data-parallel ranks be
+combined exactly (token- or example-weighted) before the division. Sums are float64.
+
+Batches follow transformers: ``input_ids``, ``attention_mask``, ``labels`` aligned with
+``input_ids`` (-100 where no loss; the model's logit at position p predicts token p+1).
+Candidate batches add ``example_id``, ``candidate_id`` and ``is_gold`` per row: one row
+per candidate, an example's rows adjacent.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+IGNORE_INDEX = -100
+Objective = Callable[[torch.nn.Module, dict], tuple]
+
+
+def positions(batch: dict) -> torch.Tensor:
+    """Position ids from the attention mask, so left and right padding give the same RoPE."""
+    mask = batch["attention_mask"]
+    return (mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def row_logprobs(model: torch.nn.Module, batch: dict, forward: Optional[Callable] = None) -> tuple:
+    """Per-row (sum of completion-token log-probs [B] float64, token count [B]).
+
+    Logits are computed only at positions whose next token carries a label (the union
+    over the batch), never over the whole sequence. `forward` replaces the plain model
+    call (the KV-cache paths plug in here) and must return logits for `keep` positions.
+    """
+    labels = batch["labels"]
+    target_mask = labels[:, 1:] != IGNORE_INDEX
+    keep = target_mask.any(0).nonzero().squeeze(-1)  # logit positions p predicting p+1
+    if keep.numel() == 0:
+        zeros = torch.zeros(labels.shape[0], dtype=torch.float64)
+        return zeros, torch.zeros(labels.shape[0], dtype=torch.long)
+    if forward is None:
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=positions(batch),
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits
+    else:
+        logits = forward(model, batch, keep)
+    targets = labels[:, keep + 1]
+    valid = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sums = (picked.double() * valid).sum(-1)
+    return sums, valid.sum(-1)
+
+
+def candidate_scores(sums: torch.Tensor, counts: torch.Tensor, batch: dict) -> list:
+    """[(scores of an example's candidates [C], index of the gold one)] per example.
+
+    A candidate's score is the mean log-prob of its tokens (length-normalised).
+    """
+    scores = sums / counts.clamp(min=1)
+    example_ids = batch["example_id"].tolist()
+    gold = batch["is_gold"].tolist()
+    groups, start = [], 0
+    for i in range(1, len(example_ids) + 1):
+        if i == len(example_ids) or example_ids[i] != example_ids[start]:
+            golds = [j - start for j in range(start, i) if gold[j]]
+            if len(golds) != 1:
+                raise ValueError(f"example {example_ids[start]} has {len(golds)} gold candidates in the batch")
+            groups.append((scores[start:i], golds[0]))
+            start = i
+    return groups
+
+
+class RowObjective:
+    """An objective computed from per-row completion log-likelihoods.
+
+    Backends hand it ``reduce(sums, counts, batch)`` from whatever forward they run (the
+    plain model, a KV-sharing path, an SGLang engine); calling it with ``(model, batch)``
+    runs a plain transformers forward.
+    """
+
+    name = "rows"
+
+    def reduce(self, sums: torch.Tensor, counts: torch.Tensor, batch: dict) -> tuple:
+        raise NotImplementedError
+
+    def __call__(self, model, batch):
+        return self.reduce(*row_logprobs(model, batch), batch)
+
+
+class CompletionNLL(RowObjective):
+    """Mean negative log-likelihood of the completion tokens (token-weighted)."""
+
+    name = "nll"
+
+    def reduce(self, sums, counts, batch):
+        return -sums.sum(), int(counts.sum())
+
+
+class CandidateCrossEntropy(RowObjective):
+    """Cross-entropy over candidates scored by length-normalised log-likelihood."""
+
+    name = "candidate_ce"
+
+    def reduce(self, sums, counts, batch):
+        groups = candidate_scores(sums, counts, batch)
+        loss = sum((torch.logsumexp(s, 0) - s[g] for s, g in groups), torch.zeros((), dtype=torch.float64))
+        return loss, len(groups)
+
+
+class NegativeAccuracy(RowObjective):
+    """Minus the number of examples whose gold candidate scores highest (not differentiable)."""
+
+    name = "accuracy"
+
+    def reduce(self, sums, counts, batch):
+        return -float(correct_count(sums, counts, batch)), len(candidate_scores(sums, counts, batch))
+
+
+def correct_count(sums, counts, batch) -> int:
+    """Examples whose gold candidate has the highest mean log-prob."""
+    return sum(int(torch.argmax(s)) == g for s, g in candidate_scores(sums, counts, batch))
+
+
+def has_candidates(batch: dict) -> bool:
+    return "example_id" in batch and "is_gold" in batch
+
+
+def make_objective(name: str, batch: dict) -> RowObjective:
+    """The built-in objective called `name`; ``auto`` picks by whether the batch has candidates."""
+    if name == "auto":
+        name = "candidate_ce" if has_candidates(batch) else "nll"
+    return {"nll": CompletionNLL, "candidate_ce": CandidateCrossEntropy, "accuracy": NegativeAccuracy}[name]()

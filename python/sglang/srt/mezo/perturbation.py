@@ -1,0 +1,287 @@
+"""Exact, scoped, in-place perturbation of trainable tensors, and the ZO-SGD update.
+
+`ModuleScopedPerturbation.scope(seed, scale)` is the one mechanism the trainer uses:
+inside it every module that owns trainable tensors is perturbed *just before it runs*
+(``w <- w + scale * z``, written into the parameter's own storage so kernels read the
+perturbed values through unchanged pointers) and restored from a small backup *right
+after*. Restoring by copy, not by subtracting ``scale * z`` again, makes any number of
+lr=0 steps bit-exact in every dtype; only one module's tensors are backed up at a time,
+so the extra memory is the largest module's trainable bytes. Leaving the scope, by
+return or by exception, restores whatever is still perturbed.
+
+Every write (perturb, restore, update, load) advances the module's entry in
+`WeightVersions`, which caches key their entries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import signal
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from sglang.srt.mezo.directions import CHUNK, axpy_direction_, direction_chunk, tensor_key
+
+logger = logging.getLogger(__name__)
+
+
+class WeightVersions:
+    """A version number per module, advanced on every in-place write of its weights.
+
+    Versions come from one global counter, so a (module, version) pair never repeats and
+    a snapshot taken before any write compares unequal to every snapshot after it.
+    """
+
+    def __init__(self):
+        self._counter = itertools.count(1)
+        self._versions: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+    def bump(self, module: nn.Module) -> int:
+        version = next(self._counter)
+        self._versions[module] = version
+        return version
+
+    def get(self, module: nn.Module) -> int:
+        return self._versions.get(module, 0)
+
+    def snapshot(self, modules: Iterable[nn.Module]) -> tuple:
+        return tuple(self.get(m) for m in modules)
+
+
+@dataclass
+class TrainableTensor:
+    """One trainable tensor: its canonical (HF) name keys its direction z."""
+
+    name: str
+    param: nn.Parameter
+    owners: list  # modules that hold it directly (several when tied)
+    decay: bool  # weight decay applies (not bias / norm)
+    master: Optional[torch.Tensor] = None  # float32 master copy over a half-precision param
+    momentum: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The tensor the optimizer updates (the master copy when there is one)."""
+        return self.master if self.master is not None else self.param.detach()
+
+    def sync_param(self) -> None:
+        if self.master is not None:
+            self.param.detach().copy_(self.master)
+
+
+def collect_trainable(model: nn.Module, selected: Iterable[str], fp32_master: bool, canonical=lambda n: n) -> list:
+    """TrainableTensors for the selected parameter names (first name of a tied tensor wins).
+
+    `canonical` maps a parameter's module path to the name that keys its direction.
+    """
+    selected = set(selected)
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for _, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    tensors, seen = [], set()
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if name not in selected or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not p.is_contiguous():
+            raise ValueError(f"trainable parameter {name} is not contiguous")
+        decay = p.dim() >= 2 and "norm" not in name.lower()
+        master = p.detach().float().clone() if fp32_master and p.dtype != torch.float32 else None
+        tensors.append(TrainableTensor(canonical(name), p, owners[id(p)], decay, master))
+    return tensors
+
+
+class ModuleScopedPerturbation:
+    """Perturbs each module's trainable tensors only while that module runs."""
+
+    def __init__(self, tensors: list, kind: str, versions: WeightVersions):
+        self.tensors = tensors
+        self.kind = kind
+        self.versions = versions
+        self._by_module: dict[nn.Module, list] = {}
+        for t in tensors:
+            for m in t.owners:
+                self._by_module.setdefault(m, []).append(t)
+        self._scope: Optional[tuple] = None  # (seed, scale, {name: key})
+        self._active: list = []  # stack of (module, [(tensor, backup)])
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._handles = []
+        for module in self._by_module:
+            self._handles.append(module.register_forward_pre_hook(self._before))
+            self._handles.append(module.register_forward_hook(self._after, always_call=True))
+
+    @property
+    def modules(self) -> list:
+        return list(self._by_module)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def backup_bytes(self) -> int:
+        """Bytes of the largest module's trainable tensors: the scratch this mechanism needs."""
+        sizes = [
+            sum(t.param.numel() * t.param.element_size() for t in ts if t.master is None)
+            for ts in self._by_module.values()
+        ]
+        return max(sizes, default=0)
+
+    @contextlib.contextmanager
+    def scope(self, seed: int, scale: float) -> Iterator[None]:
+        """Within this block, forward passes see w + scale * z(seed); weights exact after."""
+        if self._scope is not None:
+            raise RuntimeError("perturbation scopes do not nest")
+        keys = {t.name: tensor_key(seed, t.name) for t in self.tensors}
+        self._scope = (seed, float(scale), keys)
+        try:
+            yield
+        finally:
+            while self._active:
+                self._restore(*self._active.pop())
+            self._scope = None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _before(self, module, args):
+        if self._scope is None or any(m is module for m, _ in self._active):
+            return
+        _, scale, keys = self._scope
+        saved, offset = [], sum(b.numel() * b.element_size() for _, ts in self._active for _, b in ts if b is not None)
+        try:
+            for t in self._by_module[module]:
+                p = t.param.detach()
+                if t.master is not None:
+                    source, backup = t.master, None
+                else:
+                    backup = self._backup_buffer(p, offset)
+                    offset += p.numel() * p.element_size()
+                    backup.copy_(p)
+                    source = backup
+                saved.append((t, backup))
+                axpy_direction_(p, source, self.kind, keys[t.name], scale)
+        finally:
+            self.versions.bump(module)
+            self._active.append((module, saved))
+
+    def _after(self, module, args, output):
+        if self._active and self._active[-1][0] is module:
+            self._restore(*self._active.pop())
+
+    def _restore(self, module, saved):
+        for t, backup in saved:
+            if backup is None:
+                t.sync_param()
+            else:
+                t.param.detach().copy_(backup)
+        self.versions.bump(module)
+
+    def _backup_buffer(self, p: torch.Tensor, offset: int) -> torch.Tensor:
+        nbytes = p.numel() * p.element_size()
+        if self._scratch.numel() < offset + nbytes or self._scratch.device != p.device:
+            if offset:  # nested module: a separate buffer keeps outer backups in place
+                return torch.empty_like(p)
+            self._scratch = torch.empty(max(nbytes, self.backup_bytes()), dtype=torch.uint8, device=p.device)
+        return self._scratch[offset : offset + nbytes].view(p.dtype).view(p.shape)
+
+
+class _DeferredInterrupts:
+    """Holds SIGINT until the block ends, so an update is never cut in half by Ctrl-C."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.received = (signum, frame)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            if self.received is not None and callable(self.previous):
+                self.previous(*self.received)
+        return False
+
+
+@dataclass
+class UpdatePlan:
+    """Everything a ZO-SGD update needs, computed and allocated before any weight changes."""
+
+    terms: list  # [(seed, coefficient of z)] with coefficient = projected_grad / q
+    lr: float
+    weight_decay: float
+    momentum: float
+
+
+def prepare_update(tensors: list, directions: list, lr: float, weight_decay: float, momentum: float) -> UpdatePlan:
+    """Phase one of the atomic update: validate and allocate (may raise; changes nothing)."""
+    q = len(directions)
+    terms = [(seed, float(g) / q) for seed, g in directions]
+    if momentum > 0:
+        for t in tensors:
+            if t.momentum is None:
+                t.momentum = torch.zeros_like(t.value, dtype=torch.float32)
+    return UpdatePlan(terms, float(lr), float(weight_decay), float(momentum))
+
+
+def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVersions) -> None:
+    """Phase two: in-place arithmetic only, with Ctrl-C deferred until it is done.
+
+    Without momentum: ``w <- (1 - lr*wd) w - lr * sum_i (g_i / q) z_i``.
+    With momentum:    ``m <- mu m + sum_i (g_i / q) z_i + wd w;  w <- w - lr m``.
+    """
+    with _DeferredInterrupts():
+        for t in tensors:
+            w = t.value
+            wd = plan.weight_decay if t.decay else 0.0
+            if plan.momentum > 0:
+                _momentum_step(t, plan, kind, wd)
+            else:
+                if wd and plan.lr:
+                    w.mul_(1.0 - plan.lr * wd)
+                for seed, coef in plan.terms:
+                    axpy_direction_(w, w, kind, tensor_key(seed, t.name), -plan.lr * coef)
+            t.sync_param()
+            for m in t.owners:
+                versions.bump(m)
+
+
+def _momentum_step(t: TrainableTensor, plan: UpdatePlan, kind: str, wd: float) -> None:
+    w, m = t.value.view(-1), t.momentum.view(-1)
+    keys = [(tensor_key(seed, t.name), coef) for seed, coef in plan.terms]
+    for start in range(0, w.numel(), CHUNK):
+        n = min(CHUNK, w.numel() - start)
+        mc = m[start : start + n].mul_(plan.momentum)
+        for key, coef in keys:
+            mc.add_(direction_chunk(kind, key, start, n, w.device).to(mc.device), alpha=coef)
+        if wd:
+            mc.add_(w[start : start + n].float(), alpha=wd)
+        w[start : start + n].sub_((mc * plan.lr).to(w.dtype))
+
+
+def vanishing_fraction(tensors: list, kind: str, seed: int, scale: float, sample: int = 4096) -> float:
+    """Fraction of sampled elements whose value does not change under ``w + scale * z``.
+
+    The sample is the first `sample` elements of every trainable tensor; the write is
+    computed exactly as the perturbation/update would (float64, one rounding to the
+    dtype). Above 0.5 the perturbation or update is mostly below the dtype's resolution.
+    """
+    same = total = 0
+    for t in tensors:
+        w = t.param.detach().view(-1)[:sample]
+        src = t.value.view(-1)[:sample]
+        z = direction_chunk(kind, tensor_key(seed, t.name), 0, w.numel(), w.device).to(w.device, torch.float64)
+        moved = (src.to(torch.float64) + scale * z).to(w.dtype)
+        same += int((moved == w).sum())
+        total += w.numel()
+    return same / max(total, 1)

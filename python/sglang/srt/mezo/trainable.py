@@ -1,0 +1,59 @@
+"""Which tensors MeZO trains: all of them, a name-pattern subset, or a peft adapter."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from sglang.srt.mezo.config import MeZOConfig
+
+ADAPTER_NAME = "default"
+
+
+def apply_peft(model: nn.Module, config: MeZOConfig) -> nn.Module:
+    """Wrap `model` in a peft LoRA / prefix-tuning model when the config asks for one."""
+    if config.peft == "none":
+        return model
+    import peft
+
+    if config.peft == "lora":
+        targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
+        peft_config = peft.LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+    else:
+        peft_config = peft.PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, task_type="CAUSAL_LM")
+    # autocast_adapter_dtype keeps adapter weights in float32 over a half-precision base.
+    return peft.get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+
+
+def trainable_names(model: nn.Module, config: MeZOConfig) -> list:
+    """Names (as in ``model.named_parameters()``) of the tensors MeZO perturbs and updates."""
+    if config.peft != "none":
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        names = [n for n, _ in model.named_parameters()]
+    if config.trainable_patterns:
+        patterns = [re.compile(p.strip()) for p in config.trainable_patterns.split(",") if p.strip()]
+        names = [n for n in names if any(p.search(n) for p in patterns)]
+        if not names:
+            raise ValueError(f"trainable_patterns={config.trainable_patterns!r} matches no parameter")
+    if not names:
+        raise ValueError("the trainable set is empty")
+    return names
+
+
+def canonical_name(name: str) -> str:
+    """The name a tensor has in saved weights: peft's adapter segment removed.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` becomes
+    ``...q_proj.lora_A.weight``, the key of peft's saved adapter, so the SGLang backend
+    and a reloaded adapter draw the same direction z for it.
+    """
+    return name.replace(f".{ADAPTER_NAME}.", ".").replace(f".{ADAPTER_NAME}", "")

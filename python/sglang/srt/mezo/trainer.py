@@ -1,0 +1,252 @@
+"""`MeZOTrainer`: the two-point SPSA estimate and the ZO-SGD loop."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.objectives import correct_count, candidate_scores, has_candidates, make_objective
+from sglang.srt.mezo.perturbation import vanishing_fraction
+
+logger = logging.getLogger(__name__)
+
+VANISHING_THRESHOLD = 0.5  # warn when over half the sampled elements would not move
+
+
+def direction_seed(run_seed: int, step: int, direction: int) -> int:
+    """The seed of direction `direction` at step `step`: stable, 63 bits, logged per step."""
+    digest = hashlib.blake2b(f"mezo/{int(run_seed)}/{int(step)}/{int(direction)}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def learning_rate_at(config: MeZOConfig, step: int) -> float:
+    """Learning rate of `step` (0-based): linear warm-up, then constant/linear/cosine decay."""
+    base, warmup, total = config.learning_rate, config.warmup_steps, max(config.max_steps, 1)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if config.lr_scheduler == "constant":
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if config.lr_scheduler == "linear":
+        return base * (1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class DirectionEstimate:
+    seed: int
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+
+
+@dataclass
+class StepOutput:
+    """What one MeZO step measured; losses and projected_grad are means over directions."""
+
+    step: int
+    seed: int
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+    lr: float
+    per_direction: list = field(default_factory=list)
+    skipped: bool = False  # a non-finite loss: no update was applied
+
+    def metrics(self) -> dict:
+        out = asdict(self)
+        out["per_direction"] = [asdict(d) for d in self.per_direction]
+        return out
+
+
+class MeZOTrainer:
+    """Fine-tunes a causal LM with MeZO (Malladi et al. 2023) using forward passes only.
+
+    Args:
+        model: a transformers causal LM (wrapped in peft here when ``config.peft`` says so),
+            or, with ``backend=``, whatever that backend drives.
+        config: the run's `MeZOConfig`.
+        tokenizer: optional; only saving and text utilities need it.
+        objective: optional callable ``(model, batch) -> (sum, count)``; by default the
+            completion NLL, or candidate cross-entropy when batches carry candidates.
+        backend: optional prebuilt backend (e.g. an SGLang engine backend); by default a
+            `TransformersBackend` over `model`.
+    """
+
+    def __init__(self, model, config: MeZOConfig, tokenizer=None, objective: Optional[Callable] = None, backend=None):
+        if backend is None:
+            from sglang.srt.mezo.hf_backend import TransformersBackend
+
+            backend = TransformersBackend(model, config)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.objective = objective
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_seen_in_epoch = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self.warnings_issued: set = set()
+
+    @property
+    def model(self):
+        return self.backend.model
+
+    # ------------------------------------------------------------------------- one step
+    def step(self, batch: dict) -> StepOutput:
+        """One MeZO step on `batch`: q two-point estimates at the same weights, one update."""
+        c = self.config
+        self._check_batch(batch)
+        objective = self.objective or make_objective(c.objective, batch)
+        estimates = []
+        for d in range(c.num_directions):
+            seed = direction_seed(c.seed, self.global_step, d)
+            loss_plus = self._loss(objective, batch, seed, +c.epsilon)
+            loss_minus = self._loss(objective, batch, seed, -c.epsilon)
+            grad = (loss_plus - loss_minus) / (2 * c.epsilon)
+            estimates.append(DirectionEstimate(seed, loss_plus, loss_minus, grad))
+        if self.global_step == 0:
+            self._warn_if_vanishing("perturbation", estimates[0].seed, c.epsilon)
+        lr = learning_rate_at(c, self.global_step)
+        out = StepOutput(
+            step=self.global_step,
+            seed=estimates[0].seed,
+            loss_plus=sum(e.loss_plus for e in estimates) / len(estimates),
+            loss_minus=sum(e.loss_minus for e in estimates) / len(estimates),
+            projected_grad=sum(e.projected_grad for e in estimates) / len(estimates),
+            lr=lr,
+            per_direction=estimates,
+        )
+        if not all(math.isfinite(e.loss_plus) and math.isfinite(e.loss_minus) for e in estimates):
+            return self._skip(out)
+        self.nonfinite_in_a_row = 0
+        clip = c.grad_clip or math.inf
+        directions = [(e.seed, max(-clip, min(clip, e.projected_grad))) for e in estimates]
+        self._warn_if_vanishing("update", directions[0][0], -lr * directions[0][1] / len(directions))
+        self.backend.apply_update(directions, lr)
+        self.global_step += 1
+        return out
+
+    def _loss(self, objective, batch: dict, seed: Optional[int], scale: float) -> float:
+        """Mean objective under ``w + scale * z(seed)``, combined exactly across ranks."""
+        total, count = self.backend.loss_sum(objective, batch, seed, scale)
+        if dist.is_available() and dist.is_initialized():
+            both = torch.tensor([total, float(count)], dtype=torch.float64)
+            dist.all_reduce(both)
+            total, count = float(both[0]), int(both[1])
+        return total / count if count else math.nan
+
+    def _check_batch(self, batch: dict) -> None:
+        for key in ("input_ids", "attention_mask", "labels"):
+            if key not in batch:
+                raise ValueError(f"batch is missing {key!r} (has {sorted(batch)})")
+        if batch["input_ids"].numel() == 0 or batch["input_ids"].shape[0] == 0:
+            raise ValueError("empty batch: no examples to estimate a gradient from")
+        if not bool((batch["labels"] != -100).any()):
+            raise ValueError("batch has no labelled tokens (every label is -100): the loss is undefined")
+
+    def _skip(self, out: StepOutput) -> StepOutput:
+        self.nonfinite_in_a_row += 1
+        self.skipped_steps += 1
+        out.skipped = True
+        logger.warning("step %d: non-finite loss (%s, %s); update skipped", out.step, out.loss_plus, out.loss_minus)
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} consecutive steps with non-finite loss "
+                f"(max_nonfinite_steps={self.config.max_nonfinite_steps}); last L+={out.loss_plus}, "
+                f"L-={out.loss_minus}. Lower epsilon or learning_rate, or check the data."
+            )
+        self.global_step += 1
+        return out
+
+    def _warn_if_vanishing(self, what: str, seed: int, scale: float) -> None:
+        """Warn (once per kind) when ``w + scale*z`` rounds back to w for most sampled elements."""
+        tensors = getattr(self.backend, "tensors", None)
+        if not tensors or what in self.warnings_issued:
+            return
+        fraction = vanishing_fraction(tensors, self.config.perturbation, seed, scale)
+        if fraction > VANISHING_THRESHOLD:
+            self.warnings_issued.add(what)
+            dtypes = sorted({str(t.param.dtype) for t in tensors})
+            warnings.warn(
+                f"MeZO {what} below the weights' resolution: {fraction:.0%} of sampled elements "
+                f"({dtypes}) are unchanged by a write of scale {scale:.3g} (criterion: more than "
+                f"{VANISHING_THRESHOLD:.0%}). Raise epsilon/learning_rate or set fp32_trainable=True.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------------- loops
+    def train(self, dataloader: Iterable, on_step: Optional[Callable[[StepOutput, float], None]] = None) -> list:
+        """Runs until ``config.max_steps``, cycling epochs; returns the per-step metrics.
+
+        `on_step(output, seconds)` is called after each step (logging, checkpoints).
+        """
+        history = []
+        bar = tqdm(
+            total=self.config.max_steps,
+            initial=self.global_step,
+            desc="MeZO",
+            disable=self.config.disable_tqdm,
+            dynamic_ncols=True,
+        )
+        while self.global_step < self.config.max_steps:
+            if hasattr(getattr(dataloader, "sampler", None), "set_epoch"):
+                dataloader.sampler.set_epoch(self.epoch)
+            progressed = False
+            for index, batch in enumerate(dataloader):
+                if index < self.batches_seen_in_epoch:
+                    continue  # resuming mid-epoch: these batches were used before the save
+                started = time.perf_counter()
+                out = self.step(batch)
+                self.batches_seen_in_epoch = index + 1
+                seconds = time.perf_counter() - started
+                progressed = True
+                history.append(out)
+                bar.update(1)
+                bar.set_postfix(loss=f"{(out.loss_plus + out.loss_minus) / 2:.4f}", g=f"{out.projected_grad:.3g}")
+                if on_step is not None:
+                    on_step(out, seconds)
+                if self.global_step >= self.config.max_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.batches_seen_in_epoch = 0
+            if not progressed and self.batches_seen_in_epoch == 0:
+                raise ValueError("the training dataloader yielded no batches")
+        bar.close()
+        return history
+
+    def evaluate(self, dataloader: Iterable) -> dict:
+        """Unperturbed loss (and candidate accuracy when batches carry candidates)."""
+        total = count = correct = examples = 0
+        objective_name = None
+        for batch in tqdm(dataloader, desc="eval", disable=self.config.disable_tqdm, leave=False):
+            objective = self.objective or make_objective(self.config.objective, batch)
+            objective_name = getattr(objective, "name", type(objective).__name__)
+            if self.objective is None and hasattr(self.backend, "row_logprobs"):
+                sums, counts = self.backend.row_logprobs(batch)
+                t, n = objective.reduce(sums, counts, batch)
+                if has_candidates(batch):
+                    correct += correct_count(sums, counts, batch)
+                    examples += len(candidate_scores(sums, counts, batch))
+            else:
+                t, n = self.backend.loss_sum(objective, batch)
+            total += float(t)
+            count += int(n)
+        result = {"loss": total / count if count else math.nan, "objective": objective_name}
+        if examples:
+            result["accuracy"] = correct / examples
+            result["examples"] = examples
+        return result

@@ -1,0 +1,90 @@
+"""Tiny real models and tokenizers for the MeZO tests: built from a config, no download."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "The movie was great and I loved it.",
+    "The film was terrible, I hated every minute.",
+    "Question: is the sky blue? Answer: yes",
+    "Question: is fire cold? Answer: no",
+    "Review: a wonderful, moving story. Sentiment: positive",
+    "Review: dull and far too long. Sentiment: negative",
+    "one two three four five six seven eight nine ten",
+    "red green blue yellow black white orange purple",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_bpe(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (spacing matters, as in GPT-2/Llama-3) with a chat template."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_bpe(vocab_size)),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llama_config(vocab_size: int = 384, layers: int = 2, hidden: int = 32, **overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **config_overrides) -> LlamaForCausalLM:
+    """A randomly initialised LlamaForCausalLM (real transformers model, no download)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).to(dtype)
+    return model.eval()
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """A copy of every parameter, for bit-exact comparisons."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_bit_identical(testcase, model: torch.nn.Module, reference: dict) -> None:
+    for name, p in model.named_parameters():
+        ref = reference[name]
+        same = torch.equal(p.detach().view(torch.uint8), ref.view(torch.uint8))
+        testcase.assertTrue(same, f"{name} changed (max |diff| {(p.detach().double() - ref.double()).abs().max():.3g})")
