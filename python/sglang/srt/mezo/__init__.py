@@ -1,1 +1,1 @@
-X=1
+"""Internals of the MeZO trainer; the public API is `sglang.srt.mezo_trainer`."""

@@ -181,5 +181,5 @@ def axpy_direction_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alp
     for start in range(0, flat_w.numel(), CHUNK):
         n = min(CHUNK, flat_w.numel() - start)
         z = direction_chunk(kind, key, start, n, w.device).to(w.device, torch.float64)
-        out = flat_src[start : start + n].to(torch.float64).add_(z, alpha=float(alpha))
-        flat_w[start : start + n].copy_(out)
+        # out of place: for a float64 `src`, .to() returns `src` itself, which must not change
+        flat_w[start : start + n].copy_(torch.add(flat_src[start : start + n].to(torch.float64), z, alpha=float(alpha)))

@@ -50,7 +50,8 @@ def row_logprobs(model: torch.nn.Module, batch: dict, forward: Optional[Callable
         logits = forward(model, batch, keep)
     targets = labels[:, keep + 1]
     valid = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    # fp32 at least (half-precision logits lose the O(eps) signal), float64 stays float64
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     sums = (picked.double() * valid).sum(-1)
     return sums, valid.sum(-1)

@@ -269,16 +269,19 @@ def _momentum_step(t: TrainableTensor, plan: UpdatePlan, kind: str, wd: float) -
         w[start : start + n].sub_((mc * plan.lr).to(w.dtype))
 
 
-def vanishing_fraction(tensors: list, kind: str, seed: int, scale: float, sample: int = 4096) -> float:
+def vanishing_fraction(
+    tensors: list, kind: str, seed: int, scale: float, update: bool = False, sample: int = 4096
+) -> float:
     """Fraction of sampled elements whose value does not change under ``w + scale * z``.
 
     The sample is the first `sample` elements of every trainable tensor; the write is
     computed exactly as the perturbation/update would (float64, one rounding to the
-    dtype). Above 0.5 the perturbation or update is mostly below the dtype's resolution.
+    written tensor's dtype: the parameter for a perturbation, the float32 master if there
+    is one for an update). Above 0.5 the write is mostly below the dtype's resolution.
     """
     same = total = 0
     for t in tensors:
-        w = t.param.detach().view(-1)[:sample]
+        w = (t.value if update else t.param.detach()).view(-1)[:sample]
         src = t.value.view(-1)[:sample]
         z = direction_chunk(kind, tensor_key(seed, t.name), 0, w.numel(), w.device).to(w.device, torch.float64)
         moved = (src.to(torch.float64) + scale * z).to(w.dtype)

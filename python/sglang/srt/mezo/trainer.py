@@ -148,11 +148,15 @@ class MeZOTrainer:
         return total / count if count else math.nan
 
     def _check_batch(self, batch: dict) -> None:
+        if not batch or any(getattr(v, "shape", (1,))[:1] == (0,) for v in batch.values()):
+            raise ValueError("empty batch: no examples to estimate a gradient from")
+        if self.objective is not None:
+            return  # a custom objective defines its own batch
         for key in ("input_ids", "attention_mask", "labels"):
             if key not in batch:
                 raise ValueError(f"batch is missing {key!r} (has {sorted(batch)})")
-        if batch["input_ids"].numel() == 0 or batch["input_ids"].shape[0] == 0:
-            raise ValueError("empty batch: no examples to estimate a gradient from")
+        if batch["input_ids"].numel() == 0:
+            raise ValueError("empty batch: no tokens to estimate a gradient from")
         if not bool((batch["labels"] != -100).any()):
             raise ValueError("batch has no labelled tokens (every label is -100): the loss is undefined")
 
@@ -173,9 +177,9 @@ class MeZOTrainer:
     def _warn_if_vanishing(self, what: str, seed: int, scale: float) -> None:
         """Warn (once per kind) when ``w + scale*z`` rounds back to w for most sampled elements."""
         tensors = getattr(self.backend, "tensors", None)
-        if not tensors or what in self.warnings_issued:
+        if not tensors or what in self.warnings_issued or scale == 0:
             return
-        fraction = vanishing_fraction(tensors, self.config.perturbation, seed, scale)
+        fraction = vanishing_fraction(tensors, self.config.perturbation, seed, scale, update=what == "update")
         if fraction > VANISHING_THRESHOLD:
             self.warnings_issued.add(what)
             dtypes = sorted({str(t.param.dtype) for t in tensors})

@@ -1,0 +1,90 @@
+"""Import-only stand-ins that let upstream SGLang's engine import on a CPU-only machine.
+
+Upstream SGLang imports a few GPU-stack modules at module level on code paths a CPU
+engine never executes:
+
+* ``torchvision`` (multimodal processors): PyPI's torchvision needs a CUDA torch build
+  (several GB) and fails to import beside the CPU torch wheel.
+* ``vllm._custom_ops`` (``RotaryEmbedding.__init__`` imports it on generic platforms but
+  only calls it on CUDA).
+
+`install()` registers, only when the real module cannot be found and CUDA is absent, a
+finder that serves placeholder modules for exactly these names. Any attribute of a
+placeholder is a placeholder class usable in annotations and default arguments; calling
+or instantiating one raises ImportError naming the missing package, so nothing silently
+computes wrong results. The CLI (``--backend sglang``) and the tests call `install()`.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+STANDIN_ROOTS = ("torchvision", "vllm")
+
+
+class _Placeholder(type):
+    """A class whose attributes are placeholders and whose instantiation explains itself."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Placeholder(f"{cls.__name__}.{name}", (), {"_missing": cls._missing})
+
+    def __call__(cls, *args, **kwargs):
+        raise ImportError(f"{cls.__name__} is a CPU stand-in: install the real `{cls._missing}` to use it")
+
+
+class _StandInModule(types.ModuleType):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.__path__ = []  # a package, so any submodule imports too
+        self.__mezo_standin__ = True
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        root = self.__name__.split(".")[0]
+        return _Placeholder(f"{self.__name__}.{name}", (), {"_missing": root})
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots):
+        self.roots = tuple(roots)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _StandInModule(spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
+def missing_roots() -> list:
+    """The stand-in roots whose real package is not installed."""
+    return [root for root in STANDIN_ROOTS if importlib.util.find_spec(root) is None]
+
+
+def install() -> list:
+    """Serves stand-ins for missing GPU-only modules on a CPU-only machine; returns their names."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    if any(isinstance(f, _StandInFinder) for f in sys.meta_path):
+        return [r for f in sys.meta_path if isinstance(f, _StandInFinder) for r in f.roots]
+    roots = missing_roots()
+    if roots:
+        sys.meta_path.append(_StandInFinder(roots))
+    return roots
+
+
+def is_standin(module) -> bool:
+    return bool(getattr(module, "__mezo_standin__", False))

@@ -1,0 +1,511 @@
+"""Tests of the MeZO trainer: estimator, data path, KV cache, integration, edge cases.
+
+Run as ``pytest test/srt/test_mezo_trainer.py`` (one class: ``::TestMeZODataset``) or as
+``python3 test/srt/test_mezo_trainer.py``. Tolerances are derived in each test's
+docstring; every key property has a canary showing that a broken variant fails it.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import unittest
+import warnings
+from unittest import mock
+
+import torch
+from mezo_testing import assert_bit_identical, snapshot, tiny_llama
+from scipy import stats
+from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective
+
+from sglang.srt.mezo import perturbation as perturbation_module
+from sglang.srt.mezo.directions import axpy_direction_, direction, tensor_key
+from sglang.srt.mezo.perturbation import ModuleScopedPerturbation
+from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.trainer import MeZOTrainer
+
+U64 = 2.0**-53  # unit roundoff of float64
+
+
+def gamma(k: int, u: float = U64) -> float:
+    """Higham's gamma_k = k u / (1 - k u): the relative error bound of a k-term sum/product chain."""
+    return k * u / (1 - k * u)
+
+
+def toy_trainer(model, **overrides) -> MeZOTrainer:
+    values = dict(learning_rate=0.0, epsilon=1e-3, seed=0, disable_tqdm=True)
+    values.update(overrides)
+    return MeZOTrainer(model, MeZOConfig(**values), objective=toy_objective)
+
+
+def z_of(trainer: MeZOTrainer, seed: int, name: str = "theta", shape=None) -> torch.Tensor:
+    t = next(t for t in trainer.backend.tensors if t.name == name)
+    return direction(trainer.config.perturbation, seed, name, shape or t.param.shape).double()
+
+
+def lm_batch(batch_size=4, length=12, prompt=6, seed=1, vocab=384):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch_size, length), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def caught_warnings(fn):
+    """(result, [warning messages]) of fn(); unittest's assertWarns walks every module in
+    sys.modules and trips transformers' lazy modules, so warnings are recorded directly."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [str(w.message) for w in caught]
+
+
+def forward_difference_step(trainer: MeZOTrainer, batch, seed: int) -> float:
+    """Canary estimator: one-sided (L(theta + eps z) - L(theta)) / eps."""
+    eps = trainer.config.epsilon
+    objective = trainer.objective
+    plus = trainer._loss(objective, batch, seed, eps)
+    base = trainer._loss(objective, batch, None, 0.0)
+    return (plus - base) / eps
+
+
+class TestMeZOGradientEstimation(unittest.TestCase):
+    """The SPSA estimate against exact gradients of float64 toy objectives."""
+
+    def _check_exact(self, model, k_terms: int, kind: str):
+        """Central difference = z^T grad f up to rounding, for linear and quadratic f.
+
+        For f linear or quadratic, (f(t+eps z) - f(t-eps z)) / (2 eps) equals z^T grad f
+        exactly in real arithmetic (the eps^2 term of a quadratic cancels). In float64 each
+        f is a chain of k_terms products/sums plus the rounding of t + eps z, so
+        |fl(f) - f| <= gamma_(k+1) * sum|terms|, giving the bound
+        gamma_(k+1) * (T+ + T-) / (2 eps) + u |g|, T the absolute-term sums at t +- eps z.
+        """
+        trainer = toy_trainer(model, perturbation=kind)
+        eps = trainer.config.epsilon
+        for step in range(5):
+            out = trainer.step(TOY_BATCH)
+            z = z_of(trainer, out.seed)
+            exact = float(z @ model.grad())
+            theta = model.theta.detach().clone()
+            with torch.no_grad():
+                model.theta.copy_(theta + eps * z)
+                t_plus = model.abs_terms()
+                model.theta.copy_(theta - eps * z)
+                t_minus = model.abs_terms()
+                model.theta.copy_(theta)
+            bound = gamma(k_terms + 1) * 1.01 * (t_plus + t_minus) / (2 * eps) + U64 * abs(exact)
+            self.assertLessEqual(abs(out.projected_grad - exact), bound, f"step {step}")
+        return trainer
+
+    def test_gradient_estimation_linear_model(self):
+        for kind in ("gaussian", "rademacher"):
+            self._check_exact(Linear(64, seed=1), k_terms=64 + 1, kind=kind)
+
+    def test_quadratic_model_exact_directional_derivative(self):
+        """Quadratic: exact too; canary: a one-sided difference is off by eps/2 z^T H z."""
+        model = Quadratic(32, seed=2)
+        trainer = self._check_exact(model, k_terms=2 * 32 + 2, kind="gaussian")
+        seed = tensor_key(99, "canary")
+        z = z_of(trainer, seed)
+        exact = float(z @ model.grad())
+        one_sided = forward_difference_step(trainer, TOY_BATCH, seed)
+        curvature = 0.5 * trainer.config.epsilon * float(z @ (model.H @ z))
+        self.assertAlmostEqual(one_sided - exact, curvature, delta=1e-6 * abs(curvature))
+        t = model.abs_terms()
+        self.assertGreater(abs(one_sided - exact), 1e3 * gamma(66) * 2 * t / trainer.config.epsilon)
+
+    def test_per_draw_identities(self):
+        """With lr=1 the update is -g z: ||g_hat||^2 = (z^T grad)^2 ||z||^2; Rademacher ||z||^2 = d.
+
+        The update theta - lr * g * z rounds once per element (relative u), so the
+        measured ||g_hat||^2 matches within ~4u relative; the quadratic makes g exact up
+        to the bound of the test above.
+        """
+        d = 48
+        for kind in ("gaussian", "rademacher"):
+            model = Quadratic(d, seed=3)
+            trainer = toy_trainer(model, perturbation=kind, learning_rate=1.0)
+            theta0 = model.theta.detach().clone()
+            grad0 = model.grad()
+            out = trainer.step(TOY_BATCH)
+            z = z_of(trainer, out.seed)
+            g_hat = theta0 - model.theta.detach()
+            expected = float(z @ grad0) ** 2 * float(z @ z)
+            self.assertAlmostEqual(float(g_hat @ g_hat) / expected, 1.0, delta=1e-9)
+            torch.testing.assert_close(g_hat, out.projected_grad * z, rtol=4 * U64, atol=4 * U64 * float(theta0.abs().max()))
+            if kind == "rademacher":
+                self.assertEqual(float(z @ z), d)
+                self.assertTrue(torch.equal(z.abs(), torch.ones(d, dtype=torch.float64)))
+
+    def _mean_cos2(self, n: int, d: int, trials: int, reuse_seed: bool) -> torch.Tensor:
+        model = Linear(d, seed=4)
+        trainer = toy_trainer(model, learning_rate=1.0, num_directions=n)
+        grad = model.grad()
+        cos2 = []
+        seeds_used = set()
+        for trial in range(trials):
+            theta0 = model.theta.detach().clone()
+            if reuse_seed:  # canary: every direction of a step shares one seed
+                with mock.patch("sglang.srt.mezo.trainer.direction_seed", lambda s, step, d: tensor_key(s, f"{step}")):
+                    out = trainer.step(TOY_BATCH)
+            else:
+                out = trainer.step(TOY_BATCH)
+            seeds_used.update(e.seed for e in out.per_direction)
+            mean_g = theta0 - model.theta.detach()
+            cos2.append(float(mean_g @ grad) ** 2 / (float(mean_g @ mean_g) * float(grad @ grad)))
+            with torch.no_grad():
+                model.theta.copy_(theta0)
+        return torch.tensor(cos2, dtype=torch.float64)
+
+    def test_mean_of_n_estimates_cos2_follows_beta(self):
+        """cos^2(mean of n estimates, grad) ~ Beta(n/2, (d-1)/2) for Gaussian z on a linear f.
+
+        With grad = e1: mean g_hat = (sum a_i^2, sum a_i w_i), S = sum a_i^2 ~ chi2_n and,
+        given a, ||sum a_i w_i||^2 = S * chi2_(d-1): cos^2 = S / (S + C), a Beta(n/2, (d-1)/2).
+        Checked with a KS test (reject at p < 1e-3) and the mean within 4 standard errors.
+        Canary: reusing one seed for all n directions gives Beta(1/2, (d-1)/2) and fails.
+        """
+        d, trials = 24, 300
+        for n in (1, 4):
+            cos2 = self._mean_cos2(n, d, trials, reuse_seed=False)
+            a, b = n / 2, (d - 1) / 2
+            beta = stats.beta(a, b)
+            self.assertGreater(stats.kstest(cos2.numpy(), beta.cdf).pvalue, 1e-3, f"n={n}")
+            self.assertLess(abs(float(cos2.mean()) - beta.mean()), 4 * beta.std() / math.sqrt(trials))
+        canary = self._mean_cos2(4, d, trials, reuse_seed=True)
+        self.assertLess(stats.kstest(canary.numpy(), stats.beta(2, (d - 1) / 2).cdf).pvalue, 1e-3)
+
+    def test_second_moment_gaussian_and_rademacher(self):
+        """E||g_hat||^2 = (d+2)||grad||^2 (Gaussian), d||grad||^2 (Rademacher), within 4 s.e.
+
+        X = (z.g)^2 ||z||^2. Gaussian, g = e1 after rotation: X = a^4 + a^2 C, C ~ chi2_(d-1),
+        E X^2 = 105 + 30(d-1) + 3((d-1)^2 + 2(d-1)). Rademacher: X = d (z.g)^2 and
+        E (z.g)^4 = 3||g||^4 - 2 sum g_i^4. The sample mean of K draws is within
+        4 sqrt(Var X / K) of E X (normal approximation; the seeds are fixed).
+        """
+        d, draws = 16, 1500
+        model = Linear(d, seed=5)
+        g = model.grad()
+        g2, g4 = float(g @ g), float((g**4).sum())
+        for kind in ("gaussian", "rademacher"):
+            trainer = toy_trainer(model, perturbation=kind)
+            values = []
+            for _ in range(draws):
+                out = trainer.step(TOY_BATCH)
+                z = z_of(trainer, out.seed)
+                values.append(out.projected_grad**2 * float(z @ z))
+            mean = sum(values) / draws
+            if kind == "gaussian":
+                expect = (d + 2) * g2
+                second = (105 + 30 * (d - 1) + 3 * ((d - 1) ** 2 + 2 * (d - 1))) * g2**2
+            else:
+                expect = d * g2
+                second = d**2 * (3 * g2**2 - 2 * g4)
+            se = math.sqrt((second - expect**2) / draws)
+            self.assertLess(abs(mean - expect), 4 * se, f"{kind}: mean {mean:.4g} vs {expect:.4g}")
+
+    def test_one_step_decreases_loss_below_critical_lr(self):
+        """E f(t - lr g_hat) - f(t) = -lr|g|^2 + lr^2/2 M, M = E[(z.g)^2 z^T H z].
+
+        Gaussian (Isserlis): M = |g|^2 tr H + 2 g^T H g. Rademacher: the i=j=k=l term is
+        counted once, not three times: M = |g|^2 tr H + 2 g^T H g - 2 sum g_i^2 H_ii. The
+        expected change is negative iff lr < 2|g|^2 / M. At lr = lr_c / 2 the mean change
+        over K draws is negative and within 4 s.e. of theory; at 2 lr_c it is positive.
+        """
+        d, draws = 12, 600
+        for kind in ("gaussian", "rademacher"):
+            model = Quadratic(d, seed=6)
+            g, H = model.grad(), model.H
+            g2 = float(g @ g)
+            m = g2 * float(torch.trace(H)) + 2 * float(g @ H @ g)
+            if kind == "rademacher":
+                m -= 2 * float((g**2 * torch.diagonal(H)).sum())
+            lr_c = 2 * g2 / m
+            for factor in (0.5, 2.0):
+                lr = factor * lr_c
+                trainer = toy_trainer(model, perturbation=kind, learning_rate=lr)
+                theta0 = model.theta.detach().clone()
+                f0 = float(model())
+                changes = []
+                for _ in range(draws):
+                    trainer.step(TOY_BATCH)
+                    changes.append(float(model()) - f0)
+                    with torch.no_grad():
+                        model.theta.copy_(theta0)
+                changes = torch.tensor(changes)
+                expect = -lr * g2 + lr**2 / 2 * m
+                se = float(changes.std()) / math.sqrt(draws)
+                self.assertLess(abs(float(changes.mean()) - expect), 4 * se, f"{kind} x{factor}")
+                if factor < 1:
+                    self.assertLess(float(changes.mean()), 0.0)
+                else:
+                    self.assertGreater(float(changes.mean()), 0.0)
+
+    def test_n_spsa_update_is_mean_of_estimates_at_same_theta(self):
+        """q directions at the same theta: the update is -lr/q sum g_i z_i (rounding: q ulps)."""
+        q, lr = 3, 0.05
+        model = Quadratic(20, seed=7)
+        theta0 = model.theta.detach().clone()
+        trainer = toy_trainer(model, num_directions=q, learning_rate=lr)
+        out = trainer.step(TOY_BATCH)
+        self.assertEqual(len(out.per_direction), q)
+        self.assertEqual(len({e.seed for e in out.per_direction}), q)
+        expected = theta0.clone()
+        for e in out.per_direction:
+            ref = Quadratic(20, seed=7)
+            single = toy_trainer(ref)
+            plus = single._loss(toy_objective, TOY_BATCH, e.seed, single.config.epsilon)
+            minus = single._loss(toy_objective, TOY_BATCH, e.seed, -single.config.epsilon)
+            self.assertEqual((plus, minus), (e.loss_plus, e.loss_minus))  # same theta for every direction
+            expected -= lr / q * e.projected_grad * z_of(single, e.seed)
+        tol = q * 2 * U64 * float(theta0.abs().max() + 1)
+        torch.testing.assert_close(model.theta.detach(), expected, rtol=0, atol=tol)
+        self.assertAlmostEqual(out.projected_grad, sum(e.projected_grad for e in out.per_direction) / q, places=12)
+
+    def test_directions_independent_of_chunking_and_reference(self):
+        """z(seed, name, offset): chunked draws equal one draw; numba equals the torch reference."""
+        from sglang.srt.mezo import directions as D
+
+        key = tensor_key(11, "model.layers.0.mlp.up_proj.weight")
+        for kind in D.PERTURBATIONS:
+            whole = D.direction_chunk(kind, key, 0, 5000)
+            parts = torch.cat([D.direction_chunk(kind, key, s, n) for s, n in ((0, 7), (7, 1000), (1007, 3993))])
+            self.assertTrue(torch.equal(whole, parts))
+            ref = D.direction_chunk_torch(kind, key, 0, 5000)
+            if kind == "rademacher":
+                self.assertTrue(torch.equal(whole, ref))
+            else:  # libm vs torch log/sin/cos in float64, then one float32 rounding
+                torch.testing.assert_close(whole, ref, rtol=2**-23, atol=2**-23)
+            self.assertFalse(torch.equal(whole, D.direction_chunk(kind, tensor_key(12, "x"), 0, 5000)))
+        # the global RNG is never consumed
+        torch.manual_seed(0)
+        before = torch.rand(3)
+        torch.manual_seed(0)
+        D.direction_chunk("gaussian", key, 0, 100)
+        self.assertTrue(torch.equal(before, torch.rand(3)))
+
+    def test_fused_kernel_matches_chunked_reference_in_fp32(self):
+        """The numba fused axpy and the chunked torch path compute the same float32 values."""
+        from sglang.srt.mezo import directions as D
+
+        w = torch.randn(3 * D.CHUNK // 2 + 17)
+        key = tensor_key(5, "w")
+        for kind in D.PERTURBATIONS:
+            fused = w.clone()
+            axpy_direction_(fused, w, kind, key, 1e-3)
+            z = torch.cat([D.direction_chunk(kind, key, s, min(D.CHUNK, w.numel() - s)) for s in range(0, w.numel(), D.CHUNK)])
+            reference = (w.double() + 1e-3 * z.double()).float()
+            self.assertTrue(torch.equal(fused, reference))
+
+
+class TestMeZOEdgeCases(unittest.TestCase):
+    """Bad input, numerics at the edges, exception safety and exactness."""
+
+    def test_config_rejects_bad_values(self):
+        for kwargs in (
+            dict(epsilon=0.0),
+            dict(epsilon=-1e-3),
+            dict(epsilon=float("nan")),
+            dict(epsilon=float("inf")),
+            dict(learning_rate=-1e-6),
+            dict(learning_rate=float("nan")),
+            dict(perturbation="uniform"),
+            dict(num_directions=0),
+            dict(momentum=1.0),
+        ):
+            with self.subTest(**kwargs), self.assertRaises(ValueError) as ctx:
+                MeZOConfig(**kwargs)
+            self.assertIn(next(iter(kwargs)), str(ctx.exception))
+
+    def test_empty_batch_is_an_error_and_weights_untouched(self):
+        model = tiny_llama()
+        ref = snapshot(model)
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-3, disable_tqdm=True))
+        empty = {k: v[:0] for k, v in lm_batch().items()}
+        with self.assertRaisesRegex(ValueError, "empty batch"):
+            trainer.step(empty)
+        unlabelled = lm_batch()
+        unlabelled["labels"][:] = -100
+        with self.assertRaisesRegex(ValueError, "no labelled tokens"):
+            trainer.step(unlabelled)
+        assert_bit_identical(self, model, ref)
+        self.assertEqual(trainer.global_step, 0)
+
+    def _lr0_steps(self, dtype, steps=6, perturbation_cls=None):
+        model = tiny_llama(dtype=dtype)
+        ref = snapshot(model)
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=0.0, epsilon=1e-2, disable_tqdm=True))
+        if perturbation_cls is not None:
+            old = trainer.backend.perturbation
+            old.remove()
+            trainer.backend.perturbation = perturbation_cls(old.tensors, old.kind, old.versions)
+        for _ in range(steps):
+            trainer.step(lm_batch())
+        return model, ref
+
+    def test_many_lr0_steps_are_bit_exact_in_fp32_fp16_bf16(self):
+        """Restore-by-copy: weights bit-identical after lr=0 steps in every dtype.
+
+        Canary: restoring by subtracting eps*z (the official MeZO's +eps, -2eps, +eps)
+        drifts in bf16 after a few steps.
+        """
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            with self.subTest(dtype=dtype):
+                model, ref = self._lr0_steps(dtype)
+                assert_bit_identical(self, model, ref)
+
+        class RestoreBySubtraction(ModuleScopedPerturbation):
+            def _restore(self, module, saved):
+                _, scale, keys = self._scope
+                for t, _ in saved:
+                    axpy_direction_(t.param.detach(), t.param.detach(), self.kind, keys[t.name], -scale)
+
+        model, ref = self._lr0_steps(torch.bfloat16, perturbation_cls=RestoreBySubtraction)
+        changed = sum(not torch.equal(p.detach(), ref[n]) for n, p in model.named_parameters())
+        self.assertGreater(changed, 0, "restore-by-subtraction should drift in bf16 (canary)")
+
+    def test_exception_in_either_pass_leaves_weights_bit_identical(self):
+        for failing_pass in (0, 1):
+            with self.subTest(failing_pass=failing_pass):
+                model = tiny_llama()
+                ref = snapshot(model)
+                trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
+                calls = {"n": 0}
+
+                def explode(module, args, output):
+                    calls["n"] += 1
+                    if calls["n"] == failing_pass + 1:
+                        raise RuntimeError("injected failure inside the forward")
+
+                # mid-model: the layers below are perturbed and restored, the ones above untouched
+                handle = model.model.layers[1].self_attn.register_forward_hook(explode)
+                with self.assertRaisesRegex(RuntimeError, "injected"):
+                    trainer.step(lm_batch())
+                handle.remove()
+                assert_bit_identical(self, model, ref)
+                self.assertEqual(trainer.global_step, 0)
+                trainer.step(lm_batch())  # the trainer is usable afterwards
+
+    def test_update_is_atomic(self):
+        """A failure while preparing the update leaves the pre-step weights; Ctrl-C during the
+        update is deferred until it completes, leaving exactly the post-step weights."""
+        batch = lm_batch()
+        reference = tiny_llama()
+        MeZOTrainer(reference, MeZOConfig(learning_rate=1e-2, momentum=0.9, disable_tqdm=True)).step(batch)
+        post = snapshot(reference)
+
+        model = tiny_llama()
+        pre = snapshot(model)
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, momentum=0.9, disable_tqdm=True))
+        with mock.patch.object(perturbation_module.torch, "zeros_like", side_effect=MemoryError("injected")):
+            with self.assertRaises(MemoryError):
+                trainer.step(batch)
+        assert_bit_identical(self, model, pre)
+
+        real = perturbation_module._momentum_step
+        calls = {"n": 0}
+
+        def interrupted(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                signal.raise_signal(signal.SIGINT)
+            return real(*args, **kwargs)
+
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, momentum=0.9, disable_tqdm=True))
+        with mock.patch.object(perturbation_module, "_momentum_step", interrupted):
+            with self.assertRaises(KeyboardInterrupt):
+                trainer.step(batch)
+        self.assertGreater(calls["n"], 3)  # the update went on after the signal
+        assert_bit_identical(self, model, post)
+
+    def test_epsilon_below_resolution_is_reported(self):
+        """bf16 has 8 significant bits: eps z ~ 1e-5 cannot move a weight of size ~0.02 (ulp/2 ~ 6e-5).
+
+        Only the few weights near zero move, so L+ - L- is a rounding artefact: it must be
+        reported, not returned silently as an estimate. float32 (ulp/2 ~ 1e-9) is not warned.
+        """
+        model = tiny_llama(dtype=torch.bfloat16)
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=0.0, epsilon=1e-5, disable_tqdm=True))
+        out, messages = caught_warnings(lambda: trainer.step(lm_batch()))
+        self.assertTrue(any("perturbation below the weights' resolution" in m for m in messages), messages)
+        self.assertTrue(math.isfinite(out.projected_grad))
+        fp32 = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=0.0, epsilon=1e-5, disable_tqdm=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            self.assertNotEqual(fp32.step(lm_batch()).projected_grad, 0.0)
+
+    def test_fp32_trainable_over_half_base_keeps_small_updates(self):
+        """An update of ~1e-6 vanishes in bf16 weights but accumulates in float32 masters."""
+        batch = lm_batch()
+        half = MeZOTrainer(tiny_llama(dtype=torch.bfloat16), MeZOConfig(learning_rate=1e-7, epsilon=1e-1, disable_tqdm=True))
+        _, messages = caught_warnings(lambda: half.step(batch))
+        self.assertTrue(any("update below the weights' resolution" in m for m in messages), messages)
+        model = tiny_llama(dtype=torch.bfloat16)
+        master = MeZOTrainer(
+            model, MeZOConfig(learning_rate=1e-7, epsilon=1e-1, fp32_trainable=True, disable_tqdm=True)
+        )
+        start = {t.name: t.value.clone() for t in master.backend.tensors}
+        master.step(batch)
+        moved = sum(not torch.equal(t.value, start[t.name]) for t in master.backend.tensors)
+        self.assertEqual(moved, len(master.backend.tensors))
+        for t in master.backend.tensors:
+            self.assertEqual(t.value.dtype, torch.float32)
+            self.assertTrue(torch.equal(t.param.detach(), t.value.to(torch.bfloat16)))
+
+    def test_nan_loss_is_skipped_counted_and_aborts(self):
+        model = tiny_llama()
+        ref = snapshot(model)
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, max_nonfinite_steps=3, disable_tqdm=True))
+        poison = model.model.norm.register_forward_hook(lambda m, a, out: out * float("nan"))
+        for i in range(2):
+            out = trainer.step(lm_batch())
+            self.assertTrue(out.skipped)
+            self.assertEqual(trainer.skipped_steps, i + 1)
+        assert_bit_identical(self, model, ref)
+        with self.assertRaisesRegex(FloatingPointError, "3 consecutive"):
+            trainer.step(lm_batch())
+        poison.remove()
+        trainer.nonfinite_in_a_row = 0
+        self.assertFalse(trainer.step(lm_batch()).skipped)
+
+    def test_very_large_epsilon(self):
+        """eps = 10 (weights ~0.02): losses stay finite and lr=0 weights stay exact."""
+        model = tiny_llama()
+        ref = snapshot(model)
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=0.0, epsilon=10.0, disable_tqdm=True))
+        out = trainer.step(lm_batch())
+        self.assertTrue(math.isfinite(out.loss_plus) and math.isfinite(out.loss_minus))
+        self.assertNotEqual(out.loss_plus, out.loss_minus)
+        assert_bit_identical(self, model, ref)
+
+    def test_same_seed_same_trajectory(self):
+        def run(seed):
+            model = tiny_llama()
+            trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, seed=seed, disable_tqdm=True))
+            outs = [trainer.step(lm_batch(seed=s)) for s in range(3)]
+            return [(o.seed, o.loss_plus, o.loss_minus, o.projected_grad) for o in outs], snapshot(model)
+
+        a, wa = run(0)
+        b, wb = run(0)
+        c, _ = run(1)
+        self.assertEqual(a, b)
+        for name in wa:
+            self.assertTrue(torch.equal(wa[name], wb[name]), name)
+        self.assertNotEqual(a[0][0], c[0][0])
+
+    def test_frozen_parameters_never_touched(self):
+        model = tiny_llama()
+        ref = snapshot(model)
+        trainer = MeZOTrainer(
+            model, MeZOConfig(learning_rate=1e-2, trainable_patterns=r"layers\.1\.mlp", disable_tqdm=True)
+        )
+        trained = {t.name for t in trainer.backend.tensors}
+        self.assertEqual(trained, {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")})
+        trainer.step(lm_batch())
+        for name, p in model.named_parameters():
+            self.assertEqual(torch.equal(p.detach(), ref[name]), name not in trained, name)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
