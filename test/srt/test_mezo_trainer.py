@@ -51,6 +51,36 @@ def lm_batch(batch_size=4, length=12, prompt=6, seed=1, vocab=384):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def candidate_batch(examples=4, candidates=3, seed=0, vocab=384, pad_side="right"):
+    """Rows = prompt + one candidate, as the collator builds them (adjacent per example)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, meta = [], []
+    for e in range(examples):
+        prompt = torch.randint(3, vocab, (5 + 2 * e,), generator=g).tolist()
+        gold = e % candidates
+        for c in range(candidates):
+            cand = torch.randint(3, vocab, (1 + (c + e) % 3,), generator=g).tolist()
+            rows.append((prompt + cand, [-100] * len(prompt) + cand))
+            meta.append((e, c, c == gold, len(prompt)))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (tokens, lab) in enumerate(rows):
+        span = slice(0, len(tokens)) if pad_side == "right" else slice(width - len(tokens), width)
+        ids[i, span], labels[i, span], mask[i, span] = torch.tensor(tokens), torch.tensor(lab), 1
+    e, c, gold, plen = zip(*meta)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "example_id": torch.tensor(e),
+        "candidate_id": torch.tensor(c),
+        "is_gold": torch.tensor(gold),
+        "prompt_length": torch.tensor(plen),
+    }
+
+
 def caught_warnings(fn):
     """(result, [warning messages]) of fn(); unittest's assertWarns walks every module in
     sys.modules and trips transformers' lazy modules, so warnings are recorded directly."""
@@ -297,6 +327,155 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             z = torch.cat([D.direction_chunk(kind, key, s, min(D.CHUNK, w.numel() - s)) for s in range(0, w.numel(), D.CHUNK)])
             reference = (w.double() + 1e-3 * z.double()).float()
             self.assertTrue(torch.equal(fused, reference))
+
+
+class TestKVCacheOptimization(unittest.TestCase):
+    """Exact prefix sharing and frozen-layer reuse, keyed on weight versions, never on eps."""
+
+    def _trainer(self, dtype=torch.float32, mechanisms=True, **overrides):
+        values = dict(learning_rate=0.0, seed=3, disable_tqdm=True)
+        values.update(overrides)
+        values.update(prefix_sharing=mechanisms, frozen_layer_reuse=mechanisms)
+        return MeZOTrainer(tiny_llama(dtype=dtype, layers=3), MeZOConfig(**values))
+
+    def test_prefix_sharing_is_exact_and_counts_tokens(self):
+        """Rows sharing a prompt: tokens computed fall from C(P+T) to P + C T, losses equal
+        the plain path to 1e-6 relative in fp32 and 1e-12 in float64 (either pad side)."""
+        from sglang.srt.mezo.objectives import row_logprobs
+
+        for dtype, rtol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+            for pad_side in ("right", "left"):
+                trainer = self._trainer(dtype)
+                batch = candidate_batch(pad_side=pad_side)
+                shared, counts = trainer.backend.row_logprobs(batch)
+                plain, plain_counts = row_logprobs(trainer.model, batch)
+                self.assertTrue(torch.equal(counts, plain_counts))
+                torch.testing.assert_close(shared, plain, rtol=rtol, atol=0)
+                stats = trainer.cache_stats
+                prompts = sum(5 + 2 * e for e in range(4))
+                completions = int((batch["labels"] != -100).sum())
+                total = int(batch["attention_mask"].sum())
+                self.assertEqual(stats["pass/prefix_sharing/tokens_computed"], prompts + completions)
+                self.assertEqual(stats["pass/prefix_sharing/tokens_reused"], total - prompts - completions)
+
+    def _pair(self, eps, dtype, batch, **overrides):
+        """(step output with every mechanism on, with all off, cache stats of the first)."""
+        on = self._trainer(dtype, True, epsilon=eps, **overrides)
+        off = self._trainer(dtype, False, epsilon=eps, **overrides)
+        return on.step(batch), off.step(batch), on.cache_stats
+
+    def test_cache_efficiency_identical_across_epsilon(self):
+        """eps in {1e-5, 1e-3, 1e-1}: identical reuse counts; the projected gradient with every
+        mechanism on equals all-off: float64 to 1e-9 relative; fp32 within
+        (|dL+| + |dL-|) / (2 eps), where each |dL| is at most the 1e-6 relative loss error
+        of the exact-reuse paths (checked), so a loss ulp over eps = 1e-5 is allowed."""
+        workloads = {
+            "candidates/full": (candidate_batch(), {}),
+            "lm/top-layers": (lm_batch(), {"trainable_patterns": r"layers\.[12]\.|^model\.norm\.|^lm_head\."}),
+        }
+        for name, (batch, overrides) in workloads.items():
+            counts = []
+            for eps in (1e-5, 1e-3, 1e-1):
+                with self.subTest(workload=name, eps=eps):
+                    a, b, stats = self._pair(eps, torch.float64, batch, **overrides)
+                    self.assertLessEqual(abs(a.projected_grad - b.projected_grad), 1e-9 * abs(b.projected_grad))
+                    a, b, stats = self._pair(eps, torch.float32, batch, **overrides)
+                    d_plus, d_minus = abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)
+                    self.assertLessEqual(d_plus, 1e-6 * abs(b.loss_plus))
+                    self.assertLessEqual(d_minus, 1e-6 * abs(b.loss_minus))
+                    self.assertLessEqual(abs(a.projected_grad - b.projected_grad), (d_plus + d_minus) / (2 * eps))
+                    reused = {k: v for k, v in stats.items() if "reused" in k or "computed" in k}
+                    self.assertTrue(any(v > 0 for k, v in reused.items() if "reused" in k), reused)
+                    counts.append(reused)
+            self.assertEqual(counts[0], counts[1])
+            self.assertEqual(counts[1], counts[2])
+
+    def test_canary_cache_ignoring_versions_biases_the_estimate(self):
+        """Serving the + pass's prompt KV in the - pass (a cache keyed on tokens only) leaves
+        L+ - L- with only the completion tokens' share of the signal: the estimate moves far
+        outside the exactness bound above."""
+        from sglang.srt.mezo.kv_cache import VersionedStore
+
+        batch = candidate_batch()
+        eps = 1e-3
+        correct, plain, _ = self._pair(eps, torch.float64, batch)
+        self.assertLessEqual(abs(correct.projected_grad - plain.projected_grad), 1e-9 * abs(plain.projected_grad))
+        broken = self._trainer(torch.float64, True, epsilon=eps)
+        with mock.patch.object(VersionedStore, "is_valid", lambda self, deps: True):
+            stale = broken.step(batch)
+        self.assertEqual(stale.loss_plus, correct.loss_plus)
+        self.assertNotEqual(stale.loss_minus, correct.loss_minus)
+        self.assertGreater(abs(stale.projected_grad - plain.projected_grad), 1e3 * 1e-9 * abs(plain.projected_grad))
+        self.assertGreater(broken.cache_stats["pass/prefix_sharing/tokens_reused"], 0)
+
+    def test_versions_invalidate_after_update_and_lr0_is_exact(self):
+        """lr=0: weights bit-identical. Unperturbed evals reuse the prompt KV until an update
+        advances a version; after it the old entry is stale and never served."""
+        from sglang.srt.mezo.objectives import row_logprobs
+
+        trainer = self._trainer(torch.float32, True)
+        ref = snapshot(trainer.model)
+        batch = candidate_batch()
+        trainer.step(batch)
+        assert_bit_identical(self, trainer.model, ref)
+        store = trainer.backend.row_forward.store
+        first = trainer.backend.row_logprobs(batch)
+        second = trainer.backend.row_logprobs(batch)
+        self.assertEqual(trainer.cache_stats["pass/prefix_sharing/tokens_computed"], int((batch["labels"] != -100).sum()))
+        self.assertTrue(torch.equal(first[0], second[0]))
+        stale_before = store.stale
+        trainer.config.learning_rate = 1e-1
+        trainer.step(batch)
+        after = trainer.backend.row_logprobs(batch)
+        self.assertGreater(store.stale, stale_before)
+        torch.testing.assert_close(after[0], row_logprobs(trainer.model, batch)[0], rtol=1e-6, atol=0)
+        self.assertFalse(torch.equal(after[0], first[0]))
+
+    def test_frozen_layers_reused_across_passes_and_steps(self):
+        """Training layers >= 2 of 3: the hidden state entering layer 2 is computed once per
+        batch, reused by the - pass, and (frozen) by the next step after a real update."""
+        trainer = self._trainer(
+            torch.float32, True, learning_rate=1e-2, trainable_patterns=r"layers\.2\.|^model\.norm\.|^lm_head\.", frozen_store_mb=1
+        )
+        frozen = trainer.backend.row_forward.frozen
+        self.assertEqual(frozen.k, 2)
+        batch = lm_batch()
+        tokens = int(batch["attention_mask"].sum())
+        trainer.step(batch)
+        self.assertEqual(trainer.cache_stats["frozen_layers/tokens_computed"], tokens)
+        self.assertEqual(trainer.cache_stats["frozen_layers/tokens_reused"], tokens)
+        before = snapshot(trainer.model)
+        trainer.step(batch)
+        changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        self.assertEqual(trainer.cache_stats["frozen_layers/tokens_computed"], tokens)
+        self.assertEqual(trainer.cache_stats["frozen_layers/tokens_reused"], 3 * tokens)
+        self.assertTrue(changed)
+        self.assertTrue(all(".layers.2." in n or n.startswith(("model.norm", "lm_head")) for n in changed), changed)
+
+    def test_frozen_store_stays_within_its_byte_budget(self):
+        """The cross-step store accounts exact tensor bytes and evicts LRU to stay in budget."""
+        budget_mb = 0.01
+        trainer = self._trainer(
+            torch.float32, True, trainable_patterns=r"layers\.2\.", frozen_store_mb=budget_mb
+        )
+        store = trainer.backend.row_forward.store
+        entry = 4 * 12 * 32 * 4  # batch x length x hidden x float32 bytes
+        for seed in range(6):
+            trainer.step(lm_batch(seed=seed))
+            self.assertLessEqual(store.bytes, budget_mb * 2**20)
+            self.assertEqual(store.bytes, entry * len(store))
+        self.assertEqual(len(store), int(budget_mb * 2**20) // entry)
+
+    def test_unsupported_architecture_falls_back_with_reason(self):
+        from sglang.srt.mezo.kv_cache import CachedRowForward
+
+        class Config:
+            prefix_sharing, frozen_layer_reuse, frozen_store_mb, peft = True, True, 0.0, "none"
+
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        forward = CachedRowForward(model, [], perturbation_module.WeightVersions(), Config())
+        self.assertIsNone(forward.frozen)
+        self.assertIn("not a supported decoder", forward.frozen_reason)
 
 
 class TestMeZOEdgeCases(unittest.TestCase):

@@ -173,6 +173,7 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
         record = {k: v for k, v in out.metrics().items() if k != "per_direction"}
         record["q"] = len(out.per_direction)
         record["seconds"] = round(seconds, 4)
+        record.update({f"cache/{k}": v for k, v in trainer.cache_stats.items()})
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         step = trainer.global_step

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from sglang.srt.mezo.config import MeZOConfig
-from sglang.srt.mezo.objectives import RowObjective, row_logprobs
+from sglang.srt.mezo.kv_cache import CachedRowForward
+from sglang.srt.mezo.objectives import RowObjective
 from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
     WeightVersions,
@@ -37,8 +38,12 @@ class TransformersBackend:
         self.versions = WeightVersions()
         self.tensors = collect_trainable(model, names, config.fp32_trainable, canonical_name)
         self.perturbation = ModuleScopedPerturbation(self.tensors, config.perturbation, self.versions)
-        # The KV-cache paths replace this: (model, batch) -> per-row (sums, counts).
-        self.row_forward: Callable = row_logprobs
+        # (model, batch, perturbing) -> per-row (sums, counts), with exact KV/hidden reuse
+        self.row_forward = CachedRowForward(model, self.tensors, self.versions, config)
+
+    @property
+    def cache_stats(self) -> dict:
+        return self.row_forward.stats.as_dict()
 
     def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """Per-row completion log-likelihoods under ``w + scale * z(seed)`` (w if seed is None)."""
@@ -47,7 +52,7 @@ class TransformersBackend:
             if seed is None:
                 return self.row_forward(self.model, batch)
             with self.perturbation.scope(seed, scale):
-                return self.row_forward(self.model, batch)
+                return self.row_forward(self.model, batch, perturbing=True)
 
     def loss_sum(self, objective, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """(sum, count) of `objective` under the perturbed weights; built-ins go through rows."""

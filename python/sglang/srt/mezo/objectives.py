@@ -25,6 +25,23 @@ def positions(batch: dict) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
+def right_aligned(batch: dict) -> dict:
+    """The batch with each row's real tokens moved to the front (right padding).
+
+    Left-padded query rows are fully masked, which some attention implementations turn
+    into NaN (eager in float64, for one) that then leaks through the pad keys. With
+    position ids taken from the mask, right alignment computes the same values.
+    """
+    mask = batch["attention_mask"]
+    if not bool((mask[:, :1] == 0).any()):
+        return batch
+    order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
+    aligned = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        aligned[key] = batch[key].gather(1, order)
+    return aligned
+
+
 def row_logprobs(model: torch.nn.Module, batch: dict, forward: Optional[Callable] = None) -> tuple:
     """Per-row (sum of completion-token log-probs [B] float64, token count [B]).
 
@@ -32,6 +49,7 @@ def row_logprobs(model: torch.nn.Module, batch: dict, forward: Optional[Callable
     over the batch), never over the whole sequence. `forward` replaces the plain model
     call (the KV-cache paths plug in here) and must return logits for `keep` positions.
     """
+    batch = right_aligned(batch)
     labels = batch["labels"]
     target_mask = labels[:, 1:] != IGNORE_INDEX
     keep = target_mask.any(0).nonzero().squeeze(-1)  # logit positions p predicting p+1

@@ -103,6 +103,11 @@ class MeZOTrainer:
     def model(self):
         return self.backend.model
 
+    @property
+    def cache_stats(self) -> dict:
+        """Tokens computed vs reused by each KV/hidden-state mechanism (last pass, cumulative)."""
+        return dict(getattr(self.backend, "cache_stats", {}))
+
     # ------------------------------------------------------------------------- one step
     def step(self, batch: dict) -> StepOutput:
         """One MeZO step on `batch`: q two-point estimates at the same weights, one update."""
