@@ -67,9 +67,7 @@ class MeZOConfig:
     trainable_patterns: Optional[str] = _f(
         None, "Comma-separated regexes: train only parameters whose name matches one."
     )
-    fp32_trainable: bool = _f(
-        False, "Keep float32 master copies of trainable tensors over a half-precision model."
-    )
+    fp32_trainable: bool = _f(False, "Keep float32 master copies of trainable tensors over a half-precision model.")
 
     # --- KV cache -----------------------------------------------------------------------
     prefix_sharing: bool = _f(True, "Compute a prompt shared by candidate rows once per pass.")

@@ -23,7 +23,11 @@ import importlib.util
 import sys
 import types
 
-STANDIN_ROOTS = ("torchvision", "vllm")
+# root package -> the modules served under it (None: the root and every submodule). Only
+# these: e.g. `vllm.logger` stays missing, so SGLang's `try: import ... except ImportError`
+# probes keep seeing "not installed".
+STANDINS = {"torchvision": None, "vllm": ("vllm", "vllm._custom_ops")}
+STANDIN_ROOTS = tuple(STANDINS)
 
 
 class _Placeholder(type):
@@ -56,7 +60,8 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.roots = tuple(roots)
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.split(".")[0] in self.roots:
+        root = fullname.split(".")[0]
+        if root in self.roots and (STANDINS[root] is None or fullname in STANDINS[root]):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 

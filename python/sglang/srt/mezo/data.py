@@ -94,6 +94,8 @@ __all__ = [
     "MeZOSampler",
     "create_dataloader",
     "encode_example",
+    "load_source",
+    "tokenizer_adds_bos",
 ]
 
 
@@ -538,9 +540,7 @@ class MeZODataset(Dataset):
     def _string(self, record: dict, field: str, index: int, allow_empty: bool = False) -> str:
         value = record.get(field)
         if value is None:
-            present = sorted(
-                {k for k, v in record.items() if v is not None} | (set(self._columns) - set(record))
-            )
+            present = sorted({k for k, v in record.items() if v is not None} | (set(self._columns) - set(record)))
             hint = ""
             ours = (self.prompt_field, self.completion_field, self.candidates_field, self.messages_field)
             if self.source.kind == "jsonl" and len(present) == 1 and present[0] not in ours:

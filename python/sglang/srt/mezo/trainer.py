@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sglang.srt.mezo.config import MeZOConfig
-from sglang.srt.mezo.objectives import correct_count, candidate_scores, has_candidates, make_objective
+from sglang.srt.mezo.objectives import candidate_scores, correct_count, has_candidates, make_objective
 from sglang.srt.mezo.perturbation import vanishing_fraction
 
 logger = logging.getLogger(__name__)

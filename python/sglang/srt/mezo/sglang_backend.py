@@ -1,0 +1,220 @@
+"""The SGLang backend: MeZO's forward passes on an upstream `sglang.Engine`.
+
+* Loss: the engine's input-token log-probs over completion tokens, requested with
+  ``logprob_start_len = prompt length - 1`` so the prompt's KV stays shareable in the
+  radix cache (SGLang reuses KV only up to ``logprob_start_len``).
+* Weights: perturbed, restored and updated inside the engine's scheduler processes by
+  the ``mezo_*`` RPC methods of `engine_plugin` (registered as an SGLang plugin); only
+  seeds and scalars are sent.
+* Radix cache: kept on. Every weight change (scope begin/end, update, load) advances
+  `weight_version`; before a pass, a cache last flushed at another version is flushed, so
+  KV computed under other weights is never served. `cached_tokens` is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.kv_cache import CacheStats
+from sglang.srt.mezo.objectives import IGNORE_INDEX, RowObjective
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_MODULE = "sglang.srt.mezo.engine_bootstrap"
+
+CPU_ENGINE_DEFAULTS = dict(
+    device="cpu",
+    attention_backend="torch_native",
+    mem_fraction_static=0.05,
+    max_total_tokens=8192,
+    skip_tokenizer_init=True,
+    log_level="error",
+)
+
+
+class EngineCrashed(RuntimeError):
+    """An SGLang engine process died; raised in the trainer instead of killing it."""
+
+
+def _raise_engine_crashed(signum, frame):
+    raise EngineCrashed("an SGLang engine process died (it sent SIGQUIT); see its log above")
+
+
+@contextlib.contextmanager
+def _children_bootstrap():
+    """SGLang spawns its processes with multiprocessing 'spawn', which re-runs the parent's
+    ``__main__`` in each child before unpickling the target. Upstream's scheduler imports
+    torchvision while unpickling, so the CPU stand-ins must be active first: during the
+    launch, ``__main__`` is presented as `engine_bootstrap`, which installs them (and
+    re-runs nothing of the user's script)."""
+    real_main = sys.modules["__main__"]
+    stand_in = types.ModuleType("__main__")
+    stand_in.__spec__ = types.SimpleNamespace(name=BOOTSTRAP_MODULE)
+    sys.modules["__main__"] = stand_in
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = real_main
+
+
+def launch_engine(model_path: str, dtype: str = "float32", **overrides):
+    """Starts an `sglang.Engine` for MeZO; on CPU with the defaults that run there.
+
+    A crashing engine process raises `EngineCrashed` in the caller instead of killing it.
+    """
+    import sglang
+    from sglang.srt.mezo import cpu_standins
+
+    cpu_standins.install()
+    kwargs = dict(model_path=model_path, dtype=dtype, custom_sigquit_handler=_raise_engine_crashed)
+    if not torch.cuda.is_available():
+        kwargs.update(CPU_ENGINE_DEFAULTS)
+    kwargs.update(overrides)
+    with _children_bootstrap():
+        return sglang.Engine(**kwargs)
+
+
+class SGLangBackend:
+    """Drives an `sglang.Engine` as MeZO's forward backend (full-parameter or name subset)."""
+
+    name = "sglang"
+
+    def __init__(self, engine, config: MeZOConfig, model_path: str, flush_on_version_change: bool = True):
+        if config.peft != "none":
+            raise NotImplementedError("the SGLang backend trains full parameters or a name subset (peft='none')")
+        self.engine = engine
+        self.config = config
+        self.model = engine
+        self.model_path = model_path
+        self.weight_version = 0
+        self.cache_version = -1  # unknown: whatever the engine cached before this backend is flushed
+        self.flush_on_version_change = flush_on_version_change
+        self.stats = CacheStats()
+        self._tmp = tempfile.TemporaryDirectory(prefix="mezo-rpc-")
+        patterns = [p.strip() for p in (config.trainable_patterns or "").split(",") if p.strip()]
+        report = self._rpc_result("mezo_setup", kind=config.perturbation, patterns=patterns, model_path=str(model_path))
+        if report["mismatched"] or report["missing"] or not report["tensors"]:
+            raise RuntimeError(
+                "SGLang engine self-test failed: the engine's tensors do not match the HF checkpoint "
+                f"(mismatched {report['mismatched'][:5]}, missing {report['missing'][:5]}); the engine's "
+                "internals may have moved (this backend was written against sglang 0.5.23)"
+            )
+        self.tensor_names = [name for name, _ in report["tensors"]]
+        self.tensors = []  # weights live in the engine; no host-side vanishing check
+
+    # -- RPC ---------------------------------------------------------------------------
+    def _rpc(self, method: str, **kwargs) -> None:
+        self.engine.collective_rpc(method, **kwargs)
+
+    def _rpc_result(self, method: str, **kwargs):
+        path = Path(self._tmp.name) / f"{method}.json"
+        path.unlink(missing_ok=True)
+        self._rpc(method, result_path=str(path), **kwargs)
+        return json.loads(path.read_text())
+
+    def _weights_changed(self) -> None:
+        self.weight_version += 1
+
+    def _ensure_fresh_cache(self) -> None:
+        if self.flush_on_version_change and self.cache_version != self.weight_version:
+            self.engine.flush_cache()
+            self.cache_version = self.weight_version
+
+    # -- backend interface ---------------------------------------------------------------
+    @property
+    def cache_stats(self) -> dict:
+        return self.stats.as_dict()
+
+    def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
+        if seed is not None:
+            self._rpc("mezo_begin", seed=int(seed), scale=float(scale))
+            self._weights_changed()
+        try:
+            self._ensure_fresh_cache()
+            return self._generate_rows(batch)
+        finally:
+            if seed is not None:
+                self._rpc("mezo_end")
+                self._weights_changed()
+
+    def loss_sum(self, objective, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
+        if not isinstance(objective, RowObjective):
+            raise TypeError("the SGLang backend computes built-in objectives (nll, candidate_ce, accuracy) only")
+        sums, counts = self.row_logprobs(batch, seed, scale)
+        total, count = objective.reduce(sums, counts, batch)
+        return float(total), int(count)
+
+    def apply_update(self, directions: list, lr: float) -> None:
+        c = self.config
+        terms = [[int(s), float(g)] for s, g in directions]
+        self._rpc("mezo_update", terms=terms, lr=float(lr), weight_decay=c.weight_decay, momentum=c.momentum)
+        self._weights_changed()
+
+    def checksum(self) -> dict:
+        return self._rpc_result("mezo_checksum")
+
+    def load_trainable(self, safetensors_path: str) -> None:
+        self._rpc("mezo_load", path=str(safetensors_path))
+        self._weights_changed()
+
+    def _generate_rows(self, batch: dict) -> tuple:
+        """Per-row completion log-likelihood from the engine's input-token log-probs.
+
+        The radix cache inserts a request's prefix only once the request is done, so rows
+        sent together share nothing. The first row of each example goes first; the other
+        rows (the rest of its candidates) follow and reuse its prompt's KV.
+        """
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        requests, starts, targets = [], [], []
+        for r in range(ids.shape[0]):
+            real = mask[r].bool()
+            tokens, lab = ids[r][real].tolist(), labels[r][real].tolist()
+            labelled = [i for i, v in enumerate(lab) if v != IGNORE_INDEX]
+            if not labelled or labelled[0] == 0:
+                raise ValueError(f"row {r}: needs at least one labelled token after the first position")
+            requests.append(tokens)
+            starts.append(labelled[0] - 1)  # the entry at logprob_start_len is None
+            targets.append([(i, lab[i]) for i in labelled])
+        groups = batch["example_id"].tolist() if "example_id" in batch else list(range(len(requests)))
+        first = [r for r in range(len(requests)) if r == 0 or groups[r] != groups[r - 1]]
+        rest = [r for r in range(len(requests)) if r not in set(first)]
+        outputs = {}
+        for wave in (first, rest):
+            if wave:
+                results = self.engine.generate(
+                    input_ids=[requests[r] for r in wave],
+                    sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                    return_logprob=True,
+                    logprob_start_len=[starts[r] for r in wave],
+                )
+                outputs.update(zip(wave, results))
+        sums = torch.zeros(len(requests), dtype=torch.float64)
+        counts = torch.zeros(len(requests), dtype=torch.long)
+        cached = 0
+        for r in range(len(requests)):
+            meta = outputs[r]["meta_info"]
+            entries = meta["input_token_logprobs"]
+            for position, token in targets[r]:
+                logprob, token_id, _ = entries[position - starts[r]]
+                if token_id != token:
+                    raise RuntimeError(f"row {r}: engine scored token {token_id} at {position}, expected {token}")
+                sums[r] += logprob
+                counts[r] += 1
+            cached += int(meta.get("cached_tokens", 0))
+        self.stats.begin_pass()
+        self.stats.add("radix_cache", int(mask.sum()) - cached, cached)
+        return sums, counts
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        self._tmp.cleanup()
