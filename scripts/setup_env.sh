@@ -11,7 +11,8 @@ stamp=.venv/.mezo-requirements
 want=$(cat requirements/cpu.txt requirements/no-deps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
-  python -m pip install -q -r requirements/cpu.txt
+  # TORCH_INDEX: an index with CPU torch wheels, where PyPI's default torch is a CUDA build
+  python -m pip install -q ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} -r requirements/cpu.txt
   python -m pip install -q --no-deps -r requirements/no-deps.txt
   python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"

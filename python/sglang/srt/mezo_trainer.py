@@ -34,6 +34,7 @@ cpu_standins.install()
 from sglang.srt.mezo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
+from sglang.srt.mezo.distributed import agreement_callback, assert_ranks_agree, init_distributed, is_main_process
 from sglang.srt.mezo.trainer import MeZOTrainer, StepOutput
 
 __all__ = [
@@ -53,6 +54,7 @@ DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIR = Path(__file__).resolve().parent / "mezo" / "demo_data"
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
 
 
 def smollm2_location() -> tuple:
@@ -122,30 +124,69 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def save_trained(trainer: MeZOTrainer, tokenizer, directory: Path) -> Path:
-    """peft adapter dir for LoRA/prefix, else an HF model dir (config, weights, tokenizer)."""
+def save_trained(trainer: MeZOTrainer, tokenizer, directory: Path, base_model=None) -> Path:
+    """peft adapter dir for LoRA/prefix, else an HF model dir (config, weights, tokenizer).
+
+    On the SGLang backend the trained tensors are copied out of the engine into
+    `base_model` (the host copy it was started from) before saving.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     model = trainer.model
-    for t in trainer.backend.tensors:
-        t.sync_param()
+    if trainer.config.backend == "sglang":
+        model = base_model
+        unexpected = model.load_state_dict(trainer.backend.trainable_state(), strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"engine tensors with no host counterpart: {unexpected[:5]}")
+    else:
+        for t in trainer.backend.tensors:
+            t.sync_param()
     model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
 
 
+def _engine_model_dir(config: MeZOConfig, model, tokenizer, out_dir: Path) -> str:
+    """An HF safetensors dir the SGLang engine can load (the GGUF default is converted once)."""
+    path = Path(config.model)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return str(path)
+    target = out_dir / "engine_model"
+    if not (target / "config.json").is_file():
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTrainer:
+    """The trainer on the configured backend (the SGLang engine starts here for --backend sglang)."""
+    if config.backend == "transformers":
+        return MeZOTrainer(model, config, tokenizer=tokenizer)
+    from sglang.srt.mezo.sglang_backend import SGLangBackend, launch_engine
+
+    model_dir = _engine_model_dir(config, model, tokenizer, out_dir)
+    engine = launch_engine(model_dir, dtype=config.dtype)
+    return MeZOTrainer(None, config, tokenizer=tokenizer, backend=SGLangBackend(engine, config, model_dir))
+
+
 def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
     """The main job: evaluate, fine-tune with MeZO, evaluate again, save everything.
 
-    Writes to ``config.output_dir``: metrics.jsonl, eval.json, loss.png, the trained
-    weights (``model/``) and resumable checkpoints (``checkpoints/step-N``). Returns the
-    eval results ``{"before": ..., "after": ...}``.
+    Writes to ``config.output_dir`` (rank 0 only under torchrun): config.json,
+    metrics.jsonl, eval.json, loss.png, the trained weights (``model/``) and resumable
+    checkpoints (``checkpoints/step-N``). Returns ``{"before": ..., "after": ...}``.
     """
     if config.train_file is None:
         raise ValueError("train_file is required (see --train-file)")
+    context = init_distributed()
+    main_process = is_main_process()
+    if not main_process:
+        config = MeZOConfig.from_dict({**config.to_dict(), "disable_tqdm": True})
     torch.manual_seed(config.seed)
     out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(out_dir / CONFIG_FILE, config.to_dict())
     if model is None:
         model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
     train_set = MeZODataset(config.train_file, tokenizer, max_length=config.max_length)
@@ -153,49 +194,65 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
     eval_loader = None
     if config.eval_file:
         eval_set = MeZODataset(config.eval_file, tokenizer, max_length=config.max_length)
-        eval_loader = create_dataloader(eval_set, config.batch_size, shuffle=False)
+        # every rank evaluates the whole eval set: identical results, no gather needed
+        eval_loader = create_dataloader(eval_set, config.batch_size, shuffle=False, distributed=False)
 
-    trainer = MeZOTrainer(model, config, tokenizer=tokenizer)
+    trainer = build_trainer(config, model, tokenizer, out_dir)
     metrics_path, eval_path, ckpt_dir = out_dir / METRICS_FILE, out_dir / "eval.json", out_dir / "checkpoints"
     results = json.loads(eval_path.read_text()) if config.resume and eval_path.is_file() else {}
     if config.resume:
         resumed = load_checkpoint(trainer, config.resume)
         logger.info("resumed from %s at step %d", resumed, trainer.global_step)
-        _truncate_metrics(metrics_path, trainer.global_step)
-    elif metrics_path.exists():
+        if main_process:
+            _truncate_metrics(metrics_path, trainer.global_step)
+    elif main_process and metrics_path.exists():
         metrics_path.unlink()
+    if context.world_size > 1:
+        assert_ranks_agree(trainer, trainer.global_step, include_frozen=True)
     if eval_loader is not None and "before" not in results:
         results["before"] = trainer.evaluate(eval_loader)
-        print(f"eval before: {_fmt(results['before'])}", flush=True)
-        _write_json(eval_path, results)
+        if main_process:
+            print(f"eval before: {_fmt(results['before'])}", flush=True)
+            _write_json(eval_path, results)
+    check_ranks = agreement_callback(trainer, config.check_ranks_every) if context.world_size > 1 else None
 
     def on_step(out: StepOutput, seconds: float) -> None:
-        record = {k: v for k, v in out.metrics().items() if k != "per_direction"}
+        step = trainer.global_step
+        if check_ranks is not None:
+            check_ranks(out, seconds)
+        if config.eval_steps and eval_loader is not None and step % config.eval_steps == 0:
+            results.setdefault("during", []).append({"step": step, **trainer.evaluate(eval_loader)})
+            if main_process:
+                _write_json(eval_path, results)
+        if not main_process:
+            return
+        record = {k: v for k, v in out.metrics().items() if k not in ("per_direction", "applied")}
         record["q"] = len(out.per_direction)
+        record["directions"] = [[seed, grad] for seed, grad in out.applied]
         record["seconds"] = round(seconds, 4)
         record.update({f"cache/{k}": v for k, v in trainer.cache_stats.items()})
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        step = trainer.global_step
-        if config.eval_steps and eval_loader is not None and step % config.eval_steps == 0:
-            results.setdefault("during", []).append({"step": step, **trainer.evaluate(eval_loader)})
-            _write_json(eval_path, results)
         if config.save_steps and step % config.save_steps == 0:
             save_checkpoint(trainer, ckpt_dir, keep=config.save_total_limit)
 
     started = time.perf_counter()
     trainer.train(train_loader, on_step=on_step)
-    save_checkpoint(trainer, ckpt_dir, keep=config.save_total_limit)
     if eval_loader is not None:
         results["after"] = trainer.evaluate(eval_loader)
-        print(f"eval after:  {_fmt(results['after'])}", flush=True)
     results["train_seconds"] = round(time.perf_counter() - started, 2)
     results["steps"] = trainer.global_step
     results["skipped_steps"] = trainer.skipped_steps
-    _write_json(eval_path, results)
-    if metrics_path.is_file():
-        plot_losses(metrics_path, out_dir / "loss.png")
-    save_trained(trainer, tokenizer, out_dir / "model")
+    if main_process:
+        if "after" in results:
+            print(f"eval after:  {_fmt(results['after'])}", flush=True)
+        save_checkpoint(trainer, ckpt_dir, keep=config.save_total_limit)
+        _write_json(eval_path, results)
+        if metrics_path.is_file():
+            plot_losses(metrics_path, out_dir / "loss.png")
+        save_trained(trainer, tokenizer, out_dir / "model", base_model=model)
+    if config.backend == "sglang":
+        trainer.backend.shutdown()
     return results
 
 

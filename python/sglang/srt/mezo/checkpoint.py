@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -29,9 +28,9 @@ def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2) -> Pat
     tmp = root / f".step-{trainer.global_step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = trainer.backend.tensors
-    save_file({t.name: t.value.contiguous() for t in tensors}, str(tmp / TRAINABLE_FILE))
-    momentum = {t.name: t.momentum for t in tensors if t.momentum is not None}
+    backend = trainer.backend
+    save_file({k: v.contiguous() for k, v in backend.trainable_state().items()}, str(tmp / TRAINABLE_FILE))
+    momentum = backend.momentum_state()
     if momentum:
         save_file(momentum, str(tmp / OPTIMIZER_FILE))
     state = {k: getattr(trainer, k) for k in TRAINER_STATE}
@@ -73,20 +72,12 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> Path:
     path = latest_checkpoint(directory)
     if path is None:
         raise FileNotFoundError(f"no checkpoint (with {STATE_FILE}) in {directory}")
-    weights = load_file(str(path / TRAINABLE_FILE))
-    tensors = trainer.backend.tensors
-    missing = [t.name for t in tensors if t.name not in weights]
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:5]} (of {len(missing)})")
-    momentum = load_file(str(path / OPTIMIZER_FILE)) if (path / OPTIMIZER_FILE).is_file() else {}
-    with torch.no_grad():
-        for t in tensors:
-            t.value.copy_(weights[t.name])
-            t.sync_param()
-            if t.name in momentum:
-                t.momentum = momentum[t.name].clone()
-            for m in t.owners:
-                trainer.backend.versions.bump(m)
+    try:
+        trainer.backend.load_trainable_state(load_file(str(path / TRAINABLE_FILE)))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: {e}") from e
+    if (path / OPTIMIZER_FILE).is_file():
+        trainer.backend.load_momentum_state(load_file(str(path / OPTIMIZER_FILE)))
     state = json.loads((path / STATE_FILE).read_text())
     for key in TRAINER_STATE:
         setattr(trainer, key, state[key])

@@ -79,6 +79,9 @@ class MeZOConfig:
     save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     save_total_limit: int = _f(2, "Keep the last N checkpoints.")
     disable_tqdm: bool = _f(False, "Hide progress bars.")
+    check_ranks_every: int = _f(
+        0, "Data-parallel: verify every N steps that all ranks hold identical weights (0 = at start only)."
+    )
 
     def __post_init__(self):
         def bad(name, why):
@@ -101,7 +104,7 @@ class MeZOConfig:
         for name in ("num_directions", "batch_size", "max_length", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "grad_clip", "frozen_store_mb"):
+        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "grad_clip", "frozen_store_mb", "check_ranks_every"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if not 0.0 <= self.momentum < 1.0:

@@ -70,7 +70,6 @@ def _gaussian_at(key, i):
 _BLOCK = 1 << 14  # elements per parallel task; a multiple of 64 and of 2
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
 def _axpy_rademacher(w, src, key, start, alpha):
     n = w.shape[0]
     key = np.uint64(key)
@@ -90,7 +89,6 @@ def _axpy_rademacher(w, src, key, start, alpha):
                 j += 1
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
 def _axpy_gaussian(w, src, key, start, alpha):
     n = w.shape[0]
     key = np.uint64(key)
@@ -102,7 +100,6 @@ def _axpy_gaussian(w, src, key, start, alpha):
             w[j] = np.float32(np.float64(src[j]) + alpha * z)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
 def _fill(out, kind, key, start):
     n = out.shape[0]
     key = np.uint64(key)
@@ -116,6 +113,20 @@ def _fill(out, kind, key, start):
             else:
                 bit = (_mix(key, np.uint64(g) >> np.uint64(6)) >> (np.uint64(g) & np.uint64(63))) & np.uint64(1)
                 out[j] = 1.0 - 2.0 * np.float64(bit)
+
+
+# Parallel kernels for big tensors; serial ones below PARALLEL_MIN elements, where waking
+# the thread pool costs more than the work (and stalls badly when the cores are busy).
+PARALLEL_MIN = 1 << 18
+_KERNELS = {
+    name: (numba.njit(parallel=True, nogil=True, cache=True)(fn), numba.njit(nogil=True, cache=True)(fn))
+    for name, fn in (("rademacher", _axpy_rademacher), ("gaussian", _axpy_gaussian), ("fill", _fill))
+}
+
+
+def _kernel(name: str, n: int):
+    parallel, serial = _KERNELS[name]
+    return parallel if n >= PARALLEL_MIN else serial
 
 
 # ----------------------------------------------------------------------------- torch
@@ -156,7 +167,7 @@ def direction_chunk(kind: str, key: int, start: int, n: int, device="cpu") -> to
     if torch.device(device).type != "cpu":
         return direction_chunk_torch(kind, key, start, n, device)
     out = np.empty(n, dtype=np.float32)
-    _fill(out, 0 if kind == GAUSSIAN else 1, np.uint64(key), np.int64(start))
+    _kernel("fill", n)(out, 0 if kind == GAUSSIAN else 1, np.uint64(key), np.int64(start))
     return torch.from_numpy(out)
 
 
@@ -175,7 +186,7 @@ def axpy_direction_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alp
         raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
     flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
     if w.device.type == "cpu" and w.dtype == torch.float32 and src.dtype == torch.float32:
-        kernel = _axpy_gaussian if kind == GAUSSIAN else _axpy_rademacher
+        kernel = _kernel(kind, flat_w.numel())
         kernel(flat_w.numpy(), flat_src.numpy(), np.uint64(key), np.int64(0), float(alpha))
         return
     for start in range(0, flat_w.numel(), CHUNK):

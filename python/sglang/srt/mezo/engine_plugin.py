@@ -183,7 +183,16 @@ def mezo_load(self, path: str):
                     self._mezo.versions.bump(m)
 
 
-RPC_METHODS = {f.__name__: f for f in (mezo_setup, mezo_begin, mezo_end, mezo_update, mezo_checksum, mezo_load)}
+def mezo_save(self, result_path: str):
+    """Writes the trainable tensors (HF names) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file({t.name: t.param.contiguous() for t in self._mezo.tensors}, result_path)
+
+
+RPC_METHODS = {
+    f.__name__: f for f in (mezo_setup, mezo_begin, mezo_end, mezo_update, mezo_checksum, mezo_load, mezo_save)
+}
 
 
 def register() -> None:

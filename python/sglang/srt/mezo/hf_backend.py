@@ -78,3 +78,23 @@ class TransformersBackend:
     def trainable_state(self) -> dict:
         """Canonical name -> trainable tensor (the float32 master where there is one)."""
         return {t.name: t.value for t in self.tensors}
+
+    def load_trainable_state(self, weights: dict) -> None:
+        """Copies `weights` (canonical names) into the trainable tensors; every one is required."""
+        missing = [t.name for t in self.tensors if t.name not in weights]
+        if missing:
+            raise ValueError(f"missing trainable tensors {missing[:5]} (of {len(missing)})")
+        with torch.no_grad():
+            for t in self.tensors:
+                t.value.copy_(weights[t.name])
+                t.sync_param()
+                for m in t.owners:
+                    self.versions.bump(m)
+
+    def momentum_state(self) -> dict:
+        return {t.name: t.momentum for t in self.tensors if t.momentum is not None}
+
+    def load_momentum_state(self, state: dict) -> None:
+        for t in self.tensors:
+            if t.name in state:
+                t.momentum = state[t.name].clone()

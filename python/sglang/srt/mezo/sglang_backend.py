@@ -167,6 +167,30 @@ class SGLangBackend:
         self._rpc("mezo_load", path=str(safetensors_path))
         self._weights_changed()
 
+    def trainable_state(self) -> dict:
+        """HF name -> the engine's current trainable tensor (copied out of the engine)."""
+        from safetensors.torch import load_file
+
+        path = Path(self._tmp.name) / "trainable.safetensors"
+        self._rpc("mezo_save", result_path=str(path))
+        return load_file(str(path))
+
+    def load_trainable_state(self, weights: dict) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(self._tmp.name) / "load.safetensors"
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+        self.load_trainable(str(path))
+
+    def momentum_state(self) -> dict:
+        if self.config.momentum > 0:
+            raise NotImplementedError("momentum buffers live in the engine and are not checkpointed")
+        return {}
+
+    def load_momentum_state(self, state: dict) -> None:
+        if state:
+            raise NotImplementedError("momentum buffers live in the engine and are not checkpointed")
+
     def _generate_rows(self, batch: dict) -> tuple:
         """Per-row completion log-likelihood from the engine's input-token log-probs.
 

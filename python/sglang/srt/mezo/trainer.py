@@ -10,11 +10,10 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
-import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.distributed import reduce_sum_count
 from sglang.srt.mezo.objectives import candidate_scores, correct_count, has_candidates, make_objective
 from sglang.srt.mezo.perturbation import vanishing_fraction
 
@@ -62,6 +61,7 @@ class StepOutput:
     lr: float
     per_direction: list = field(default_factory=list)
     skipped: bool = False  # a non-finite loss: no update was applied
+    applied: list = field(default_factory=list)  # [(seed, clipped projected grad)] of the update
 
     def metrics(self) -> dict:
         out = asdict(self)
@@ -140,16 +140,13 @@ class MeZOTrainer:
         directions = [(e.seed, max(-clip, min(clip, e.projected_grad))) for e in estimates]
         self._warn_if_vanishing("update", directions[0][0], -lr * directions[0][1] / len(directions))
         self.backend.apply_update(directions, lr)
+        out.applied = directions
         self.global_step += 1
         return out
 
     def _loss(self, objective, batch: dict, seed: Optional[int], scale: float) -> float:
         """Mean objective under ``w + scale * z(seed)``, combined exactly across ranks."""
-        total, count = self.backend.loss_sum(objective, batch, seed, scale)
-        if dist.is_available() and dist.is_initialized():
-            both = torch.tensor([total, float(count)], dtype=torch.float64)
-            dist.all_reduce(both)
-            total, count = float(both[0]), int(both[1])
+        total, count = reduce_sum_count(*self.backend.loss_sum(objective, batch, seed, scale))
         return total / count if count else math.nan
 
     def _check_batch(self, batch: dict) -> None:

@@ -1,0 +1,86 @@
+"""Rebuild trained weights from the initial weights and the run's step log.
+
+A MeZO update is a function of (seed, projected gradient, lr) per direction, so the
+``directions`` and ``lr`` columns of ``metrics.jsonl`` (a few dozen bytes per step) replay
+the whole run, bit-identically on the same device type::
+
+    python -m sglang.srt.mezo.replay RUN_DIR [--output-dir DIR] [--check]
+
+``--check`` compares the replayed trainable tensors with the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sglang.srt.mezo.checkpoint import TRAINABLE_FILE, latest_checkpoint
+from sglang.srt.mezo.config import MeZOConfig
+
+
+def read_log(run_dir: Path, up_to_step: int | None = None) -> list:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in rows if up_to_step is None or r["step"] < up_to_step]
+
+
+def replay(run_dir: str | Path, model=None, tokenizer=None, up_to_step: int | None = None):
+    """A trainer holding the weights the run had after its logged steps."""
+    from sglang.srt.mezo_trainer import MeZOTrainer, load_model_and_tokenizer
+
+    run_dir = Path(run_dir)
+    config = MeZOConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    if config.momentum > 0:
+        raise ValueError("replay rebuilds plain ZO-SGD runs; momentum makes each update depend on all before it")
+    torch.manual_seed(config.seed)  # the same LoRA initialisation as the run
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
+    trainer = MeZOTrainer(model, config, tokenizer=tokenizer)
+    for row in read_log(run_dir, up_to_step):
+        if not row["skipped"]:
+            trainer.backend.apply_update([(int(s), float(g)) for s, g in row["directions"]], float(row["lr"]))
+        trainer.global_step = row["step"] + 1
+    return trainer
+
+
+def matches_checkpoint(trainer, checkpoint_dir: Path) -> list:
+    """Names of trainable tensors that differ (bitwise) from the checkpoint's."""
+    saved = load_file(str(checkpoint_dir / TRAINABLE_FILE))
+    state = trainer.backend.trainable_state()
+    return [name for name, value in state.items() if not torch.equal(value, saved[name])]
+
+
+def log_bytes_per_step(run_dir: Path) -> float:
+    """Bytes the replay needs per step: seed, projected grad and lr of each direction."""
+    rows = read_log(run_dir)
+    needed = [json.dumps({"lr": r["lr"], "directions": r["directions"], "skipped": r["skipped"]}) for r in rows]
+    return sum(len(n) + 1 for n in needed) / max(len(rows), 1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--output-dir", type=Path, help="save the replayed model here")
+    parser.add_argument("--check", action="store_true", help="compare with the run's latest checkpoint")
+    args = parser.parse_args(argv)
+    checkpoint = latest_checkpoint(args.run_dir / "checkpoints") if args.check else None
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else None
+    trainer = replay(args.run_dir, up_to_step=step)
+    print(f"replayed {trainer.global_step} steps; log: {log_bytes_per_step(args.run_dir):.0f} bytes/step")
+    if args.output_dir:
+        from sglang.srt.mezo_trainer import save_trained
+
+        save_trained(trainer, trainer.tokenizer, args.output_dir)
+    if checkpoint is not None:
+        differ = matches_checkpoint(trainer, checkpoint)
+        print(f"{checkpoint}: {'bit-identical' if not differ else f'{len(differ)} tensors differ: {differ[:3]}'}")
+        return 1 if differ else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
