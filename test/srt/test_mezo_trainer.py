@@ -17,6 +17,7 @@ import signal
 import tempfile
 import unittest
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import datasets
@@ -185,7 +186,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         grad = model.grad()
         cos2 = []
         seeds_used = set()
-        for trial in range(trials):
+        for _ in range(trials):
             theta0 = model.theta.detach().clone()
             if reuse_seed:  # canary: every direction of a step shares one seed
                 with mock.patch("sglang.srt.mezo.trainer.direction_seed", lambda s, step, d: tensor_key(s, f"{step}")):
@@ -988,6 +989,209 @@ class TestKVCacheOptimization(unittest.TestCase):
         self.assertIn("not a supported decoder", forward.frozen_reason)
 
 
+# ----------------------------------------------------------------------------- integration
+WORDS_POSITIVE = ["great", "good", "wonderful", "loved", "yes", "blue", "red", "one"]
+WORDS_NEGATIVE = ["terrible", "dull", "hated", "no", "cold", "black", "ten", "white"]
+
+
+def word_sentiment_records():
+    """A task a random tiny model can learn through its LM head: the label is a function of
+    the prompt's last word, whose hidden state differs per word."""
+    return [
+        {
+            "prompt": f"Review: {w}",
+            "completion": " positive" if i < 8 else " negative",
+            "candidates": [" positive", " negative"],
+        }
+        for i, w in enumerate(WORDS_POSITIVE + WORDS_NEGATIVE)
+    ]
+
+
+class TestMeZOIntegration(unittest.TestCase):
+    """The main job end to end on a tiny Llama: artifacts, resume, replay, crash safety, learning."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory(prefix="mezo-integration-")
+        root = cls.tmp.name
+        cls.model_dir = os.path.join(root, "tiny")
+        tiny_llama().save_pretrained(cls.model_dir)
+        tiny_tokenizer().save_pretrained(cls.model_dir)
+        cls.train_file = _write_jsonl(os.path.join(root, "train.jsonl"), word_sentiment_records())
+        cls.eval_file = _write_jsonl(os.path.join(root, "eval.jsonl"), word_sentiment_records()[::2])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def run_main(self, out_dir, *extra):
+        from sglang.srt.mezo_trainer import main
+
+        args = ["--model", self.model_dir, "--train-file", self.train_file, "--eval-file", self.eval_file]
+        args += ["--output-dir", out_dir, "--batch-size", "4", "--lr", "1e-2", "--disable-tqdm", *extra]
+        return main(args)
+
+    def out(self, name):
+        return os.path.join(self.tmp.name, name)
+
+    def test_cli_end_to_end_writes_every_artifact(self):
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        out = self.out("e2e")
+        results = self.run_main(out, "--steps", "4", "--save-steps", "2", "--save-total-limit", "5")
+        lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+        self.assertEqual([r["step"] for r in lines], [0, 1, 2, 3])
+        for key in ("loss_plus", "loss_minus", "projected_grad", "lr", "seconds", "seed", "directions"):
+            self.assertIn(key, lines[0])
+        self.assertGreater(lines[0]["cache/prefix_sharing/tokens_reused"], 0)
+        saved = json.load(open(os.path.join(out, "eval.json")))
+        self.assertEqual(saved["before"], results["before"])
+        self.assertEqual(saved["before"]["examples"], 8)
+        self.assertIn("accuracy", saved["after"])
+        with open(os.path.join(out, "loss.png"), "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        self.assertEqual(sorted(os.listdir(os.path.join(out, "checkpoints"))), ["step-2", "step-4"])
+        trained = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"), dtype=torch.float32)
+        final = load_file(os.path.join(out, "checkpoints", "step-4", "trainable.safetensors"))
+        state = trained.state_dict()
+        for name, value in final.items():
+            self.assertTrue(torch.equal(state[name], value), name)
+        self.assertTrue(os.path.isfile(os.path.join(out, "model", "tokenizer.json")))
+
+    def test_resume_is_bit_identical_to_uninterrupted(self):
+        """Interrupted after step 3 (cosine schedule, momentum), resumed from step-3: same
+        weights, momentum and metrics.jsonl (apart from timing) as one uninterrupted run."""
+        from safetensors.torch import load_file
+
+        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
+
+        extra = ["--steps", "6", "--save-steps", "3", "--lr-scheduler", "cosine", "--momentum", "0.5"]
+        whole = self.out("whole")
+        self.run_main(whole, *extra)
+        broken = self.out("broken")
+        real_step = Trainer.step
+        calls = {"n": 0}
+
+        def crash_on_fourth(trainer, batch):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt("injected interruption")
+            return real_step(trainer, batch)
+
+        with mock.patch.object(Trainer, "step", crash_on_fourth), self.assertRaises(KeyboardInterrupt):
+            self.run_main(broken, *extra)
+        self.run_main(broken, *extra, "--resume", os.path.join(broken, "checkpoints"))
+
+        def comparable(key):  # timing and the per-process cumulative cache counters differ by design
+            return key != "seconds" and (not key.startswith("cache/") or key.startswith("cache/pass/"))
+
+        def strip(path):
+            return [{k: v for k, v in json.loads(x).items() if comparable(k)} for x in open(path)]
+
+        self.assertEqual(strip(os.path.join(whole, "metrics.jsonl")), strip(os.path.join(broken, "metrics.jsonl")))
+        for name in ("trainable.safetensors", "optimizer.safetensors"):
+            a = load_file(os.path.join(whole, "checkpoints", "step-6", name))
+            b = load_file(os.path.join(broken, "checkpoints", "step-6", name))
+            self.assertEqual(a.keys(), b.keys())
+            for key in a:
+                self.assertTrue(torch.equal(a[key], b[key]), f"{name}:{key}")
+
+    def test_replay_rebuilds_trained_weights_bit_identically(self):
+        from sglang.srt.mezo import replay
+
+        out = self.out("replayed")
+        self.run_main(out, "--steps", "5", "--num-directions", "2", "--grad-clip", "0.5")
+        trainer = replay.replay(out)
+        self.assertEqual(trainer.global_step, 5)
+        self.assertEqual(replay.matches_checkpoint(trainer, Path(out) / "checkpoints" / "step-5"), [])
+        self.assertLess(replay.log_bytes_per_step(Path(out)), 200)
+        # canary: dropping one step's update is detected
+        rows = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            f.write("\n".join(rows[:2] + [json.dumps({**json.loads(rows[2]), "skipped": True})] + rows[3:]) + "\n")
+        self.assertNotEqual(replay.matches_checkpoint(replay.replay(out), Path(out) / "checkpoints" / "step-5"), [])
+
+    def test_crash_while_saving_keeps_the_previous_checkpoint(self):
+        from sglang.srt.mezo import checkpoint
+
+        trainer = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, momentum=0.9, disable_tqdm=True))
+        trainer.step(lm_batch())
+        ckpt = self.out("ckpts")
+        first = checkpoint.save_checkpoint(trainer, ckpt)
+        saved_state = {k: v.clone() for k, v in trainer.backend.trainable_state().items()}
+        trainer.step(lm_batch())
+        real = checkpoint.save_file
+        with mock.patch.object(checkpoint, "save_file", side_effect=[None, OSError("disk full")]):
+            with self.assertRaises(OSError):
+                checkpoint.save_checkpoint(trainer, ckpt)
+        del real
+        self.assertEqual(checkpoint.latest_checkpoint(ckpt), first)
+        fresh = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, momentum=0.9, disable_tqdm=True))
+        checkpoint.load_checkpoint(fresh, ckpt)
+        self.assertEqual(fresh.global_step, 1)
+        for name, value in fresh.backend.trainable_state().items():
+            self.assertTrue(torch.equal(value, saved_state[name]), name)
+
+    def test_eval_improves_and_tracks_first_order_sgd(self):
+        """Only the LM head trains, so the loss is convex in the trainable weights. Per step,
+        E[dL] = -lr |g|^2 + lr^2/2 (|g|^2 tr H + 2 g'Hg) for MeZO and -lr |g|^2 + lr^2/2 g'Hg
+        for SGD: at lr * tr H << 1 both decrease alike. Checked: MeZO's eval loss falls, its
+        accuracy rises above chance, and its decrease is within a factor 2 of SGD's at the
+        same lr and step count (a single MeZO trajectory, fixed seed)."""
+        records = word_sentiment_records()
+        tok = tiny_tokenizer()
+        loader = create_dataloader(MeZODataset(records, tok), 16, shuffle=False)
+        batch = next(iter(loader))
+        steps, lr = 150, 1e-2
+        trainer = MeZOTrainer(
+            tiny_llama(), MeZOConfig(learning_rate=lr, seed=0, trainable_patterns=r"^lm_head\.", disable_tqdm=True)
+        )
+        before = trainer.evaluate(loader)
+        for _ in range(steps):
+            trainer.step(batch)
+        after = trainer.evaluate(loader)
+
+        from sglang.srt.mezo.objectives import CandidateCrossEntropy
+
+        reference = tiny_llama()
+        head = reference.lm_head.weight
+        head.requires_grad_(True)
+        sgd = torch.optim.SGD([head], lr=lr)
+        for _ in range(steps):
+            sgd.zero_grad()
+            total, count = CandidateCrossEntropy()(reference, batch)
+            (total / count).backward()
+            sgd.step()
+        with torch.no_grad():
+            total, count = CandidateCrossEntropy()(reference, batch)
+        sgd_loss = float(total) / count
+        self.assertLess(after["loss"], before["loss"])
+        self.assertGreater(after["accuracy"], 0.5)
+        mezo_drop, sgd_drop = before["loss"] - after["loss"], before["loss"] - sgd_loss
+        self.assertGreater(sgd_drop, 0)
+        self.assertLess(abs(mezo_drop - sgd_drop), sgd_drop)
+
+    def test_lora_adapter_reloads_with_identical_logits(self):
+        from peft import PeftModel
+
+        trainer = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-1, peft="lora", lora_rank=4, disable_tqdm=True))
+        names = {t.name for t in trainer.backend.tensors}
+        self.assertTrue(names and all(".lora_A." in n or ".lora_B." in n for n in names), names)
+        for _ in range(2):
+            trainer.step(lm_batch())
+        adapter = self.out("adapter")
+        trainer.model.save_pretrained(adapter)
+        reloaded = PeftModel.from_pretrained(tiny_llama(), adapter).eval()
+        batch = lm_batch()
+        with torch.no_grad():
+            a = trainer.model(input_ids=batch["input_ids"]).logits
+            b = reloaded(input_ids=batch["input_ids"]).logits
+        self.assertTrue(torch.equal(a, b))
+        base = tiny_llama()(input_ids=batch["input_ids"]).logits
+        self.assertFalse(torch.equal(a, base))  # the adapter did train
+
+
 class TestMeZOEdgeCases(unittest.TestCase):
     """Bad input, numerics at the edges, exception safety and exactness."""
 
@@ -1060,11 +1264,10 @@ class TestMeZOEdgeCases(unittest.TestCase):
                 model = tiny_llama()
                 ref = snapshot(model)
                 trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
-                calls = {"n": 0}
 
-                def explode(module, args, output):
+                def explode(module, args, output, calls={"n": 0}, fail_at=failing_pass + 1):  # noqa: B006
                     calls["n"] += 1
-                    if calls["n"] == failing_pass + 1:
+                    if calls["n"] == fail_at:
                         raise RuntimeError("injected failure inside the forward")
 
                 # mid-model: the layers below are perturbed and restored, the ones above untouched
@@ -1184,6 +1387,53 @@ class TestMeZOEdgeCases(unittest.TestCase):
         for name in wa:
             self.assertTrue(torch.equal(wa[name], wb[name]), name)
         self.assertNotEqual(a[0][0], c[0][0])
+
+    def _allocator_limit(self, model, max_rows):
+        """A mocked allocator limit: any forward over `max_rows` rows raises a CPU OOM."""
+
+        def check(module, args, kwargs):
+            ids = kwargs.get("input_ids")
+            if ids is None and args:
+                ids = args[0]
+            rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
+            if rows > max_rows:
+                raise RuntimeError(
+                    f"[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory: {rows} rows"
+                )
+
+        return model.register_forward_pre_hook(check, with_kwargs=True)
+
+    def test_out_of_memory_halves_micro_batch_with_the_same_result(self):
+        """OOM above 3 rows: the step retries at 6 -> 3 rows (candidate groups of 3 kept whole)
+        and equals, bit for bit, a run with 3-row micro-batches from the start; the plain
+        whole-batch run agrees to GEMM rounding (1e-6 relative in fp32)."""
+        batch = candidate_batch()  # 4 examples x 3 candidates = 12 rows
+        limited = tiny_llama()
+        trainer = MeZOTrainer(limited, MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
+        handle = self._allocator_limit(limited, 3)
+        out = trainer.step(batch)
+        handle.remove()
+        self.assertEqual(trainer.backend.micro_batch_rows, 3)
+        fixed = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, micro_batch_size=3, disable_tqdm=True))
+        ref = fixed.step(batch)
+        self.assertEqual(
+            (out.loss_plus, out.loss_minus, out.projected_grad), (ref.loss_plus, ref.loss_minus, ref.projected_grad)
+        )
+        for (name, p), q in zip(limited.named_parameters(), fixed.model.parameters()):
+            self.assertTrue(torch.equal(p, q), name)
+        whole = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, disable_tqdm=True)).step(batch)
+        self.assertAlmostEqual(whole.loss_plus, out.loss_plus, delta=1e-6 * abs(out.loss_plus))
+
+    def test_out_of_memory_when_nothing_fits_is_a_clear_error(self):
+        model = tiny_llama()
+        ref = snapshot(model)
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
+        handle = self._allocator_limit(model, 0)
+        with self.assertRaisesRegex(MemoryError, "max_length.*LoRA"):
+            trainer.step(candidate_batch())
+        handle.remove()
+        assert_bit_identical(self, model, ref)
+        trainer.step(candidate_batch())  # usable again
 
     def test_frozen_parameters_never_touched(self):
         model = tiny_llama()

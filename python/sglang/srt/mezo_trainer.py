@@ -26,11 +26,6 @@ from typing import Optional
 import torch
 
 from sglang.srt.mezo import cpu_standins
-
-# Upstream's engine imports torchvision / vllm at module level; on a CPU-only install they
-# are absent, and import-only stand-ins let `import sglang.srt.entrypoints.engine` work.
-cpu_standins.install()
-
 from sglang.srt.mezo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
@@ -47,6 +42,10 @@ __all__ = [
     "mezo_finetune",
     "main",
 ]
+
+# Upstream's engine imports torchvision / vllm at module level; on a CPU-only install they
+# are absent, and import-only stand-ins let `import sglang.srt.entrypoints.engine` work.
+cpu_standins.install()
 
 logger = logging.getLogger("sglang.srt.mezo_trainer")
 

@@ -69,6 +69,14 @@ class MeZOConfig:
     )
     fp32_trainable: bool = _f(False, "Keep float32 master copies of trainable tensors over a half-precision model.")
 
+    # --- memory -------------------------------------------------------------------------
+    micro_batch_size: int = _f(
+        0, "Rows per forward (0 = the whole batch); halved automatically on out-of-memory errors."
+    )
+    memory_budget_mb: float = _f(
+        0.0, "Size micro-batches so a forward's activations stay within this budget (0 = no budget)."
+    )
+
     # --- KV cache -----------------------------------------------------------------------
     prefix_sharing: bool = _f(True, "Compute a prompt shared by candidate rows once per pass.")
     frozen_layer_reuse: bool = _f(True, "Reuse hidden states below the lowest trainable layer.")
@@ -104,7 +112,15 @@ class MeZOConfig:
         for name in ("num_directions", "batch_size", "max_length", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "grad_clip", "frozen_store_mb", "check_ranks_every"):
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "eval_steps",
+            "save_steps",
+            "grad_clip",
+            "frozen_store_mb",
+            "check_ranks_every",
+        ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if not 0.0 <= self.momentum < 1.0:

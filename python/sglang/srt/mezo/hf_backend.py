@@ -23,6 +23,43 @@ from sglang.srt.mezo.trainable import apply_peft, canonical_name, trainable_name
 logger = logging.getLogger(__name__)
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA OOM, or CPU allocation failures (which surface as RuntimeError)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def example_groups(batch: dict) -> list:
+    """Row index lists, one per example (a candidate example's rows stay together)."""
+    rows = batch["input_ids"].shape[0]
+    if "example_id" not in batch:
+        return [[r] for r in range(rows)]
+    ids, groups = batch["example_id"].tolist(), []
+    for r in range(rows):
+        if r and ids[r] == ids[r - 1]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def split_rows(batch: dict, size: int) -> list:
+    """Sub-batches of at most `size` rows (more when one example has more candidates)."""
+    rows = batch["input_ids"].shape[0]
+    if size >= rows:
+        return [batch]
+    chunks, current = [], []
+    for group in example_groups(batch):
+        if current and len(current) + len(group) > size:
+            chunks.append(current)
+            current = []
+        current = current + group
+    chunks.append(current)
+    return [{k: v[c[0] : c[-1] + 1] if torch.is_tensor(v) and v.dim() else v for k, v in batch.items()} for c in chunks]
+
+
 class TransformersBackend:
     """Runs MeZO's forward passes on any `AutoModelForCausalLM` (optionally peft-wrapped)."""
 
@@ -40,6 +77,7 @@ class TransformersBackend:
         self.perturbation = ModuleScopedPerturbation(self.tensors, config.perturbation, self.versions)
         # (model, batch, perturbing) -> per-row (sums, counts), with exact KV/hidden reuse
         self.row_forward = CachedRowForward(model, self.tensors, self.versions, config)
+        self.micro_batch_rows = config.micro_batch_size  # 0: whole batches until memory runs out
 
     @property
     def cache_stats(self) -> dict:
@@ -50,9 +88,44 @@ class TransformersBackend:
         self.model.eval()
         with torch.no_grad():
             if seed is None:
-                return self.row_forward(self.model, batch)
+                return self._in_micro_batches(batch, perturbing=False)
             with self.perturbation.scope(seed, scale):
-                return self.row_forward(self.model, batch, perturbing=True)
+                return self._in_micro_batches(batch, perturbing=True)
+
+    def _in_micro_batches(self, batch: dict, perturbing: bool) -> tuple:
+        """Rows in micro-batches under the same weights; on out-of-memory, halve and retry.
+
+        MeZO needs only per-row sums, so any split gives the same result up to the rounding
+        of differently shaped GEMMs. The size that worked is kept for later passes.
+        """
+        rows = batch["input_ids"].shape[0]
+        size = min(rows, self.micro_batch_rows or self._budget_rows(batch) or rows)
+        while True:
+            try:
+                parts = [self.row_forward(self.model, part, perturbing) for part in split_rows(batch, size)]
+                break
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                smallest = max(len(g) for g in example_groups(batch))
+                if size <= smallest:
+                    raise MemoryError(
+                        f"out of memory with a micro-batch of {size} rows (one example): shorten max_length, "
+                        "train LoRA (--peft lora) or use a quantized/half-precision base"
+                    ) from error
+                size = max(smallest, size // 2)
+                logger.warning("out of memory in a forward: retrying with micro-batches of %d rows", size)
+        self.micro_batch_rows = size if size < rows else self.micro_batch_rows
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _budget_rows(self, batch: dict) -> int:
+        """Rows whose activations fit ``memory_budget_mb``: per token the logits (vocab floats,
+        at most every position) plus ~16 hidden-size floats of live layer activations."""
+        if not self.config.memory_budget_mb:
+            return 0
+        cfg = self.model.config
+        per_row = batch["input_ids"].shape[1] * (cfg.vocab_size + 16 * cfg.hidden_size) * 4
+        return max(1, int(self.config.memory_budget_mb * 2**20 // per_row))
 
     def loss_sum(self, objective, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """(sum, count) of `objective` under the perturbed weights; built-ins go through rows."""

@@ -1,0 +1,51 @@
+"""The overlay ships only its own modules and imports from the working tree beside upstream SGLang."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import unittest
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class TestOverlayPackaging(unittest.TestCase):
+    def test_imports_resolve_to_working_tree_and_upstream(self):
+        code = (
+            "import sglang, sglang.srt.mezo_trainer as t, sglang.srt.entrypoints.engine as e;"
+            "print(t.__file__); print(e.__file__); print(sglang.__file__)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+        trainer_file, engine_file, sglang_file = out.stdout.split()[-3:]
+        self.assertEqual(Path(trainer_file), REPO / "python" / "sglang" / "srt" / "mezo_trainer.py")
+        for upstream in (engine_file, sglang_file):
+            self.assertIn("site-packages", upstream)
+            self.assertFalse(Path(upstream).is_relative_to(REPO / "python"), upstream)
+
+    def test_wheel_contains_no_upstream_file(self):
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out, str(REPO)],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            (wheel,) = Path(out).glob("*.whl")
+            names = [
+                n for n in zipfile.ZipFile(wheel).namelist() if not n.split("/")[0].endswith((".dist-info", ".data"))
+            ]
+        self.assertIn("sglang/srt/mezo_trainer.py", names)
+        self.assertIn("sglang/srt/mezo/demo_data/train.jsonl", names)
+        shipped = {n for n in names if n.endswith(".py")}
+        self.assertTrue(
+            all(n == "sglang/srt/mezo_trainer.py" or n.startswith("sglang/srt/mezo/") for n in shipped), shipped
+        )
+        self.assertNotIn("sglang/__init__.py", names)
+        self.assertNotIn("sglang/srt/__init__.py", names)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
