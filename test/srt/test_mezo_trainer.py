@@ -1191,6 +1191,31 @@ class TestMeZOIntegration(unittest.TestCase):
         base = tiny_llama()(input_ids=batch["input_ids"]).logits
         self.assertFalse(torch.equal(a, base))  # the adapter did train
 
+    def test_prefix_tuning_trains_only_virtual_tokens_and_reloads(self):
+        """peft prefix tuning (paper: 5 virtual tokens, eps 1e-1): only the prompt encoder
+        moves; the saved adapter reloads with identical logits; KV reuse steps aside."""
+        from peft import PeftModel
+
+        model = tiny_llama()
+        base = snapshot(model)
+        trainer = MeZOTrainer(model, MeZOConfig(peft="prefix", learning_rate=1e-2, epsilon=1e-1, disable_tqdm=True))
+        self.assertEqual([t.name for t in trainer.backend.tensors], ["prompt_encoder.embedding.weight"])
+        self.assertEqual(trainer.backend.tensors[0].param.shape[0], 5)
+        self.assertIsNone(trainer.backend.row_forward.prefix)
+        self.assertIsNone(trainer.backend.row_forward.frozen)
+        start = trainer.backend.tensors[0].value.clone()
+        for batch in (lm_batch(), candidate_batch()):
+            trainer.step(batch)
+        self.assertFalse(torch.equal(trainer.backend.tensors[0].value, start))
+        for name, p in trainer.model.get_base_model().named_parameters():
+            self.assertTrue(torch.equal(p, base[name]), name)
+        adapter = self.out("prefix-adapter")
+        trainer.model.save_pretrained(adapter)
+        reloaded = PeftModel.from_pretrained(tiny_llama(), adapter).eval()
+        ids = lm_batch()["input_ids"]
+        with torch.no_grad():
+            self.assertTrue(torch.equal(trainer.model(input_ids=ids).logits, reloaded(input_ids=ids).logits))
+
 
 class TestMeZOEdgeCases(unittest.TestCase):
     """Bad input, numerics at the edges, exception safety and exactness."""

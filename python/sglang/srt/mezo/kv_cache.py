@@ -24,6 +24,7 @@ differently shaped GEMMs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import re
@@ -284,8 +285,6 @@ class SharedPrefixForward:
 
 def _select_cache(cache, index: torch.Tensor):
     """A copy of a DynamicCache whose batch rows are ``cache[index]`` (repeats allowed)."""
-    import copy
-
     expanded = copy.copy(cache)
     expanded.layers = []
     for layer in cache.layers:

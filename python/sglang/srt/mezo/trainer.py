@@ -63,6 +63,21 @@ class StepOutput:
     skipped: bool = False  # a non-finite loss: no update was applied
     applied: list = field(default_factory=list)  # [(seed, clipped projected grad)] of the update
 
+    @classmethod
+    def from_estimates(cls, step: int, lr: float, estimates: list) -> "StepOutput":
+        def mean(values):
+            return sum(values) / len(values)
+
+        return cls(
+            step=step,
+            seed=estimates[0].seed,
+            loss_plus=mean([e.loss_plus for e in estimates]),
+            loss_minus=mean([e.loss_minus for e in estimates]),
+            projected_grad=mean([e.projected_grad for e in estimates]),
+            lr=lr,
+            per_direction=estimates,
+        )
+
     def metrics(self) -> dict:
         out = asdict(self)
         out["per_direction"] = [asdict(d) for d in self.per_direction]
@@ -124,15 +139,7 @@ class MeZOTrainer:
         if self.global_step == 0:
             self._warn_if_vanishing("perturbation", estimates[0].seed, c.epsilon)
         lr = learning_rate_at(c, self.global_step)
-        out = StepOutput(
-            step=self.global_step,
-            seed=estimates[0].seed,
-            loss_plus=sum(e.loss_plus for e in estimates) / len(estimates),
-            loss_minus=sum(e.loss_minus for e in estimates) / len(estimates),
-            projected_grad=sum(e.projected_grad for e in estimates) / len(estimates),
-            lr=lr,
-            per_direction=estimates,
-        )
+        out = StepOutput.from_estimates(self.global_step, lr, estimates)
         if not all(math.isfinite(e.loss_plus) and math.isfinite(e.loss_minus) for e in estimates):
             return self._skip(out)
         self.nonfinite_in_a_row = 0
