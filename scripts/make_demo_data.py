@@ -1,7 +1,9 @@
 """Writes the demo sentiment task shipped with the CLI (python/sglang/srt/mezo/demo_data/).
 
-Prompt-based, as in the MeZO paper: the label words (" positive" / " negative") are words
-the model already knows, so a few hundred MeZO steps can sharpen them. Sentences are
+Prompt-based, as in the MeZO paper: a question the model can read ("Did the reviewer like
+it?") answered by words it already knows (" yes" / " no"). Zero-shot, SmolLM2-135M-Instruct
+answers the same way whatever the review (50% accuracy); a few hundred MeZO steps with LoRA
+teach it to answer from the review. Sentences are
 composed from short phrase lists with a fixed seed, so the files are reproducible:
 ``python scripts/make_demo_data.py``.
 """
@@ -82,15 +84,15 @@ def records(n: int, seed: int, exclude: set) -> list:
     out = []
     while len(out) < n:
         positive = len(out) % 2 == 0
-        prompt = f"Review: {review(rng, positive)}\nSentiment:"
+        prompt = f"Review: {review(rng, positive)}\nDid the reviewer like it?"
         if prompt in exclude:
             continue
         exclude.add(prompt)
         out.append(
             {
                 "prompt": prompt,
-                "completion": " positive" if positive else " negative",
-                "candidates": [" positive", " negative"],
+                "completion": " yes" if positive else " no",
+                "candidates": [" yes", " no"],
             }
         )
     rng.shuffle(out)
