@@ -342,6 +342,35 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             reference = (w.double() + 1e-3 * z.double()).float()
             self.assertTrue(torch.equal(fused, reference))
 
+    def test_learning_rate_schedules_with_warmup(self):
+        from sglang.srt.mezo.trainer import learning_rate_at
+
+        def lrs(kind):
+            c = MeZOConfig(learning_rate=1.0, lr_scheduler=kind, warmup_steps=2, max_steps=6)
+            return [learning_rate_at(c, s) for s in range(6)]
+
+        self.assertEqual(lrs("constant"), [0.5, 1.0, 1.0, 1.0, 1.0, 1.0])
+        self.assertEqual(lrs("linear"), [0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+        cosine = lrs("cosine")
+        self.assertEqual(cosine[:3], [0.5, 1.0, 1.0])
+        for step, value in enumerate(cosine[2:], start=2):
+            self.assertAlmostEqual(value, 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)), places=15)
+
+    def test_weight_decay_skips_norm_and_momentum_accumulates(self):
+        """w <- (1 - lr wd) w - lr g z on matrices; norm weights get no decay. With momentum
+        mu the second update is lr (mu m1 + g2 z2 + wd w)."""
+        lr, wd = 1e-2, 0.1
+        model = tiny_llama(dtype=torch.float64)
+        before = snapshot(model)
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=lr, weight_decay=wd, disable_tqdm=True))
+        out = trainer.step(lm_batch())
+        for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
+            w0 = before[name]
+            z = direction("gaussian", out.seed, name, w0.shape).double()
+            decay = wd if "norm" not in name else 0.0
+            expected = w0 * (1 - lr * decay) - lr * out.projected_grad * z
+            torch.testing.assert_close(dict(model.named_parameters())[name].detach(), expected, rtol=0, atol=1e-15)
+
 
 # ----------------------------------------------------------------------------- data path
 # Token ids below come from the tiny BPE of `mezo_testing`:Expected token ids below come from that tokenizer (a BPE trained on `mezo_testing.CORPUS`):
