@@ -204,5 +204,44 @@ class TestSGLangEngine(unittest.TestCase):
         self.assertLessEqual(abs(total - ref_total) / count, LOGPROB_TOL)
 
 
+class TestSGLangMainJob(unittest.TestCase):
+    """``--backend sglang`` end to end: the engine trains, the saved HF dir holds its weights."""
+
+    def test_cli_on_the_engine(self):
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        from sglang.srt.mezo_trainer import main
+
+        with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-") as root:
+            model_dir = str(Path(root) / "tiny")
+            tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(model_dir)
+            tiny_tokenizer().save_pretrained(model_dir)
+            data = Path(root) / "train.jsonl"
+            records = [
+                {"prompt": f"Review: {w}", "completion": c, "candidates": [" yes", " no"]}
+                for w, c in (("great", " yes"), ("dull", " no"), ("good", " yes"), ("cold", " no"))
+            ]
+            data.write_text("".join(json.dumps(r) + "\n" for r in records))
+            out = Path(root) / "out"
+            results = main(
+                ["--backend", "sglang", "--model", model_dir, "--train-file", str(data), "--eval-file", str(data)]
+                + ["--steps", "3", "--lr", "1e-1", "--epsilon", "1e-2", "--batch-size", "2", "--output-dir", str(out)]
+                + ["--disable-tqdm"]
+            )
+            self.assertEqual(results["steps"], 3)
+            self.assertEqual(results["before"]["examples"], 4)
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            self.assertEqual(len(rows), 3)
+            self.assertGreater(sum(r["cache/pass/radix_cache/tokens_reused"] for r in rows), 0)
+            trained = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).state_dict()
+            final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+            start = load_file(str(Path(model_dir) / "model.safetensors"))
+            changed = [name for name in final if not torch.equal(final[name], start[name])]
+            self.assertTrue(changed)
+            for name, value in final.items():
+                self.assertTrue(torch.equal(trained[name], value), name)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
