@@ -1068,7 +1068,9 @@ class TestMeZOIntegration(unittest.TestCase):
         from transformers import AutoModelForCausalLM
 
         out = self.out("e2e")
-        results = self.run_main(out, "--steps", "4", "--save-steps", "2", "--save-total-limit", "5")
+        results = self.run_main(
+            out, "--steps", "4", "--save-steps", "2", "--save-total-limit", "5", "--eval-steps", "2", "--tensorboard"
+        )
         lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
         self.assertEqual([r["step"] for r in lines], [0, 1, 2, 3])
         for key in ("loss_plus", "loss_minus", "projected_grad", "lr", "seconds", "seed", "directions"):
@@ -1078,6 +1080,11 @@ class TestMeZOIntegration(unittest.TestCase):
         self.assertEqual(saved["before"], results["before"])
         self.assertEqual(saved["before"]["examples"], 8)
         self.assertIn("accuracy", saved["after"])
+        self.assertEqual([d["step"] for d in saved["during"]], [2, 4])
+        best = min(saved["during"], key=lambda d: d["loss"])
+        self.assertEqual(saved["best"], {"step": best["step"], "loss": best["loss"]})
+        self.assertEqual(os.listdir(os.path.join(out, "best")), [f"step-{best['step']}"])
+        self.assertTrue(any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(out, "tensorboard"))))
         with open(os.path.join(out, "loss.png"), "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
         self.assertEqual(sorted(os.listdir(os.path.join(out, "checkpoints"))), ["step-2", "step-4"])
@@ -1245,9 +1252,51 @@ class TestMeZOIntegration(unittest.TestCase):
         with torch.no_grad():
             self.assertTrue(torch.equal(trainer.model(input_ids=ids).logits, reloaded(input_ids=ids).logits))
 
+    def test_quantized_frozen_base_trains_lora_and_never_perturbs_int8(self):
+        """int8 weight-only base (torchao) under LoRA: the quantized tensors are bit-identical
+        after training steps, the adapter moves, and the base's weight bytes shrink (the
+        memory benchmark measures the process-level saving)."""
+
+        def quantized_parts(model):
+            return {
+                name: [getattr(m.weight, k).clone() for k in m.weight.__tensor_flatten__()[0]]
+                for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+                and type(m.weight) is not torch.nn.Parameter
+                and type(m.weight) is not torch.Tensor
+            }
+
+        model = tiny_llama(hidden=64)
+        float_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules() if n.endswith("_proj"))
+        config = MeZOConfig(peft="lora", quantize_base="int8", learning_rate=1e-1, epsilon=1e-2, disable_tqdm=True)
+        trainer = MeZOTrainer(model, config)
+        self.assertEqual(len(trainer.backend.quantized), 2 * 7)  # q k v o gate up down per layer
+        before = quantized_parts(trainer.model)
+        self.assertEqual(len(before), 14)
+        quant_bytes = sum(t.numel() * t.element_size() for parts in before.values() for t in parts)
+        self.assertLess(quant_bytes, 0.3 * float_bytes)
+        self.assertTrue(all(".lora_" in t.name for t in trainer.backend.tensors))
+        lora_start = {t.name: t.value.clone() for t in trainer.backend.tensors}
+        for _ in range(2):
+            out = trainer.step(lm_batch())
+            self.assertTrue(math.isfinite(out.projected_grad) and out.projected_grad != 0)
+        after = quantized_parts(trainer.model)
+        for name, parts in before.items():
+            self.assertTrue(all(torch.equal(a, b) for a, b in zip(parts, after[name])), name)
+        self.assertTrue(any(not torch.equal(t.value, lora_start[t.name]) for t in trainer.backend.tensors))
+
 
 class TestMeZOEdgeCases(unittest.TestCase):
     """Bad input, numerics at the edges, exception safety and exactness."""
+
+    def test_paper_presets(self):
+        lora = MeZOConfig.preset("lora", seed=3)
+        self.assertEqual((lora.peft, lora.learning_rate, lora.epsilon, lora.seed), ("lora", 1e-4, 1e-2, 3))
+        prefix = MeZOConfig.preset("prefix")
+        self.assertEqual((prefix.peft, prefix.num_virtual_tokens, prefix.epsilon), ("prefix", 5, 1e-1))
+        self.assertEqual(MeZOConfig.preset("full").peft, "none")
+        with self.assertRaisesRegex(ValueError, "unknown preset"):
+            MeZOConfig.preset("adapter")
 
     def test_config_rejects_bad_values(self):
         for kwargs in (

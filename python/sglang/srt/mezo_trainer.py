@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -214,13 +215,22 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
             print(f"eval before: {_fmt(results['before'])}", flush=True)
             _write_json(eval_path, results)
     check_ranks = agreement_callback(trainer, config.check_ranks_every) if context.world_size > 1 else None
+    writer = None
+    if config.tensorboard and main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def on_step(out: StepOutput, seconds: float) -> None:
         step = trainer.global_step
         if check_ranks is not None:
             check_ranks(out, seconds)
         if config.eval_steps and eval_loader is not None and step % config.eval_steps == 0:
-            results.setdefault("during", []).append({"step": step, **trainer.evaluate(eval_loader)})
+            evaluation = trainer.evaluate(eval_loader)
+            results.setdefault("during", []).append({"step": step, **evaluation})
+            if main_process and evaluation["loss"] < results.get("best", {}).get("loss", math.inf):
+                results["best"] = {"step": step, "loss": evaluation["loss"]}
+                save_checkpoint(trainer, out_dir / "best", keep=1)
             if main_process:
                 _write_json(eval_path, results)
         if not main_process:
@@ -232,6 +242,9 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
         record.update({f"cache/{k}": v for k, v in trainer.cache_stats.items()})
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key in ("loss_plus", "loss_minus", "projected_grad", "lr", "seconds"):
+                writer.add_scalar(f"mezo/{key}", record[key], out.step)
         if config.save_steps and step % config.save_steps == 0:
             save_checkpoint(trainer, ckpt_dir, keep=config.save_total_limit)
 
@@ -250,6 +263,8 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
         if metrics_path.is_file():
             plot_losses(metrics_path, out_dir / "loss.png")
         save_trained(trainer, tokenizer, out_dir / "model", base_model=model)
+    if writer is not None:
+        writer.close()
     if config.backend == "sglang":
         trainer.backend.shutdown()
     return results

@@ -13,6 +13,7 @@ PEFT_METHODS = ("none", "lora", "prefix")
 OBJECTIVES = ("auto", "nll", "candidate_ce", "accuracy")
 BACKENDS = ("transformers", "sglang")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+QUANTIZATIONS = ("none", "int8")
 
 # Hyperparameters of the MeZO paper (Malladi et al. 2023, Table 15) per trainable set.
 PRESETS = {
@@ -67,6 +68,9 @@ class MeZOConfig:
     trainable_patterns: Optional[str] = _f(
         None, "Comma-separated regexes: train only parameters whose name matches one."
     )
+    quantize_base: str = _f(
+        "none", "Weight-only quantize the frozen linear layers (torchao): none or int8. Never perturbed."
+    )
     fp32_trainable: bool = _f(False, "Keep float32 master copies of trainable tensors over a half-precision model.")
 
     # --- memory -------------------------------------------------------------------------
@@ -87,6 +91,7 @@ class MeZOConfig:
     save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     save_total_limit: int = _f(2, "Keep the last N checkpoints.")
     disable_tqdm: bool = _f(False, "Hide progress bars.")
+    tensorboard: bool = _f(False, "Also log step metrics to TensorBoard in OUTPUT_DIR/tensorboard.")
     check_ranks_every: int = _f(
         0, "Data-parallel: verify every N steps that all ranks hold identical weights (0 = at start only)."
     )
@@ -106,6 +111,7 @@ class MeZOConfig:
             ("objective", OBJECTIVES),
             ("backend", BACKENDS),
             ("dtype", DTYPES),
+            ("quantize_base", QUANTIZATIONS),
         ):
             if getattr(self, name) not in choices:
                 bad(name, f"expected one of {choices}")
@@ -127,6 +133,14 @@ class MeZOConfig:
             bad("momentum", "must be in [0, 1)")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0")
+
+    @classmethod
+    def preset(cls, trainable: str, **overrides) -> "MeZOConfig":
+        """The MeZO paper's hyperparameters for ``full``, ``lora`` or ``prefix``, then `overrides`."""
+        if trainable not in PRESETS:
+            raise ValueError(f"unknown preset {trainable!r}; expected one of {sorted(PRESETS)}")
+        peft = "none" if trainable == "full" else trainable
+        return cls(**{"peft": peft, **PRESETS[trainable], **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

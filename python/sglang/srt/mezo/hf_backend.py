@@ -18,7 +18,7 @@ from sglang.srt.mezo.perturbation import (
     commit_update,
     prepare_update,
 )
-from sglang.srt.mezo.trainable import apply_peft, canonical_name, trainable_names
+from sglang.srt.mezo.trainable import apply_peft, canonical_name, quantize_frozen_linears, trainable_names
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class TransformersBackend:
     def __init__(self, model: nn.Module, config: MeZOConfig):
         model = apply_peft(model, config)
         names = trainable_names(model, config)
+        self.quantized = quantize_frozen_linears(model, names, config.quantize_base)
         for p in model.parameters():  # MeZO never builds an autograd graph
             p.requires_grad_(False)
         self.model = model.eval()

@@ -93,6 +93,10 @@ def collect_trainable(model: nn.Module, selected: Iterable[str], fp32_master: bo
         seen.add(id(p))
         if not p.is_contiguous():
             raise ValueError(f"trainable parameter {name} is not contiguous")
+        if type(p.data) is not torch.Tensor or not p.is_floating_point():
+            raise ValueError(
+                f"trainable parameter {name} is {type(p.data).__name__} {p.dtype}: MeZO perturbs plain float tensors"
+            )
         decay = p.dim() >= 2 and "norm" not in name.lower()
         master = p.detach().float().clone() if fp32_master and p.dtype != torch.float32 else None
         tensors.append(TrainableTensor(canonical(name), p, owners[id(p)], decay, master))

@@ -49,6 +49,34 @@ def trainable_names(model: nn.Module, config: MeZOConfig) -> list:
     return names
 
 
+def quantize_frozen_linears(model: nn.Module, trainable: list, method: str) -> list:
+    """Weight-only quantizes (torchao) every nn.Linear whose weight is not trainable.
+
+    The LM head stays in floating point (it may be tied to the input embedding). Returns
+    the names of the quantized modules. Quantized weights are frozen: MeZO never perturbs
+    them, and trains float tensors (LoRA, norms, a named subset) on top.
+    """
+    if method == "none":
+        return []
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    trainable = set(trainable)
+    names = {id(p): n for n, p in model.named_parameters()}
+    head = model.get_output_embeddings()
+    chosen = []
+
+    def frozen_linear(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear) or module is head or fqn.endswith("lm_head"):
+            return False
+        if names.get(id(module.weight)) in trainable:
+            return False
+        chosen.append(fqn)
+        return True
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=frozen_linear)
+    return chosen
+
+
 def canonical_name(name: str) -> str:
     """The name a tensor has in saved weights: peft's adapter segment removed.
 
