@@ -101,7 +101,13 @@ def bench_frozen(model, repeats: int) -> None:
     layers = model.config.num_hidden_layers
     top = "|".join(str(i) for i in range(layers // 2, layers))
     batch = lm_batch(model.config.vocab_size)
-    common = dict(learning_rate=0.0, epsilon=1e-3, trainable_patterns=rf"\.layers\.({top})\.", disable_tqdm=True)
+    common = dict(
+        learning_rate=0.0,
+        epsilon=1e-3,
+        perturbation="rademacher",
+        trainable_patterns=rf"\.layers\.({top})\.",
+        disable_tqdm=True,
+    )
     reuse = MeZOTrainer(model, MeZOConfig(**common, frozen_layer_reuse=True, frozen_store_mb=512))
     full = MeZOTrainer(model, MeZOConfig(**common, frozen_layer_reuse=False))
     print(f"\n== top half of the layers trainable ({layers // 2}..{layers - 1}), tied embedding frozen, 16x128")

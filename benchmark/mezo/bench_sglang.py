@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import build_tiny_llama
 
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.sglang_backend import SGLangBackend, launch_engine
@@ -34,25 +35,13 @@ def lm_batch(vocab: int, batch: int, length: int, seed: int = 1) -> dict:
 
 
 def tiny_model_dir(root: Path) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
     path = root / "tiny"
-    LlamaForCausalLM(config).save_pretrained(path)
+    build_tiny_llama().save_pretrained(path)
     return str(path)
 
 
 def smollm2_dir(root: Path) -> str:
-    model, tok = load_model_and_tokenizer("smollm2-135m")
+    model, tok = load_model_and_tokenizer("smollm2-135m")  # GGUF, converted to an HF dir for the engine
     path = root / "smollm2"
     model.save_pretrained(path)
     tok.save_pretrained(path)

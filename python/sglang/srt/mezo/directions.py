@@ -21,10 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import types
 
 import numba
 import numpy as np
 import torch
+
+# numba's default OpenMP layer loads a second libgomp beside torch's, after which torch's
+# own parallel ops (attention above all) run many times slower; workqueue avoids that.
+numba.config.THREADING_LAYER = "workqueue"
 
 GAUSSIAN = "gaussian"
 RADEMACHER = "rademacher"
@@ -70,34 +75,42 @@ def _gaussian_at(key, i):
 _BLOCK = 1 << 14  # elements per parallel task; a multiple of 64 and of 2
 
 
-def _axpy_rademacher(w, src, key, start, alpha):
+def _axpy_rademacher(w, src, key, alpha):
     n = w.shape[0]
     key = np.uint64(key)
     for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
         lo = b * _BLOCK
         hi = min(n, lo + _BLOCK)
-        j = lo
-        while j < hi:
-            g = np.uint64(start + j)
-            bits = _mix(key, g >> np.uint64(6))
-            shift = g & np.uint64(63)
-            end = min(hi, j + 64 - np.int64(shift))
-            while j < end:
-                sign = 1.0 - 2.0 * np.float64((bits >> shift) & np.uint64(1))
-                w[j] = np.float32(np.float64(src[j]) + alpha * sign)
-                shift += np.uint64(1)
-                j += 1
+        for word in range(lo >> 6, (hi + 63) >> 6):
+            bits = _mix(key, np.uint64(word))
+            base = word << 6
+            if base + 64 <= hi:
+                for k in range(64):  # a fixed trip count, so the loop vectorises
+                    sign = 1.0 - 2.0 * np.float64((bits >> np.uint64(k)) & np.uint64(1))
+                    w[base + k] = np.float32(np.float64(src[base + k]) + alpha * sign)
+            else:
+                for k in range(hi - base):
+                    sign = 1.0 - 2.0 * np.float64((bits >> np.uint64(k)) & np.uint64(1))
+                    w[base + k] = np.float32(np.float64(src[base + k]) + alpha * sign)
 
 
-def _axpy_gaussian(w, src, key, start, alpha):
+def _axpy_gaussian(w, src, key, alpha):
     n = w.shape[0]
     key = np.uint64(key)
     for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
         lo = b * _BLOCK
         hi = min(n, lo + _BLOCK)
-        for j in range(lo, hi):
-            z = _gaussian_at(key, np.int64(start + j))
+        for pair in range(lo >> 1, (hi + 1) >> 1):  # one hash, log and sqrt per pair
+            h = _mix(key, np.uint64(pair))
+            u1 = (np.float64(h >> np.uint64(32)) + 1.0) * _INV_2_32
+            u2 = np.float64(h & np.uint64(0xFFFFFFFF)) * _INV_2_32
+            r = math.sqrt(-2.0 * math.log(u1))
+            j = pair << 1
+            z = np.float64(np.float32(r * math.cos(_TWO_PI * u2)))
             w[j] = np.float32(np.float64(src[j]) + alpha * z)
+            if j + 1 < hi:
+                z = np.float64(np.float32(r * math.sin(_TWO_PI * u2)))
+                w[j + 1] = np.float32(np.float64(src[j + 1]) + alpha * z)
 
 
 def _fill(out, kind, key, start):
@@ -118,8 +131,21 @@ def _fill(out, kind, key, start):
 # Parallel kernels for big tensors; serial ones below PARALLEL_MIN elements, where waking
 # the thread pool costs more than the work (and stalls badly when the cores are busy).
 PARALLEL_MIN = 1 << 18
+
+
+def _renamed(fn, name: str):
+    """A copy of `fn` under another name: numba's on-disk cache keys entries by function
+    name, not by compile options, so the serial twin needs its own name."""
+    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = name
+    return twin
+
+
 _KERNELS = {
-    name: (numba.njit(parallel=True, nogil=True, cache=True)(fn), numba.njit(nogil=True, cache=True)(fn))
+    name: (
+        numba.njit(parallel=True, nogil=True, cache=True)(fn),
+        numba.njit(nogil=True, cache=True)(_renamed(fn, fn.__name__ + "_serial")),
+    )
     for name, fn in (("rademacher", _axpy_rademacher), ("gaussian", _axpy_gaussian), ("fill", _fill))
 }
 
@@ -187,7 +213,7 @@ def axpy_direction_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alp
     flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
     if w.device.type == "cpu" and w.dtype == torch.float32 and src.dtype == torch.float32:
         kernel = _kernel(kind, flat_w.numel())
-        kernel(flat_w.numpy(), flat_src.numpy(), np.uint64(key), np.int64(0), float(alpha))
+        kernel(flat_w.numpy(), flat_src.numpy(), np.uint64(key), float(alpha))
         return
     for start in range(0, flat_w.numel(), CHUNK):
         n = min(CHUNK, flat_w.numel() - start)

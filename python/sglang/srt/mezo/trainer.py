@@ -113,6 +113,7 @@ class MeZOTrainer:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.warnings_issued: set = set()
+        self._update_checked_at_lr: Optional[float] = None
 
     @property
     def model(self):
@@ -145,7 +146,9 @@ class MeZOTrainer:
         self.nonfinite_in_a_row = 0
         clip = c.grad_clip or math.inf
         directions = [(e.seed, max(-clip, min(clip, e.projected_grad))) for e in estimates]
-        self._warn_if_vanishing("update", directions[0][0], -lr * directions[0][1] / len(directions))
+        if lr != self._update_checked_at_lr:  # a sampled check, once per learning rate
+            self._update_checked_at_lr = lr
+            self._warn_if_vanishing("update", directions[0][0], -lr * directions[0][1] / len(directions))
         self.backend.apply_update(directions, lr)
         out.applied = directions
         self.global_step += 1
