@@ -317,8 +317,8 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             ref = D.direction_chunk_torch(kind, key, 0, 5000)
             if kind == "rademacher":
                 self.assertTrue(torch.equal(whole, ref))
-            else:  # libm vs torch log/sin/cos in float64, then one float32 rounding
-                torch.testing.assert_close(whole, ref, rtol=2**-23, atol=2**-23)
+            else:  # libm vs torch (Sleef) float32 log/sqrt/sin/cos: a few ulps apart
+                torch.testing.assert_close(whole, ref, rtol=2**-21, atol=2**-22)
             self.assertFalse(torch.equal(whole, D.direction_chunk(kind, tensor_key(12, "x"), 0, 5000)))
         # the global RNG is never consumed
         torch.manual_seed(0)
@@ -919,7 +919,9 @@ class TestKVCacheOptimization(unittest.TestCase):
                     d_plus, d_minus = abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)
                     self.assertLessEqual(d_plus, 1e-6 * abs(b.loss_plus))
                     self.assertLessEqual(d_minus, 1e-6 * abs(b.loss_minus))
-                    self.assertLessEqual(abs(a.projected_grad - b.projected_grad), (d_plus + d_minus) / (2 * eps))
+                    # equality is reachable (dL+ and dL- of opposite signs): allow the bound's own rounding
+                    bound = (d_plus + d_minus) / (2 * eps) * (1 + 8 * U64)
+                    self.assertLessEqual(abs(a.projected_grad - b.projected_grad), bound)
                     reused = {k: v for k, v in stats.items() if "reused" in k or "computed" in k}
                     self.assertTrue(any(v > 0 for k, v in reused.items() if "reused" in k), reused)
                     counts.append(reused)
