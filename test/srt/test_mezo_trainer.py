@@ -341,6 +341,23 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             )
             reference = (w.double() + 1e-3 * z.double()).float()
             self.assertTrue(torch.equal(fused, reference))
+            in_place, backup = w.clone(), torch.empty_like(w)  # the perturbation's one-pass backup
+            axpy_direction_(in_place, in_place, kind, key, 1e-3, save=backup)
+            self.assertTrue(torch.equal(in_place, reference) and torch.equal(backup, w))
+        # the chunked path undoes its partial write when a chunk fails
+        w64, backup = torch.randn(3 * D.CHUNK, dtype=torch.float64), torch.empty(3 * D.CHUNK, dtype=torch.float64)
+        start = w64.clone()
+        real, calls = D.direction_chunk, {"n": 0}
+
+        def fail_second(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise MemoryError("injected")
+            return real(*args, **kwargs)
+
+        with mock.patch.object(D, "direction_chunk", fail_second), self.assertRaises(MemoryError):
+            axpy_direction_(w64, w64, "gaussian", key, 1e-3, save=backup)
+        self.assertTrue(torch.equal(w64, start))
 
     def test_learning_rate_schedules_with_warmup(self):
         from sglang.srt.mezo.trainer import learning_rate_at

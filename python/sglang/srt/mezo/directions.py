@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import types
+from typing import Optional
 
 import numba
 import numpy as np
@@ -81,9 +82,10 @@ def _gaussian_at(key, i):
 _BLOCK = 1 << 14  # elements per parallel task; a multiple of 64 and of 2
 
 
-def _axpy_rademacher(w, src, key, alpha):
+def _axpy_rademacher(w, src, save, key, alpha):
     n = w.shape[0]
     key = np.uint64(key)
+    saving = save.shape[0] == n
     for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
         lo = b * _BLOCK
         hi = min(n, lo + _BLOCK)
@@ -93,25 +95,38 @@ def _axpy_rademacher(w, src, key, alpha):
             if base + 64 <= hi:
                 for k in range(64):  # a fixed trip count, so the loop vectorises
                     sign = 1.0 - 2.0 * np.float64((bits >> np.uint64(k)) & np.uint64(1))
-                    w[base + k] = np.float32(np.float64(src[base + k]) + alpha * sign)
+                    value = src[base + k]
+                    if saving:
+                        save[base + k] = value
+                    w[base + k] = np.float32(np.float64(value) + alpha * sign)
             else:
                 for k in range(hi - base):
                     sign = 1.0 - 2.0 * np.float64((bits >> np.uint64(k)) & np.uint64(1))
-                    w[base + k] = np.float32(np.float64(src[base + k]) + alpha * sign)
+                    value = src[base + k]
+                    if saving:
+                        save[base + k] = value
+                    w[base + k] = np.float32(np.float64(value) + alpha * sign)
 
 
-def _axpy_gaussian(w, src, key, alpha):
+def _axpy_gaussian(w, src, save, key, alpha):
     n = w.shape[0]
     key = np.uint64(key)
+    saving = save.shape[0] == n
     for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
         lo = b * _BLOCK
         hi = min(n, lo + _BLOCK)
         for pair in range(lo >> 1, (hi + 1) >> 1):  # one hash, log and sqrt per pair
             r, angle = _box_muller(key, pair)
             j = pair << 1
-            w[j] = np.float32(np.float64(src[j]) + alpha * np.float64(r * math.cos(angle)))
+            value = src[j]
+            if saving:
+                save[j] = value
+            w[j] = np.float32(np.float64(value) + alpha * np.float64(r * math.cos(angle)))
             if j + 1 < hi:
-                w[j + 1] = np.float32(np.float64(src[j + 1]) + alpha * np.float64(r * math.sin(angle)))
+                value = src[j + 1]
+                if saving:
+                    save[j + 1] = value
+                w[j + 1] = np.float32(np.float64(value) + alpha * np.float64(r * math.sin(angle)))
 
 
 def _fill(out, kind, key, start):
@@ -202,20 +217,38 @@ def direction(kind: str, seed: int, name: str, shape, device="cpu") -> torch.Ten
     return direction_chunk(kind, tensor_key(seed, name), 0, n, device).reshape(shape)
 
 
-def axpy_direction_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float) -> None:
+_NO_SAVE = np.empty(0, dtype=np.float32)
+
+
+def axpy_direction_(
+    w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save: Optional[torch.Tensor] = None
+) -> None:
     """w = round_to_dtype(src + alpha * z) elementwise, z of the tensor keyed `key`.
 
-    `src` may be `w` itself or a backup of it (same shape); both must be contiguous.
+    `src` may be `w` itself or a backup of it (same shape); all must be contiguous.
+    `save`, if given, receives src's values first: on the fused CPU path in the same
+    memory pass (the perturbation's backup costs no extra sweep). If this raises, `w` is
+    as it was (the fused kernel fails only before writing; the chunked path undoes itself).
     """
     if kind not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
     flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
-    if w.device.type == "cpu" and w.dtype == torch.float32 and src.dtype == torch.float32:
+    fused = w.device.type == "cpu" and w.dtype == torch.float32 and src.dtype == torch.float32
+    if fused and (save is None or save.dtype == torch.float32):
         kernel = _kernel(kind, flat_w.numel())
-        kernel(flat_w.numpy(), flat_src.numpy(), np.uint64(key), float(alpha))
+        saved = _NO_SAVE if save is None else save.detach().view(-1).numpy()
+        kernel(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha))
         return
-    for start in range(0, flat_w.numel(), CHUNK):
-        n = min(CHUNK, flat_w.numel() - start)
-        z = direction_chunk(kind, key, start, n, w.device).to(w.device, torch.float64)
-        # out of place: for a float64 `src`, .to() returns `src` itself, which must not change
-        flat_w[start : start + n].copy_(torch.add(flat_src[start : start + n].to(torch.float64), z, alpha=float(alpha)))
+    if save is not None:
+        save.copy_(src)
+    try:
+        for start in range(0, flat_w.numel(), CHUNK):
+            n = min(CHUNK, flat_w.numel() - start)
+            z = direction_chunk(kind, key, start, n, w.device).to(w.device, torch.float64)
+            # out of place: for a float64 `src`, .to() returns `src` itself, which must not change
+            chunk = torch.add(flat_src[start : start + n].to(torch.float64), z, alpha=float(alpha))
+            flat_w[start : start + n].copy_(chunk)
+    except BaseException:
+        if save is not None:  # w was src: undo the chunks already written
+            w.detach().copy_(save)
+        raise

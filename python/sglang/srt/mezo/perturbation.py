@@ -163,14 +163,13 @@ class ModuleScopedPerturbation:
             for t in self._by_module[module]:
                 p = t.param.detach()
                 if t.master is not None:
-                    source, backup = t.master, None
-                else:
-                    backup = self._backup_buffer(p, offset)
-                    offset += p.numel() * p.element_size()
-                    backup.copy_(p)
-                    source = backup
-                saved.append((t, backup))
-                axpy_direction_(p, source, self.kind, keys[t.name], scale)
+                    saved.append((t, None))
+                    axpy_direction_(p, t.master, self.kind, keys[t.name], scale)
+                    continue
+                backup = self._backup_buffer(p, offset)
+                offset += p.numel() * p.element_size()
+                axpy_direction_(p, p, self.kind, keys[t.name], scale, save=backup)  # backup in the same pass
+                saved.append((t, backup))  # only now does the backup hold p (if the write fails, p is intact)
         finally:
             self.versions.bump(module)
             self._active.append((module, saved))
