@@ -10,7 +10,7 @@ from torch import nn
 
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.kv_cache import CachedRowForward
-from sglang.srt.mezo.objectives import RowObjective
+from sglang.srt.mezo.objectives import RowObjective, example_groups
 from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
     WeightVersions,
@@ -29,20 +29,6 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
-
-
-def example_groups(batch: dict) -> list:
-    """Row index lists, one per example (a candidate example's rows stay together)."""
-    rows = batch["input_ids"].shape[0]
-    if "example_id" not in batch:
-        return [[r] for r in range(rows)]
-    ids, groups = batch["example_id"].tolist(), []
-    for r in range(rows):
-        if r and ids[r] == ids[r - 1]:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-    return groups
 
 
 def split_rows(batch: dict, size: int) -> list:

@@ -178,17 +178,6 @@ def find_decoder(model: nn.Module) -> Optional[nn.Module]:
 
 
 # --------------------------------------------------------------------------- prefix sharing
-def _groups(batch: dict) -> list:
-    """[(start, end)] row ranges of each example (rows of an example are adjacent)."""
-    ids = batch["example_id"].tolist()
-    bounds, start = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or ids[i] != ids[start]:
-            bounds.append((start, i))
-            start = i
-    return bounds
-
-
 class SharedPrefixForward:
     """Per-row completion log-likelihoods with each distinct prompt computed once per pass."""
 

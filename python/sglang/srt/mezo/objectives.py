@@ -75,22 +75,36 @@ def row_logprobs(model: torch.nn.Module, batch: dict, forward: Optional[Callable
     return sums, valid.sum(-1)
 
 
+def example_groups(batch: dict) -> list:
+    """Row index lists, one per example (an example's rows are adjacent; without
+    ``example_id`` every row is its own example)."""
+    rows = batch["input_ids"].shape[0]
+    if "example_id" not in batch:
+        return [[r] for r in range(rows)]
+    ids, groups = batch["example_id"].tolist(), []
+    for r in range(rows):
+        if r and ids[r] == ids[r - 1]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 def candidate_scores(sums: torch.Tensor, counts: torch.Tensor, batch: dict) -> list:
     """[(scores of an example's candidates [C], index of the gold one)] per example.
 
     A candidate's score is the mean log-prob of its tokens (length-normalised).
     """
     scores = sums / counts.clamp(min=1)
-    example_ids = batch["example_id"].tolist()
     gold = batch["is_gold"].tolist()
-    groups, start = [], 0
-    for i in range(1, len(example_ids) + 1):
-        if i == len(example_ids) or example_ids[i] != example_ids[start]:
-            golds = [j - start for j in range(start, i) if gold[j]]
-            if len(golds) != 1:
-                raise ValueError(f"example {example_ids[start]} has {len(golds)} gold candidates in the batch")
-            groups.append((scores[start:i], golds[0]))
-            start = i
+    groups = []
+    for rows in example_groups(batch):
+        golds = [i for i, r in enumerate(rows) if gold[r]]
+        if len(golds) != 1:
+            raise ValueError(
+                f"example {int(batch['example_id'][rows[0]])} has {len(golds)} gold candidates in the batch"
+            )
+        groups.append((scores[rows[0] : rows[-1] + 1], golds[0]))
     return groups
 
 
@@ -137,12 +151,14 @@ class NegativeAccuracy(RowObjective):
     name = "accuracy"
 
     def reduce(self, sums, counts, batch):
-        return -float(correct_count(sums, counts, batch)), len(candidate_scores(sums, counts, batch))
+        correct, examples = accuracy_counts(sums, counts, batch)
+        return -float(correct), examples
 
 
-def correct_count(sums, counts, batch) -> int:
-    """Examples whose gold candidate has the highest mean log-prob."""
-    return sum(int(torch.argmax(s)) == g for s, g in candidate_scores(sums, counts, batch))
+def accuracy_counts(sums, counts, batch) -> tuple:
+    """(examples whose gold candidate has the highest mean log-prob, examples)."""
+    groups = candidate_scores(sums, counts, batch)
+    return sum(int(torch.argmax(s)) == g for s, g in groups), len(groups)
 
 
 def has_candidates(batch: dict) -> bool:

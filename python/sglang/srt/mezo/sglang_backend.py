@@ -26,7 +26,7 @@ import torch
 
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.kv_cache import CacheStats
-from sglang.srt.mezo.objectives import IGNORE_INDEX, RowObjective
+from sglang.srt.mezo.objectives import IGNORE_INDEX, RowObjective, example_groups
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +209,9 @@ class SGLangBackend:
             requests.append(tokens)
             starts.append(labelled[0] - 1)  # the entry at logprob_start_len is None
             targets.append([(i, lab[i]) for i in labelled])
-        groups = batch["example_id"].tolist() if "example_id" in batch else list(range(len(requests)))
-        first = [r for r in range(len(requests)) if r == 0 or groups[r] != groups[r - 1]]
-        rest = [r for r in range(len(requests)) if r not in set(first)]
+        groups = example_groups(batch)
+        first = [rows[0] for rows in groups]
+        rest = [r for rows in groups for r in rows[1:]]
         outputs = {}
         for wave in (first, rest):
             if wave:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.distributed import reduce_sum_count
-from sglang.srt.mezo.objectives import candidate_scores, correct_count, has_candidates, make_objective
+from sglang.srt.mezo.objectives import accuracy_counts, has_candidates, make_objective
 from sglang.srt.mezo.perturbation import vanishing_fraction
 
 logger = logging.getLogger(__name__)
@@ -255,8 +255,9 @@ class MeZOTrainer:
                 sums, counts = self.backend.row_logprobs(batch)
                 t, n = objective.reduce(sums, counts, batch)
                 if has_candidates(batch):
-                    correct += correct_count(sums, counts, batch)
-                    examples += len(candidate_scores(sums, counts, batch))
+                    batch_correct, batch_examples = accuracy_counts(sums, counts, batch)
+                    correct += batch_correct
+                    examples += batch_examples
             else:
                 t, n = self.backend.loss_sum(objective, batch)
             total += float(t)
