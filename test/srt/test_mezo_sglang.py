@@ -5,19 +5,27 @@ Run as ``pytest test/srt/test_mezo_sglang.py`` or ``python3 test/srt/test_mezo_s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
 import unittest
 from pathlib import Path
 
+import psutil
 import torch
 from mezo_testing import tiny_llama, tiny_tokenizer
 from test_mezo_trainer import candidate_batch
 
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.objectives import CompletionNLL
-from sglang.srt.mezo.sglang_backend import SGLangBackend, launch_engine
+from sglang.srt.mezo.sglang_backend import (
+    EngineCrashed,
+    EngineRPCError,
+    SGLangBackend,
+    launch_engine,
+    lora_engine_args,
+)
 from sglang.srt.mezo.trainer import MeZOTrainer
 
 # Per-token log-prob agreement between SGLang's CPU forward and transformers' (fp32, vocab
@@ -50,7 +58,7 @@ class FakeEngine:
     def flush_cache(self):
         self.calls.append(("flush_cache", {}))
 
-    def generate(self, input_ids, sampling_params, return_logprob, logprob_start_len):
+    def generate(self, input_ids, sampling_params, return_logprob, logprob_start_len, lora_path=None):
         self.calls.append(("generate", {"n": len(input_ids)}))
         out = []
         for tokens, start in zip(input_ids, logprob_start_len):
@@ -65,6 +73,13 @@ def plain_batch():
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     labels = torch.tensor([[-100, -100, 7, 8], [-100, 10, 11, 12]])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def digests(state: dict) -> dict:
+    return {
+        name: hashlib.blake2b(t.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+        for name, t in state.items()
+    }
 
 
 class TestSGLangBackendProtocol(unittest.TestCase):
@@ -107,8 +122,21 @@ class TestSGLangBackendProtocol(unittest.TestCase):
         bad["labels"][0] = torch.tensor([5, -100, -100, -100])
         with self.assertRaisesRegex(ValueError, "row 0"):
             backend.row_logprobs(bad)
-        with self.assertRaisesRegex(NotImplementedError, "peft"):
+        with self.assertRaisesRegex(NotImplementedError, "prefix"):
+            SGLangBackend(FakeEngine(), MeZOConfig(peft="prefix"), "unused")
+        with self.assertRaisesRegex(ValueError, "adapter_path"):
             SGLangBackend(FakeEngine(), MeZOConfig(peft="lora"), "unused")
+
+    def test_failed_rpc_names_the_method(self):
+        class FailingEngine(FakeEngine):
+            def collective_rpc(self, method, **kwargs):
+                super().collective_rpc(method, **kwargs)
+                if method == "mezo_update":  # how upstream's Engine.collective_rpc reports failure
+                    raise AssertionError("LoRA adapter 'mezo' left pool slot 1")
+
+        backend = SGLangBackend(FailingEngine(), MeZOConfig(disable_tqdm=True), "unused")
+        with self.assertRaisesRegex(EngineRPCError, "mezo_update failed inside the SGLang engine: LoRA adapter"):
+            backend.apply_update([(1, 0.5)], lr=0.1)
 
 
 class TestSGLangEngine(unittest.TestCase):
@@ -163,13 +191,7 @@ class TestSGLangEngine(unittest.TestCase):
         self.reference.backend.apply_update([(123, 0.5)], lr=1e-2)
         after = self.backend.checksum()
         self.assertNotEqual(after, before)
-        import hashlib
-
-        hf_digest = {
-            name: hashlib.blake2b(t.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
-            for name, t in self.reference.backend.trainable_state().items()
-        }
-        self.assertEqual(after, hf_digest)
+        self.assertEqual(after, digests(self.reference.backend.trainable_state()))
         self.backend.load_trainable(str(Path(self.model_dir) / "model.safetensors"))  # back to the checkpoint
         self.assertEqual(self.backend.checksum(), before)
 
@@ -204,36 +226,166 @@ class TestSGLangEngine(unittest.TestCase):
         self.assertLessEqual(abs(total - ref_total) / count, LOGPROB_TOL)
 
 
+class TestSGLangLoRA(unittest.TestCase):
+    """A LoRA adapter (q_proj, v_proj) trained inside SGLang's LoRA memory pool."""
+
+    @classmethod
+    def setUpClass(cls):
+        from transformers import AutoModelForCausalLM
+
+        cls.tmp = tempfile.TemporaryDirectory(prefix="mezo-engine-lora-")
+        root = Path(cls.tmp.name)
+        cls.model_dir = str(root / "tiny-llama")
+        tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(cls.model_dir)
+        tiny_tokenizer().save_pretrained(cls.model_dir)
+        cls.config = MeZOConfig(
+            peft="lora", lora_rank=4, lora_alpha=8, learning_rate=0.0, epsilon=1e-3, seed=4, disable_tqdm=True
+        )
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_pretrained(cls.model_dir, dtype=torch.float32)
+        cls.reference = MeZOTrainer(hf, cls.config)
+        with torch.no_grad():  # peft starts B at zero; a random B makes the adapter matter from step 0
+            for t in cls.reference.backend.tensors:
+                if ".lora_B." in t.name:
+                    t.param.normal_(0.0, 0.2)
+        cls.adapter_dir = root / "initial-adapter"
+        cls.reference.model.save_pretrained(cls.adapter_dir)
+        cls.engine = launch_engine(cls.model_dir, **lora_engine_args(cls.config))
+        cls.backend = SGLangBackend(cls.engine, cls.config, cls.model_dir, adapter_path=str(cls.adapter_dir))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.engine.shutdown()
+        cls.tmp.cleanup()
+
+    def test_perturbations_reach_the_pool_and_match_transformers(self):
+        """q and v adapters only: k's stacked slot is never a trainable tensor. The adapter
+        changes the log-probs, the perturbed passes move them, and both equal transformers'
+        (2^-20 per token); lr=0 steps leave the pool bit-identical; an update writes the same
+        bits as the transformers backend's."""
+        names = [t.name for t in self.reference.backend.tensors]
+        self.assertEqual(self.backend.tensor_names, names)
+        self.assertFalse(any("k_proj" in n for n in names))
+        batch = candidate_batch()
+        engine_sums, counts = self.backend.row_logprobs(batch)
+        hf_sums, _ = self.reference.backend.row_logprobs(batch)
+        self.assertLessEqual(float(((engine_sums - hf_sums).abs() / counts).max()), LOGPROB_TOL)
+        with self.reference.model.disable_adapter():
+            base_sums, _ = self.reference.backend.row_logprobs(batch)
+        self.assertGreater(float(((engine_sums - base_sums).abs() / counts).max()), 1000 * LOGPROB_TOL)
+        before = self.backend.checksum()
+        self.assertEqual(before, digests(self.reference.backend.trainable_state()))
+        trainer = MeZOTrainer(None, self.config, backend=self.backend)
+        for _ in range(2):
+            a, b = trainer.step(batch), self.reference.step(batch)
+            d_plus, d_minus = abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)
+            self.assertLessEqual(max(d_plus, d_minus), LOGPROB_TOL)
+            self.assertGreater(
+                abs(a.loss_plus - a.loss_minus), 100 * LOGPROB_TOL
+            )  # z reached the forward (else L+ == L-)
+            self.assertLessEqual(abs(a.projected_grad - b.projected_grad), (d_plus + d_minus) / (2 * 1e-3) + 1e-12)
+        self.assertEqual(self.backend.checksum(), before)
+        self.backend.apply_update([(77, 0.5)], lr=1e-1)
+        self.reference.backend.apply_update([(77, 0.5)], lr=1e-1)
+        after = self.backend.checksum()
+        self.assertNotEqual(after, before)
+        self.assertEqual(after, digests(self.reference.backend.trainable_state()))
+        engine_sums, _ = self.backend.row_logprobs(batch)
+        hf_sums, _ = self.reference.backend.row_logprobs(batch)
+        self.assertLessEqual(float(((engine_sums - hf_sums).abs() / counts).max()), LOGPROB_TOL)
+
+    def test_trained_adapter_serves_in_a_fresh_engine(self):
+        """Saved in peft format, the trained adapter loads into a new Engine with
+        `load_lora_adapter` and gives the trainer's log-probs; peft reloads it too. Runs
+        last in its class (it shuts the class's engine down)."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        self.backend.apply_update([(91, -0.8), (92, 0.3)], lr=1e-1)
+        batch = candidate_batch(seed=3)
+        trained_sums, counts = self.backend.row_logprobs(batch)
+        saved = self.backend.save_adapter(Path(self.tmp.name) / "trained-adapter")
+        # loading weights (a checkpoint resume) writes the pool slot too
+        initial = load_file(str(self.adapter_dir / "adapter_model.safetensors"))
+        self.backend.load_trainable_state(initial)
+        self.assertEqual(self.backend.checksum(), digests(initial))
+        # upstream's Engine.shutdown kills every child process of the caller: one engine at a time
+        self.engine.shutdown()
+        fresh = launch_engine(self.model_dir, **lora_engine_args(self.config))
+        try:
+            self.assertTrue(fresh.load_lora_adapter("trained", str(saved)).success)
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+            requests = [ids[r][mask[r]].tolist() for r in range(ids.shape[0])]
+            starts = [int(batch["prompt_length"][r]) - 1 for r in range(ids.shape[0])]
+            outputs = fresh.generate(
+                input_ids=requests,
+                sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                return_logprob=True,
+                logprob_start_len=starts,
+                lora_path=["trained"] * len(requests),
+            )
+        finally:
+            fresh.shutdown()
+        fresh_sums = torch.tensor(
+            [sum(e[0] for e in out["meta_info"]["input_token_logprobs"][1:]) for out in outputs], dtype=torch.float64
+        )
+        self.assertLessEqual(float(((fresh_sums - trained_sums).abs() / counts).max()), LOGPROB_TOL)
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        reloaded = MeZOTrainer(PeftModel.from_pretrained(base, str(saved)), MeZOConfig(disable_tqdm=True))
+        peft_sums, _ = reloaded.backend.row_logprobs(batch)
+        self.assertLessEqual(float(((peft_sums - trained_sums).abs() / counts).max()), LOGPROB_TOL)
+
+
+class TestSGLangEngineCrash(unittest.TestCase):
+    def test_a_crashing_engine_raises_instead_of_killing_the_caller(self):
+        """The scheduler process dies loading a truncated checkpoint: the caller gets
+        `EngineCrashed` (upstream would SIGQUIT, i.e. kill, its parent) and goes on."""
+        with tempfile.TemporaryDirectory(prefix="mezo-engine-crash-") as root:
+            tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(root)
+            tiny_tokenizer().save_pretrained(root)
+            weights = Path(root) / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:4096])
+            with self.assertRaises(EngineCrashed):
+                launch_engine(root)
+        engine_processes = [c for c in psutil.Process().children(recursive=True) if c.name().startswith("sglang::")]
+        self.assertEqual(engine_processes, [])  # none left running, none left a zombie
+
+
 class TestSGLangMainJob(unittest.TestCase):
     """``--backend sglang`` end to end: the engine trains, the saved HF dir holds its weights."""
+
+    def run_cli(self, root: Path, *extra) -> tuple:
+        from sglang.srt.mezo_trainer import main
+
+        model_dir = str(root / "tiny")
+        tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(model_dir)
+        tiny_tokenizer().save_pretrained(model_dir)
+        data = root / "train.jsonl"
+        records = [
+            {"prompt": f"Review: {w}", "completion": c, "candidates": [" yes", " no"]}
+            for w, c in (("great", " yes"), ("dull", " no"), ("good", " yes"), ("cold", " no"))
+        ]
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        out = root / "out"
+        results = main(
+            ["--backend", "sglang", "--model", model_dir, "--train-file", str(data), "--eval-file", str(data)]
+            + ["--steps", "3", "--epsilon", "1e-2", "--batch-size", "2", "--output-dir", str(out)]
+            + ["--disable-tqdm", *extra]
+        )
+        self.assertEqual(results["steps"], 3)
+        self.assertEqual(results["before"]["examples"], 4)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        self.assertEqual(len(rows), 3)
+        self.assertGreater(sum(r["cache/pass/radix_cache/tokens_reused"] for r in rows), 0)
+        return model_dir, out
 
     def test_cli_on_the_engine(self):
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        from sglang.srt.mezo_trainer import main
-
         with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-") as root:
-            model_dir = str(Path(root) / "tiny")
-            tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(model_dir)
-            tiny_tokenizer().save_pretrained(model_dir)
-            data = Path(root) / "train.jsonl"
-            records = [
-                {"prompt": f"Review: {w}", "completion": c, "candidates": [" yes", " no"]}
-                for w, c in (("great", " yes"), ("dull", " no"), ("good", " yes"), ("cold", " no"))
-            ]
-            data.write_text("".join(json.dumps(r) + "\n" for r in records))
-            out = Path(root) / "out"
-            results = main(
-                ["--backend", "sglang", "--model", model_dir, "--train-file", str(data), "--eval-file", str(data)]
-                + ["--steps", "3", "--lr", "1e-1", "--epsilon", "1e-2", "--batch-size", "2", "--output-dir", str(out)]
-                + ["--disable-tqdm"]
-            )
-            self.assertEqual(results["steps"], 3)
-            self.assertEqual(results["before"]["examples"], 4)
-            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-            self.assertEqual(len(rows), 3)
-            self.assertGreater(sum(r["cache/pass/radix_cache/tokens_reused"] for r in rows), 0)
+            model_dir, out = self.run_cli(Path(root), "--lr", "1e-1")
             trained = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).state_dict()
             final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
             start = load_file(str(Path(model_dir) / "model.safetensors"))
@@ -241,6 +393,29 @@ class TestSGLangMainJob(unittest.TestCase):
             self.assertTrue(changed)
             for name, value in final.items():
                 self.assertTrue(torch.equal(trained[name], value), name)
+
+    def test_cli_lora_on_the_engine(self):
+        """``--peft lora --backend sglang``: the engine trains the adapter; ``model/`` is a
+        peft adapter holding the last checkpoint's weights, and peft loads it."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-lora-") as root:
+            model_dir, out = self.run_cli(Path(root), "--peft", "lora", "--lora-rank", "4", "--lr", "1.0")
+            saved = load_file(str(out / "model" / "adapter_model.safetensors"))
+            final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+            initial = load_file(str(out / "initial_adapter" / "adapter_model.safetensors"))
+            self.assertEqual(sorted(saved), sorted(initial))
+            self.assertTrue(any(not torch.equal(saved[n], initial[n]) for n in saved))
+            for name, value in final.items():
+                self.assertTrue(torch.equal(saved[name], value), name)
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            reloaded = PeftModel.from_pretrained(base, str(out / "model"))
+            for name, p in reloaded.named_parameters():
+                if ".lora_" in name:
+                    key = name.replace(".default", "")
+                    self.assertTrue(torch.equal(p.detach(), saved[key]), key)
 
 
 if __name__ == "__main__":

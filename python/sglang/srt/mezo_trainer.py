@@ -134,11 +134,17 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 def save_trained(trainer: MeZOTrainer, tokenizer, directory: Path, base_model=None) -> Path:
     """peft adapter dir for LoRA/prefix, else an HF model dir (config, weights, tokenizer).
 
-    On the SGLang backend the trained tensors are copied out of the engine into
-    `base_model` (the host copy it was started from) before saving.
+    On the SGLang backend a LoRA adapter is written straight from the engine; full
+    parameters are copied out of the engine into `base_model` (the host copy it was
+    started from) before saving.
     """
     directory.mkdir(parents=True, exist_ok=True)
     model = trainer.model
+    if trainer.config.backend == "sglang" and trainer.config.peft == "lora":
+        trainer.backend.save_adapter(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return directory
     if trainer.config.backend == "sglang":
         model = base_model
         unexpected = model.load_state_dict(trainer.backend.trainable_state(), strict=False).unexpected_keys
@@ -169,11 +175,19 @@ def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTr
     """The trainer on the configured backend (the SGLang engine starts here for --backend sglang)."""
     if config.backend == "transformers":
         return MeZOTrainer(model, config, tokenizer=tokenizer)
-    from sglang.srt.mezo.sglang_backend import SGLangBackend, launch_engine
+    from sglang.srt.mezo.sglang_backend import SGLangBackend, launch_engine, lora_engine_args
+    from sglang.srt.mezo.trainable import apply_peft
 
     model_dir = _engine_model_dir(config, model, tokenizer, out_dir)
-    engine = launch_engine(model_dir, dtype=config.dtype)
-    return MeZOTrainer(None, config, tokenizer=tokenizer, backend=SGLangBackend(engine, config, model_dir))
+    adapter_dir = None
+    if config.peft == "lora":
+        # initialised on the host exactly as the transformers backend would (same seed),
+        # then served by the engine's LoRA path; the host copy is not used afterwards
+        adapter_dir = out_dir / "initial_adapter"
+        apply_peft(model, config).save_pretrained(adapter_dir)
+    engine = launch_engine(model_dir, dtype=config.dtype, **lora_engine_args(config))
+    backend = SGLangBackend(engine, config, model_dir, adapter_path=adapter_dir)
+    return MeZOTrainer(None, config, tokenizer=tokenizer, backend=backend)
 
 
 def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:

@@ -93,3 +93,38 @@ def install() -> list:
 
 def is_standin(module) -> bool:
     return bool(getattr(module, "__mezo_standin__", False))
+
+
+_PINNING_FACTORIES = ("tensor", "empty", "zeros", "ones", "arange", "full")
+
+
+def _unpinned(factory):
+    def call(*args, pin_memory: bool = False, **kwargs):
+        return factory(*args, **kwargs)
+
+    call.__wrapped__ = factory
+    return call
+
+
+def neutralise_pin_memory() -> bool:
+    """Makes ``pin_memory`` a plain host allocation when no accelerator can pin memory.
+
+    SGLang's LoRA layers and its torch-native LoRA backend allocate their host-side index
+    tensors with ``pin_memory=True`` (staging for a non-blocking copy to the GPU); without
+    an accelerator torch raises instead. On CPU the staging copy is a host copy anyway, so
+    unpinned memory computes the same. Called only in SGLang's spawned engine processes
+    (`engine_bootstrap`): the trainer's own process keeps torch untouched.
+    """
+    import torch
+
+    if torch.cuda.is_available() or getattr(torch.Tensor.pin_memory, "__mezo_unpinned__", False):
+        return False
+    for name in _PINNING_FACTORIES:
+        setattr(torch, name, _unpinned(getattr(torch, name)))
+
+    def pin_memory(self, device=None):
+        return self.clone()  # pin_memory() returns a copy; so does this
+
+    pin_memory.__mezo_unpinned__ = True
+    torch.Tensor.pin_memory = pin_memory
+    return True

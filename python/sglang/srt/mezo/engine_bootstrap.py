@@ -2,9 +2,11 @@
 
 multiprocessing's 'spawn' re-runs the parent's main module in every child before it
 unpickles the process target; upstream's scheduler imports torchvision while unpickling,
-so the CPU stand-ins are installed here, first.
+so the CPU stand-ins are installed here, first. Pinned host memory (SGLang's LoRA path asks
+for it) is made a plain allocation here too, on CPU only and in these processes only.
 """
 
 from sglang.srt.mezo import cpu_standins
 
 cpu_standins.install()
+cpu_standins.neutralise_pin_memory()

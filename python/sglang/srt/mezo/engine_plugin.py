@@ -12,6 +12,11 @@ restored from a backup right after, so weights are bit-exact after any lr=0 step
 engine tensors (``qkv_proj``, ``gate_up_proj``) are split into row-slice views, one per
 logical HF tensor (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``).
 
+With a LoRA adapter the base stays frozen and MeZO trains the adapter where the forward
+reads it: SGLang copies adapters once into its LoRA memory pool (q/k/v and gate/up stacked
+per layer), so the trainable tensors are views into the adapter's pool slot, one per peft
+tensor, owned by the LoRA-wrapped layer that reads them.
+
 ``collective_rpc`` returns no value, so results (tensor lists, checksums) are written as
 JSON to a path the caller passes.
 """
@@ -40,6 +45,20 @@ FUSED = {
     ".qkv_proj.bias": [(".q_proj.bias", "q"), (".k_proj.bias", "kv"), (".v_proj.bias", "kv")],
     ".gate_up_proj.weight": [(".gate_proj.weight", "ffn"), (".up_proj.weight", "ffn")],
 }
+
+
+# peft LoRA projection -> (SGLang's LoRA module, the projections stacked in it, in order)
+LORA_STACKS = {
+    "q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+    "up_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+    "o_proj": ("o_proj", ("o_proj",)),
+    "down_proj": ("down_proj", ("down_proj",)),
+}
+OUTPUT_BLOCK = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": "ffn", "up_proj": "ffn"}
+LORA_WEIGHT = re.compile(r"\.layers\.(\d+)\..*\b(" + "|".join(LORA_STACKS) + r")\.lora_([AB])\.weight$")
 
 
 def _block_rows(config, block: str) -> int:
@@ -85,11 +104,47 @@ def logical_tensors(model: torch.nn.Module, config) -> list:
     return out
 
 
-class EngineMeZO:
-    """The MeZO state of one scheduler process."""
+def lora_pool_tensors(lora_manager, lora_id: str, shapes: dict, config) -> list:
+    """[(peft name, view into the adapter's pool slot, owner modules)] for a resident adapter.
 
-    def __init__(self, model, hf_config, kind: str, patterns, model_path: str):
-        tensors = logical_tensors(model, hf_config)
+    `shapes` maps the adapter's peft tensor names to their shapes. Within a stacked module
+    the A matrices sit one below the other (rank rows each) and the B matrices side by side
+    along the output rows, exactly as SGLang's pool loader writes them.
+    """
+    pool = lora_manager.memory_pool
+    slot = pool.uid_to_buffer_id.get(lora_id)
+    if slot is None:
+        raise RuntimeError("the LoRA adapter is not resident in SGLang's LoRA memory pool")
+    out = []
+    for name, shape in shapes.items():
+        match = LORA_WEIGHT.search(name)
+        if match is None:
+            raise RuntimeError(f"adapter tensor {name}: not a LoRA weight of a supported projection")
+        layer, projection, which = int(match[1]), match[2], match[3]
+        module_name, stack = LORA_STACKS[projection]
+        index = stack.index(projection)
+        owner = [m for key, m in lora_manager.lora_modules[layer].items() if key.endswith("." + module_name)]
+        if which == "A":
+            rank = shape[0]
+            view = pool.A_buffer[module_name][layer][slot, index * rank : (index + 1) * rank, :]
+        else:
+            rank = shape[1]
+            start = sum(_block_rows(config, OUTPUT_BLOCK[p]) for p in stack[:index])
+            view = pool.B_buffer[module_name][layer][slot, start : start + shape[0], :rank]
+        if len(owner) != 1 or tuple(view.shape) != tuple(shape):
+            raise RuntimeError(f"adapter tensor {name} {tuple(shape)}: SGLang's pool has {tuple(view.shape)} there")
+        out.append((name, view, owner))
+    return out
+
+
+class EngineMeZO:
+    """The MeZO state of one scheduler process.
+
+    `tensors` are [(name, tensor view, owner modules)]; `reference` is the safetensors
+    file(s) the views must equal at start-up (the checkpoint, or the adapter).
+    """
+
+    def __init__(self, tensors: list, kind: str, patterns, reference: list, residency=None):
         if patterns:
             regexes = [re.compile(p) for p in patterns]
             tensors = [t for t in tensors if any(r.search(t[0]) for r in regexes)]
@@ -101,13 +156,18 @@ class EngineMeZO:
         ]
         self.perturbation = ModuleScopedPerturbation(self.tensors, kind, self.versions)
         self.scope = contextlib.ExitStack()
-        self.model_path = model_path
+        self.reference = reference
+        self.residency = residency  # () -> raises when the trained tensors moved (LoRA eviction)
+
+    def check_resident(self) -> None:
+        if self.residency is not None:
+            self.residency()
 
     def self_test(self) -> dict:
-        """Every logical tensor must equal the HF checkpoint's tensor of that name, bit for bit."""
+        """Every trainable tensor must equal the reference file's tensor of that name, bit for bit."""
         from safetensors import safe_open
 
-        files = sorted(Path(self.model_path).glob("*.safetensors"))
+        files = self.reference
         if not files:
             return {"checked": 0, "mismatched": [], "missing": []}
         names = {t.name: t for t in self.tensors}
@@ -142,10 +202,28 @@ def _write(path: str, payload) -> None:
 
 # ----------------------------------------------------------------------------- RPC methods
 # Bound to sglang's Scheduler by `register`; `self` is the Scheduler.
-def mezo_setup(self, kind: str, patterns, model_path: str, result_path: str):
-    model = self.tp_worker.model_runner.model
-    hf_config = self.tp_worker.model_runner.model_config.hf_config
-    state = EngineMeZO(model, hf_config, kind, patterns, model_path)
+def mezo_setup(self, kind: str, patterns, model_path: str, result_path: str, lora_name=None, adapter_path=None):
+    runner = self.tp_worker.model_runner
+    hf_config = runner.model_config.hf_config
+    if lora_name is None:
+        tensors = logical_tensors(runner.model, hf_config)
+        state = EngineMeZO(tensors, kind, patterns, sorted(Path(model_path).glob("*.safetensors")))
+    else:
+        from safetensors import safe_open
+
+        manager = runner.lora_manager
+        lora_id = next(i for i, ref in manager.lora_refs.items() if ref.lora_name == lora_name)
+        adapter_file = Path(adapter_path) / "adapter_model.safetensors"
+        with safe_open(str(adapter_file), framework="pt") as st:
+            shapes = {key: tuple(st.get_slice(key).get_shape()) for key in st.keys()}
+        tensors = lora_pool_tensors(manager, lora_id, shapes, hf_config)
+        slot = manager.memory_pool.uid_to_buffer_id[lora_id]
+
+        def residency():
+            if manager.memory_pool.uid_to_buffer_id.get(lora_id) != slot:
+                raise RuntimeError(f"LoRA adapter {lora_name!r} left pool slot {slot}: its trained values are lost")
+
+        state = EngineMeZO(tensors, kind, patterns, [adapter_file], residency)
     self._mezo = state
     report = state.self_test()
     report["tensors"] = [[t.name, list(t.param.shape)] for t in state.tensors]
@@ -153,6 +231,7 @@ def mezo_setup(self, kind: str, patterns, model_path: str, result_path: str):
 
 
 def mezo_begin(self, seed: int, scale: float):
+    self._mezo.check_resident()
     self._mezo.scope.enter_context(self._mezo.perturbation.scope(int(seed), float(scale)))
 
 
@@ -162,6 +241,7 @@ def mezo_end(self):
 
 def mezo_update(self, terms, lr: float, weight_decay: float, momentum: float):
     state = self._mezo
+    state.check_resident()
     plan = prepare_update(state.tensors, [(int(s), float(g)) for s, g in terms], lr, weight_decay, momentum)
     commit_update(state.tensors, plan, state.kind, state.versions)
 
@@ -175,6 +255,7 @@ def mezo_load(self, path: str):
     from safetensors.torch import load_file
 
     weights = load_file(path)
+    self._mezo.check_resident()
     with torch.no_grad():
         for t in self._mezo.tensors:
             if t.name in weights:
@@ -184,9 +265,10 @@ def mezo_load(self, path: str):
 
 
 def mezo_save(self, result_path: str):
-    """Writes the trainable tensors (HF names) to a safetensors file."""
+    """Writes the trainable tensors (HF or peft names) to a safetensors file."""
     from safetensors.torch import save_file
 
+    self._mezo.check_resident()
     save_file({t.name: t.param.contiguous() for t in self._mezo.tensors}, result_path)
 
 

@@ -6,6 +6,9 @@
 * Weights: perturbed, restored and updated inside the engine's scheduler processes by
   the ``mezo_*`` RPC methods of `engine_plugin` (registered as an SGLang plugin); only
   seeds and scalars are sent.
+* LoRA: the base stays frozen in the engine; the adapter is loaded into SGLang's LoRA path
+  (pinned, so it is never evicted), every request names it, and the RPC methods perturb
+  and update its tensors in SGLang's LoRA memory pool, where the forward reads them.
 * Radix cache: kept on. Every weight change (scope begin/end, update, load) advances
   `weight_version`; before a pass, a cache last flushed at another version is flushed, so
   KV computed under other weights is never served. `cached_tokens` is reported.
@@ -42,6 +45,32 @@ CPU_ENGINE_DEFAULTS = dict(
 )
 
 
+LORA_NAME = "mezo"
+
+
+def lora_engine_args(config: MeZOConfig) -> dict:
+    """`sglang.Engine` arguments that serve `config`'s LoRA adapter ({} without LoRA).
+
+    Two pool slots: a pinned adapter may not take the last one (SGLang keeps one for base
+    requests). The rank is the adapter's, so pool slots hold it without padding.
+    """
+    if config.peft != "lora":
+        return {}
+    args = dict(
+        enable_lora=True,
+        max_lora_rank=config.lora_rank,
+        lora_target_modules=[t.strip() for t in config.lora_target_modules.split(",") if t.strip()],
+        max_loras_per_batch=2,
+    )
+    if not torch.cuda.is_available():
+        args["lora_backend"] = "torch_native"  # the triton and csgmv LoRA backends need a GPU
+    return args
+
+
+class EngineRPCError(RuntimeError):
+    """A MeZO RPC method raised inside the engine (the engine itself keeps running)."""
+
+
 class EngineCrashed(RuntimeError):
     """An SGLang engine process died; raised in the trainer instead of killing it."""
 
@@ -70,8 +99,11 @@ def _children_bootstrap():
 def launch_engine(model_path: str, dtype: str = "float32", **overrides):
     """Starts an `sglang.Engine` for MeZO; on CPU with the defaults that run there.
 
-    A crashing engine process raises `EngineCrashed` in the caller instead of killing it.
+    A crashing engine process raises `EngineCrashed` in the caller instead of killing it;
+    when that happens during start-up, the engine processes left behind are stopped.
     """
+    import psutil
+
     import sglang
     from sglang.srt.mezo import cpu_standins
 
@@ -80,18 +112,69 @@ def launch_engine(model_path: str, dtype: str = "float32", **overrides):
     if not torch.cuda.is_available():
         kwargs.update(CPU_ENGINE_DEFAULTS)
     kwargs.update(overrides)
-    with _children_bootstrap():
-        return sglang.Engine(**kwargs)
+    processes_before = {child.pid for child in psutil.Process().children(recursive=True)}
+    contexts_before = {id(c) for c in _zmq_contexts()}
+    try:
+        with _children_bootstrap():
+            return sglang.Engine(**kwargs)
+    except EngineCrashed:
+        _stop_engine_processes(exclude=processes_before)
+        # The half-built engine's ZMQ sockets hold messages for the dead scheduler; with
+        # the default infinite linger, terminating their context (at garbage collection)
+        # would block the caller forever.
+        for context in _zmq_contexts():
+            if id(context) not in contexts_before:
+                context.destroy(linger=0)
+        raise
+
+
+def _zmq_contexts() -> list:
+    import gc
+
+    import zmq
+
+    return [o for o in gc.get_objects() if isinstance(o, zmq.Context)]
+
+
+def _stop_engine_processes(exclude: set) -> None:
+    """Kills and reaps SGLang's processes (titled ``sglang::...``) started since `exclude`."""
+    import psutil
+
+    engine_processes = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in exclude and child.name().startswith("sglang::"):
+                engine_processes.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    for child in engine_processes:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(engine_processes, timeout=10)
 
 
 class SGLangBackend:
-    """Drives an `sglang.Engine` as MeZO's forward backend (full-parameter or name subset)."""
+    """Drives an `sglang.Engine` as MeZO's forward backend.
+
+    Trains full parameters, a name subset, or (``peft="lora"``) a LoRA adapter served by
+    the engine's LoRA path: `adapter_path` is then the initial adapter in peft format, and
+    the engine must have been launched with `lora_engine_args`.
+    """
 
     name = "sglang"
 
-    def __init__(self, engine, config: MeZOConfig, model_path: str, flush_on_version_change: bool = True):
-        if config.peft != "none":
-            raise NotImplementedError("the SGLang backend trains full parameters or a name subset (peft='none')")
+    def __init__(
+        self,
+        engine,
+        config: MeZOConfig,
+        model_path: str,
+        flush_on_version_change: bool = True,
+        adapter_path: Optional[str] = None,
+    ):
+        if config.peft == "prefix":
+            raise NotImplementedError("prefix tuning has no SGLang serving path: use the transformers backend")
         self.engine = engine
         self.config = config
         self.model = engine
@@ -101,8 +184,23 @@ class SGLangBackend:
         self.flush_on_version_change = flush_on_version_change
         self.stats = CacheStats()
         self._tmp = tempfile.TemporaryDirectory(prefix="mezo-rpc-")
+        self.lora_name = None
+        self.adapter_path = None
+        lora = {}
+        if config.peft == "lora":
+            if adapter_path is None:
+                raise ValueError("peft='lora' on the SGLang backend needs adapter_path (the initial peft adapter)")
+            self.adapter_path = Path(adapter_path)
+            loaded = engine.load_lora_adapter(LORA_NAME, str(self.adapter_path), pinned=True)
+            if not loaded.success:
+                raise RuntimeError(f"SGLang could not load the adapter {self.adapter_path}: {loaded.error_message}")
+            self.lora_name = LORA_NAME
+            self._generate([[0, 0]], [0])  # a first request puts the adapter into the LoRA pool
+            lora = dict(lora_name=LORA_NAME, adapter_path=str(self.adapter_path))
         patterns = [p.strip() for p in (config.trainable_patterns or "").split(",") if p.strip()]
-        report = self._rpc_result("mezo_setup", kind=config.perturbation, patterns=patterns, model_path=str(model_path))
+        report = self._rpc_result(
+            "mezo_setup", kind=config.perturbation, patterns=patterns, model_path=str(model_path), **lora
+        )
         if report["mismatched"] or report["missing"] or not report["tensors"]:
             raise RuntimeError(
                 "SGLang engine self-test failed: the engine's tensors do not match the HF checkpoint "
@@ -114,7 +212,10 @@ class SGLangBackend:
 
     # -- RPC ---------------------------------------------------------------------------
     def _rpc(self, method: str, **kwargs) -> None:
-        self.engine.collective_rpc(method, **kwargs)
+        try:
+            self.engine.collective_rpc(method, **kwargs)
+        except AssertionError as error:  # upstream reports a failed RPC with an assert
+            raise EngineRPCError(f"{method} failed inside the SGLang engine: {error}") from error
 
     def _rpc_result(self, method: str, **kwargs):
         path = Path(self._tmp.name) / f"{method}.json"
@@ -215,13 +316,7 @@ class SGLangBackend:
         outputs = {}
         for wave in (first, rest):
             if wave:
-                results = self.engine.generate(
-                    input_ids=[requests[r] for r in wave],
-                    sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-                    return_logprob=True,
-                    logprob_start_len=[starts[r] for r in wave],
-                )
-                outputs.update(zip(wave, results))
+                outputs.update(zip(wave, self._generate([requests[r] for r in wave], [starts[r] for r in wave])))
         sums = torch.zeros(len(requests), dtype=torch.float64)
         counts = torch.zeros(len(requests), dtype=torch.long)
         cached = 0
@@ -239,6 +334,30 @@ class SGLangBackend:
         self.stats.add("radix_cache", int(mask.sum()) - cached, cached)
         return sums, counts
 
+    def _generate(self, input_ids: list, starts: list) -> list:
+        lora = {} if self.lora_name is None else {"lora_path": [self.lora_name] * len(input_ids)}
+        return self.engine.generate(
+            input_ids=input_ids,
+            sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+            return_logprob=True,
+            logprob_start_len=starts,
+            **lora,
+        )
+
+    def save_adapter(self, directory) -> Path:
+        """The trained LoRA adapter in peft format (the initial adapter's config, trained weights)."""
+        import shutil
+
+        if self.adapter_path is None:
+            raise ValueError("save_adapter needs a LoRA adapter (peft='lora')")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._rpc("mezo_save", result_path=str(directory / "adapter_model.safetensors"))
+        shutil.copyfile(self.adapter_path / "adapter_config.json", directory / "adapter_config.json")
+        return directory
+
     def shutdown(self) -> None:
+        """Stops the engine. Upstream's `Engine.shutdown` kills every child process of the
+        caller, so other engines started from this process stop too."""
         self.engine.shutdown()
         self._tmp.cleanup()
