@@ -328,22 +328,26 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         self.assertTrue(torch.equal(before, torch.rand(3)))
 
     def test_fused_kernel_matches_chunked_reference_in_fp32(self):
-        """The numba fused axpy and the chunked torch path compute the same float32 values."""
+        """The numba fused axpy and the chunked torch path compute the same float32 values:
+        out of place, and in place with and without the one-pass backup, on a parallel-size
+        and a serial-size tensor, each with a tail that is not a whole 64-element word."""
         from sglang.srt.mezo import directions as D
 
-        w = torch.randn(3 * D.CHUNK // 2 + 17)
         key = tensor_key(5, "w")
-        for kind in D.PERTURBATIONS:
-            fused = w.clone()
-            axpy_direction_(fused, w, kind, key, 1e-3)
-            z = torch.cat(
-                [D.direction_chunk(kind, key, s, min(D.CHUNK, w.numel() - s)) for s in range(0, w.numel(), D.CHUNK)]
-            )
-            reference = (w.double() + 1e-3 * z.double()).float()
-            self.assertTrue(torch.equal(fused, reference))
-            in_place, backup = w.clone(), torch.empty_like(w)  # the perturbation's one-pass backup
-            axpy_direction_(in_place, in_place, kind, key, 1e-3, save=backup)
-            self.assertTrue(torch.equal(in_place, reference) and torch.equal(backup, w))
+        for n in (3 * D.CHUNK // 2 + 17, 1000 + 13):
+            w = torch.randn(n)
+            for kind in D.PERTURBATIONS:
+                fused = w.clone()
+                axpy_direction_(fused, w, kind, key, 1e-3)
+                z = torch.cat([D.direction_chunk(kind, key, s, min(D.CHUNK, n - s)) for s in range(0, n, D.CHUNK)])
+                reference = (w.double() + 1e-3 * z.double()).float()
+                self.assertTrue(torch.equal(fused, reference))
+                in_place, backup = w.clone(), torch.empty_like(w)  # the perturbation's one-pass backup
+                axpy_direction_(in_place, in_place, kind, key, 1e-3, save=backup)
+                self.assertTrue(torch.equal(in_place, reference) and torch.equal(backup, w))
+                in_place = w.clone()  # the update: in place, no backup
+                axpy_direction_(in_place, in_place, kind, key, 1e-3)
+                self.assertTrue(torch.equal(in_place, reference))
         # the chunked path undoes its partial write when a chunk fails
         w64, backup = torch.randn(3 * D.CHUNK, dtype=torch.float64), torch.empty(3 * D.CHUNK, dtype=torch.float64)
         start = w64.clone()

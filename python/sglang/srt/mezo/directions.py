@@ -129,6 +129,63 @@ def _axpy_gaussian(w, src, save, key, alpha):
                 w[j + 1] = np.float32(np.float64(value) + alpha * np.float64(r * math.sin(angle)))
 
 
+# In-place twins (w is also the source: the perturbation and the update). Called with w
+# passed as `src` too, the kernels above stay scalar (LLVM must assume the arrays overlap);
+# here the sign-apply loop vectorises: 2.6 vs 1.0-1.7 G elements/s with the backup, 6.2 vs
+# 2.0 without, on 2 cores. They compute the same values as the kernels above.
+def _axpy_rademacher_inplace(w, save, key, alpha):
+    n = w.shape[0]
+    key = np.uint64(key)
+    saving = save.shape[0] == n
+    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
+        lo = b * _BLOCK
+        hi = min(n, lo + _BLOCK)
+        step = np.empty(64, dtype=np.float64)
+        for word in range(lo >> 6, (hi + 63) >> 6):
+            bits = _mix(key, np.uint64(word))
+            for k in range(64):  # unpack the word's 64 signs first, then stream w through
+                step[k] = alpha * (1.0 - 2.0 * np.float64((bits >> np.uint64(k)) & np.uint64(1)))
+            base = word << 6
+            if base + 64 <= hi:  # fixed trip counts on 64-element views: these loops vectorise
+                ws = w[base : base + 64]
+                if saving:
+                    saved = save[base : base + 64]
+                    for k in range(64):
+                        value = ws[k]
+                        saved[k] = value
+                        ws[k] = np.float32(np.float64(value) + step[k])
+                else:
+                    for k in range(64):
+                        ws[k] = np.float32(np.float64(ws[k]) + step[k])
+            else:
+                for k in range(hi - base):
+                    value = w[base + k]
+                    if saving:
+                        save[base + k] = value
+                    w[base + k] = np.float32(np.float64(value) + step[k])
+
+
+def _axpy_gaussian_inplace(w, save, key, alpha):
+    n = w.shape[0]
+    key = np.uint64(key)
+    saving = save.shape[0] == n
+    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
+        lo = b * _BLOCK
+        hi = min(n, lo + _BLOCK)
+        for pair in range(lo >> 1, (hi + 1) >> 1):
+            r, angle = _box_muller(key, pair)
+            j = pair << 1
+            value = w[j]
+            if saving:
+                save[j] = value
+            w[j] = np.float32(np.float64(value) + alpha * np.float64(r * math.cos(angle)))
+            if j + 1 < hi:
+                value = w[j + 1]
+                if saving:
+                    save[j + 1] = value
+                w[j + 1] = np.float32(np.float64(value) + alpha * np.float64(r * math.sin(angle)))
+
+
 def _fill(out, kind, key, start):
     n = out.shape[0]
     key = np.uint64(key)
@@ -162,7 +219,13 @@ _KERNELS = {
         numba.njit(parallel=True, nogil=True, cache=True)(fn),
         numba.njit(nogil=True, cache=True)(_renamed(fn, fn.__name__ + "_serial")),
     )
-    for name, fn in (("rademacher", _axpy_rademacher), ("gaussian", _axpy_gaussian), ("fill", _fill))
+    for name, fn in (
+        ("rademacher", _axpy_rademacher),
+        ("gaussian", _axpy_gaussian),
+        ("rademacher_inplace", _axpy_rademacher_inplace),
+        ("gaussian_inplace", _axpy_gaussian_inplace),
+        ("fill", _fill),
+    )
 }
 
 
@@ -235,9 +298,11 @@ def axpy_direction_(
     flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
     fused = w.device.type == "cpu" and w.dtype == torch.float32 and src.dtype == torch.float32
     if fused and (save is None or save.dtype == torch.float32):
-        kernel = _kernel(kind, flat_w.numel())
         saved = _NO_SAVE if save is None else save.detach().view(-1).numpy()
-        kernel(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha))
+        if flat_src.data_ptr() == flat_w.data_ptr():
+            _kernel(kind + "_inplace", flat_w.numel())(flat_w.numpy(), saved, np.uint64(key), float(alpha))
+        else:
+            _kernel(kind, flat_w.numel())(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha))
         return
     if save is not None:
         save.copy_(src)
