@@ -1403,6 +1403,43 @@ class TestMeZOEdgeCases(unittest.TestCase):
         changed = sum(not torch.equal(p.detach(), ref[n]) for n, p in model.named_parameters())
         self.assertGreater(changed, 0, "restore-by-subtraction should drift in bf16 (canary)")
 
+    def test_blocked_logprobs_equal_one_log_softmax(self):
+        """target_logprobs runs log_softmax on row blocks: the same bits as one call over the
+        whole tensor (rows are independent), in fp32 and for bf16 logits promoted to fp32."""
+        from sglang.srt.mezo import objectives
+
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(3, 7, 50, generator=g) * 4
+        targets = torch.randint(0, 50, (3, 7), generator=g)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = logits.to(dtype)
+            whole = torch.log_softmax(x.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            with mock.patch.object(objectives, "LOGPROB_BLOCK", 150):  # 3 rows a block: 7 blocks
+                blocked = objectives.target_logprobs(x, targets)
+            self.assertEqual(blocked.dtype, torch.float32)
+            self.assertTrue(torch.equal(blocked, whole))
+
+    def test_zero_update_writes_nothing(self):
+        """lr=0 (or g=0): no sweep over the weights, no version change, and -0.0 stays -0.0,
+        which the arithmetic w + 0 * z would turn into +0.0 (the canary below)."""
+        from sglang.srt.mezo.perturbation import WeightVersions, collect_trainable, commit_update, prepare_update
+
+        model = Linear(8)
+        with torch.no_grad():
+            model.theta[:] = -0.0  # z of key 7 is +1 at elements 3 and 5
+        tensors = collect_trainable(model, ["theta"], fp32_master=False)
+        versions = WeightVersions()
+        before, version = model.theta.detach().clone(), versions.get(model)
+        for lr, g in ((0.0, 3.5), (0.1, 0.0)):
+            commit_update(tensors, prepare_update(tensors, [(7, g)], lr, 0.0, 0.0), "rademacher", versions)
+            self.assertTrue(torch.equal(model.theta.detach().view(torch.int64), before.view(torch.int64)))
+            self.assertEqual(versions.get(model), version)
+        added = model.theta.detach().clone()
+        axpy_direction_(added, added, "rademacher", 7, 0.0)
+        self.assertFalse(torch.equal(added.view(torch.int64), before.view(torch.int64)))  # canary: +0.0 now
+        commit_update(tensors, prepare_update(tensors, [(7, 1.0)], 0.1, 0.0, 0.0), "rademacher", versions)
+        self.assertGreater(versions.get(model), version)
+
     def test_exception_in_either_pass_leaves_weights_bit_identical(self):
         for failing_pass in (0, 1):
             with self.subTest(failing_pass=failing_pass):

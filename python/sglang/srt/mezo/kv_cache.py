@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sglang.srt.mezo.objectives import IGNORE_INDEX, positions, row_logprobs
+from sglang.srt.mezo.objectives import IGNORE_INDEX, positions, row_logprobs, target_logprobs
 from sglang.srt.mezo.perturbation import WeightVersions
 
 logger = logging.getLogger(__name__)
@@ -243,9 +243,8 @@ class SharedPrefixForward:
         )
         # token j of a continuation is predicted by the prompt's last logit (j=0) or continuation logit j-1
         logits = torch.cat([last_logits[select], out.logits[:, :-1]], dim=1)
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         valid = cont_lab != IGNORE_INDEX
-        picked = logp.gather(-1, cont_lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        picked = target_logprobs(logits, cont_lab)
         total_plain = int(lengths.sum())
         computed = prompt_tokens_computed + int(cont_len.sum())
         self.stats.add(self.name, computed, total_plain - computed)

@@ -242,7 +242,13 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
 
     Without momentum: ``w <- (1 - lr*wd) w - lr * sum_i (g_i / q) z_i``.
     With momentum:    ``m <- mu m + sum_i (g_i / q) z_i + wd w;  w <- w - lr m``.
+
+    A zero update (lr = 0, or every g_i = 0, without momentum) writes nothing: adding 0 * z
+    costs a sweep over the weights and would turn -0.0 into +0.0. Weights, versions and
+    the caches keyed by them stay as they are.
     """
+    if plan.momentum == 0 and not (plan.lr and (plan.weight_decay or any(c for _, c in plan.terms))):
+        return
     with _DeferredInterrupts():
         for t in tensors:
             w = t.value
@@ -253,7 +259,8 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
                 if wd and plan.lr:
                     w.mul_(1.0 - plan.lr * wd)
                 for seed, coef in plan.terms:
-                    axpy_direction_(w, w, kind, tensor_key(seed, t.name), -plan.lr * coef)
+                    if coef:
+                        axpy_direction_(w, w, kind, tensor_key(seed, t.name), -plan.lr * coef)
             t.sync_param()
             for m in t.owners:
                 versions.bump(m)
