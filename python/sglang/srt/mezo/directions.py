@@ -82,58 +82,11 @@ def _gaussian_at(key, i):
 _BLOCK = 1 << 14  # elements per parallel task; a multiple of 64 and of 2
 
 
-def _axpy_rademacher(w, src, save, key, alpha):
-    n = w.shape[0]
-    key = np.uint64(key)
-    saving = save.shape[0] == n
-    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
-        lo = b * _BLOCK
-        hi = min(n, lo + _BLOCK)
-        for word in range(lo >> 6, (hi + 63) >> 6):
-            bits = _mix(key, np.uint64(word))
-            base = word << 6
-            if base + 64 <= hi:
-                for k in range(64):  # a fixed trip count, so the loop vectorises
-                    sign = 1.0 - 2.0 * np.float64((bits >> np.uint64(k)) & np.uint64(1))
-                    value = src[base + k]
-                    if saving:
-                        save[base + k] = value
-                    w[base + k] = np.float32(np.float64(value) + alpha * sign)
-            else:
-                for k in range(hi - base):
-                    sign = 1.0 - 2.0 * np.float64((bits >> np.uint64(k)) & np.uint64(1))
-                    value = src[base + k]
-                    if saving:
-                        save[base + k] = value
-                    w[base + k] = np.float32(np.float64(value) + alpha * sign)
-
-
-def _axpy_gaussian(w, src, save, key, alpha):
-    n = w.shape[0]
-    key = np.uint64(key)
-    saving = save.shape[0] == n
-    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
-        lo = b * _BLOCK
-        hi = min(n, lo + _BLOCK)
-        for pair in range(lo >> 1, (hi + 1) >> 1):  # one hash, log and sqrt per pair
-            r, angle = _box_muller(key, pair)
-            j = pair << 1
-            value = src[j]
-            if saving:
-                save[j] = value
-            w[j] = np.float32(np.float64(value) + alpha * np.float64(r * math.cos(angle)))
-            if j + 1 < hi:
-                value = src[j + 1]
-                if saving:
-                    save[j + 1] = value
-                w[j + 1] = np.float32(np.float64(value) + alpha * np.float64(r * math.sin(angle)))
-
-
-# In-place twins (w is also the source: the perturbation and the update). Called with w
-# passed as `src` too, the kernels above stay scalar (LLVM must assume the arrays overlap);
-# here the sign-apply loop vectorises: 2.6 vs 1.0-1.7 G elements/s with the backup, 6.2 vs
-# 2.0 without, on 2 cores. They compute the same values as the kernels above.
-def _axpy_rademacher_inplace(w, save, key, alpha):
+# In place only (w is its own source, as in the perturbation and the update): given w and
+# a separate `src`, LLVM must assume they overlap and keeps the loop scalar, while on one
+# array the sign-apply loop vectorises: 2.6 vs 1.0-1.7 G elements/s with the backup, 6.2
+# vs 2.0 without, on 2 cores. Gaussian directions are bound by log/sin/cos instead.
+def _axpy_rademacher(w, save, key, alpha):
     n = w.shape[0]
     key = np.uint64(key)
     saving = save.shape[0] == n
@@ -165,22 +118,22 @@ def _axpy_rademacher_inplace(w, save, key, alpha):
                     w[base + k] = np.float32(np.float64(value) + step[k])
 
 
-def _axpy_gaussian_inplace(w, save, key, alpha):
+def _axpy_gaussian(w, src, save, key, alpha):
     n = w.shape[0]
     key = np.uint64(key)
     saving = save.shape[0] == n
     for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
         lo = b * _BLOCK
         hi = min(n, lo + _BLOCK)
-        for pair in range(lo >> 1, (hi + 1) >> 1):
+        for pair in range(lo >> 1, (hi + 1) >> 1):  # one hash, log and sqrt per pair
             r, angle = _box_muller(key, pair)
             j = pair << 1
-            value = w[j]
+            value = src[j]
             if saving:
                 save[j] = value
             w[j] = np.float32(np.float64(value) + alpha * np.float64(r * math.cos(angle)))
             if j + 1 < hi:
-                value = w[j + 1]
+                value = src[j + 1]
                 if saving:
                     save[j + 1] = value
                 w[j + 1] = np.float32(np.float64(value) + alpha * np.float64(r * math.sin(angle)))
@@ -222,8 +175,6 @@ _KERNELS = {
     for name, fn in (
         ("rademacher", _axpy_rademacher),
         ("gaussian", _axpy_gaussian),
-        ("rademacher_inplace", _axpy_rademacher_inplace),
-        ("gaussian_inplace", _axpy_gaussian_inplace),
         ("fill", _fill),
     )
 }
@@ -299,10 +250,16 @@ def axpy_direction_(
     fused = w.device.type == "cpu" and w.dtype == torch.float32 and src.dtype == torch.float32
     if fused and (save is None or save.dtype == torch.float32):
         saved = _NO_SAVE if save is None else save.detach().view(-1).numpy()
-        if flat_src.data_ptr() == flat_w.data_ptr():
-            _kernel(kind + "_inplace", flat_w.numel())(flat_w.numpy(), saved, np.uint64(key), float(alpha))
-        else:
-            _kernel(kind, flat_w.numel())(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha))
+        kernel = _kernel(kind, flat_w.numel())
+        if kind == GAUSSIAN:
+            kernel(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha))
+            return
+        if flat_src.data_ptr() != flat_w.data_ptr():  # the Rademacher kernel works in place
+            if save is not None:
+                save.copy_(src)
+                saved = _NO_SAVE
+            flat_w.copy_(flat_src)
+        kernel(flat_w.numpy(), saved, np.uint64(key), float(alpha))
         return
     if save is not None:
         save.copy_(src)
