@@ -82,6 +82,16 @@ def digests(state: dict) -> dict:
     }
 
 
+def assert_same_update(testcase, backend, reference, direction: tuple, lr: float) -> None:
+    """One explicit update in both backends: same kernel, same z, so the same bits."""
+    before = backend.checksum()
+    backend.apply_update([direction], lr=lr)
+    reference.backend.apply_update([direction], lr=lr)
+    after = backend.checksum()
+    testcase.assertNotEqual(after, before)
+    testcase.assertEqual(after, digests(reference.backend.trainable_state()))
+
+
 class TestSGLangBackendProtocol(unittest.TestCase):
     """Seeds and scalars sent, the version-flush protocol and error paths, engine mocked."""
 
@@ -186,12 +196,7 @@ class TestSGLangEngine(unittest.TestCase):
         for _ in range(2):
             trainer.step(candidate_batch())
         self.assertEqual(self.backend.checksum(), before)
-        # one explicit update in both backends: same kernel, same z -> same bits
-        self.backend.apply_update([(123, 0.5)], lr=1e-2)
-        self.reference.backend.apply_update([(123, 0.5)], lr=1e-2)
-        after = self.backend.checksum()
-        self.assertNotEqual(after, before)
-        self.assertEqual(after, digests(self.reference.backend.trainable_state()))
+        assert_same_update(self, self.backend, self.reference, (123, 0.5), lr=1e-2)
         self.backend.load_trainable(str(Path(self.model_dir) / "model.safetensors"))  # back to the checkpoint
         self.assertEqual(self.backend.checksum(), before)
 
@@ -280,16 +285,11 @@ class TestSGLangLoRA(unittest.TestCase):
             a, b = trainer.step(batch), self.reference.step(batch)
             d_plus, d_minus = abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)
             self.assertLessEqual(max(d_plus, d_minus), LOGPROB_TOL)
-            self.assertGreater(
-                abs(a.loss_plus - a.loss_minus), 100 * LOGPROB_TOL
-            )  # z reached the forward (else L+ == L-)
+            # z reached the forward (else L+ == L-)
+            self.assertGreater(abs(a.loss_plus - a.loss_minus), 100 * LOGPROB_TOL)
             self.assertLessEqual(abs(a.projected_grad - b.projected_grad), (d_plus + d_minus) / (2 * 1e-3) + 1e-12)
         self.assertEqual(self.backend.checksum(), before)
-        self.backend.apply_update([(77, 0.5)], lr=1e-1)
-        self.reference.backend.apply_update([(77, 0.5)], lr=1e-1)
-        after = self.backend.checksum()
-        self.assertNotEqual(after, before)
-        self.assertEqual(after, digests(self.reference.backend.trainable_state()))
+        assert_same_update(self, self.backend, self.reference, (77, 0.5), lr=1e-1)
         engine_sums, _ = self.backend.row_logprobs(batch)
         hf_sums, _ = self.reference.backend.row_logprobs(batch)
         self.assertLessEqual(float(((engine_sums - hf_sums).abs() / counts).max()), LOGPROB_TOL)

@@ -23,6 +23,11 @@ PRESETS = {
 }
 
 
+def split_list(text: Optional[str]) -> list:
+    """The items of a comma-separated config field (module names, patterns), stripped."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
 def _f(default, help, **extra):
     return field(default=default, metadata={"help": help, **extra})
 

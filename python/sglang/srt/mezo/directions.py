@@ -172,11 +172,7 @@ _KERNELS = {
         numba.njit(parallel=True, nogil=True, cache=True)(fn),
         numba.njit(nogil=True, cache=True)(_renamed(fn, fn.__name__ + "_serial")),
     )
-    for name, fn in (
-        ("rademacher", _axpy_rademacher),
-        ("gaussian", _axpy_gaussian),
-        ("fill", _fill),
-    )
+    for name, fn in (("rademacher", _axpy_rademacher), ("gaussian", _axpy_gaussian), ("fill", _fill))
 }
 
 

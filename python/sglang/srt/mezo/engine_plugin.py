@@ -104,7 +104,7 @@ def logical_tensors(model: torch.nn.Module, config) -> list:
     return out
 
 
-def lora_pool_tensors(lora_manager, lora_id: str, shapes: dict, config) -> list:
+def lora_pool_tensors(lora_manager, slot: int, shapes: dict, config) -> list:
     """[(peft name, view into the adapter's pool slot, owner modules)] for a resident adapter.
 
     `shapes` maps the adapter's peft tensor names to their shapes. Within a stacked module
@@ -112,9 +112,6 @@ def lora_pool_tensors(lora_manager, lora_id: str, shapes: dict, config) -> list:
     along the output rows, exactly as SGLang's pool loader writes them.
     """
     pool = lora_manager.memory_pool
-    slot = pool.uid_to_buffer_id.get(lora_id)
-    if slot is None:
-        raise RuntimeError("the LoRA adapter is not resident in SGLang's LoRA memory pool")
     out = []
     for name, shape in shapes.items():
         match = LORA_WEIGHT.search(name)
@@ -216,8 +213,10 @@ def mezo_setup(self, kind: str, patterns, model_path: str, result_path: str, lor
         adapter_file = Path(adapter_path) / "adapter_model.safetensors"
         with safe_open(str(adapter_file), framework="pt") as st:
             shapes = {key: tuple(st.get_slice(key).get_shape()) for key in st.keys()}
-        tensors = lora_pool_tensors(manager, lora_id, shapes, hf_config)
-        slot = manager.memory_pool.uid_to_buffer_id[lora_id]
+        slot = manager.memory_pool.uid_to_buffer_id.get(lora_id)
+        if slot is None:
+            raise RuntimeError(f"LoRA adapter {lora_name!r} is not resident in SGLang's LoRA memory pool")
+        tensors = lora_pool_tensors(manager, slot, shapes, hf_config)
 
         def residency():
             if manager.memory_pool.uid_to_buffer_id.get(lora_id) != slot:

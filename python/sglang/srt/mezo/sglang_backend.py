@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.config import MeZOConfig, split_list
 from sglang.srt.mezo.kv_cache import CacheStats
 from sglang.srt.mezo.objectives import IGNORE_INDEX, RowObjective, example_groups
 
@@ -59,7 +59,7 @@ def lora_engine_args(config: MeZOConfig) -> dict:
     args = dict(
         enable_lora=True,
         max_lora_rank=config.lora_rank,
-        lora_target_modules=[t.strip() for t in config.lora_target_modules.split(",") if t.strip()],
+        lora_target_modules=split_list(config.lora_target_modules),
         max_loras_per_batch=2,
     )
     if not torch.cuda.is_available():
@@ -197,13 +197,13 @@ class SGLangBackend:
             self.lora_name = LORA_NAME
             self._generate([[0, 0]], [0])  # a first request puts the adapter into the LoRA pool
             lora = dict(lora_name=LORA_NAME, adapter_path=str(self.adapter_path))
-        patterns = [p.strip() for p in (config.trainable_patterns or "").split(",") if p.strip()]
+        patterns = split_list(config.trainable_patterns)
         report = self._rpc_result(
             "mezo_setup", kind=config.perturbation, patterns=patterns, model_path=str(model_path), **lora
         )
         if report["mismatched"] or report["missing"] or not report["tensors"]:
             raise RuntimeError(
-                "SGLang engine self-test failed: the engine's tensors do not match the HF checkpoint "
+                "SGLang engine self-test failed: the engine's tensors do not match the HF checkpoint (or adapter) "
                 f"(mismatched {report['mismatched'][:5]}, missing {report['missing'][:5]}); the engine's "
                 "internals may have moved (this backend was written against sglang 0.5.23)"
             )

@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.config import MeZOConfig, split_list
 
 ADAPTER_NAME = "default"
 
@@ -18,11 +18,10 @@ def apply_peft(model: nn.Module, config: MeZOConfig) -> nn.Module:
     import peft
 
     if config.peft == "lora":
-        targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
         peft_config = peft.LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
-            target_modules=targets,
+            target_modules=split_list(config.lora_target_modules),
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",
@@ -40,7 +39,7 @@ def trainable_names(model: nn.Module, config: MeZOConfig) -> list:
     else:
         names = [n for n, _ in model.named_parameters()]
     if config.trainable_patterns:
-        patterns = [re.compile(p.strip()) for p in config.trainable_patterns.split(",") if p.strip()]
+        patterns = [re.compile(p) for p in split_list(config.trainable_patterns)]
         names = [n for n in names if any(p.search(n) for p in patterns)]
         if not names:
             raise ValueError(f"trainable_patterns={config.trainable_patterns!r} matches no parameter")
