@@ -21,6 +21,7 @@ from pathlib import Path
 from unittest import mock
 
 import datasets
+import numba
 import torch
 from mezo_testing import assert_bit_identical, snapshot, tiny_llama, tiny_tokenizer
 from scipy import stats
@@ -31,7 +32,8 @@ from sglang.srt.mezo import perturbation as perturbation_module
 from sglang.srt.mezo.data import DataError, MeZOCollator, MeZODataset, create_dataloader, tokenizer_adds_bos
 from sglang.srt.mezo.directions import axpy_direction_, direction, tensor_key
 from sglang.srt.mezo.objectives import candidate_scores, positions, row_logprobs
-from sglang.srt.mezo.perturbation import ModuleScopedPerturbation
+from sglang.srt.mezo.offset_log import ITEM, LoggedPerturbation
+from sglang.srt.mezo.perturbation import ModuleScopedPerturbation, WeightVersions, collect_trainable
 from sglang.srt.mezo_trainer import MeZOConfig, MeZOTrainer
 
 U64 = 2.0**-53  # unit roundoff of float64
@@ -46,6 +48,13 @@ def toy_trainer(model, **overrides) -> MeZOTrainer:
     values = dict(learning_rate=0.0, epsilon=1e-3, seed=0, disable_tqdm=True)
     values.update(overrides)
     return MeZOTrainer(model, MeZOConfig(**values), objective=toy_objective)
+
+
+def use_mechanism(trainer: MeZOTrainer, mechanism_cls, **kwargs) -> None:
+    """Swaps the backend's perturbation mechanism for `mechanism_cls` over the same tensors."""
+    old = trainer.backend.perturbation
+    old.remove()
+    trainer.backend.perturbation = mechanism_cls(old.tensors, old.kind, old.versions, **kwargs)
 
 
 def z_of(trainer: MeZOTrainer, seed: int, name: str = "theta", shape=None) -> torch.Tensor:
@@ -330,7 +339,9 @@ class TestMeZOGradientEstimation(unittest.TestCase):
     def test_fused_kernel_matches_chunked_reference_in_fp32(self):
         """The numba fused axpy and the chunked torch path compute the same float32 values:
         out of place, and in place with and without the one-pass backup, on a parallel-size
-        and a serial-size tensor, each with a tail that is not a whole 64-element word."""
+        and a serial-size tensor, each with a tail that is not a whole 64-element word.
+        (Rademacher on float32 rounds alpha to float32 first: then the float64 sum rounds to
+        the plain float32 add the kernels do.)"""
         from sglang.srt.mezo import directions as D
 
         key = tensor_key(5, "w")
@@ -340,7 +351,8 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                 fused = w.clone()
                 axpy_direction_(fused, w, kind, key, 1e-3)
                 z = torch.cat([D.direction_chunk(kind, key, s, min(D.CHUNK, n - s)) for s in range(0, n, D.CHUNK)])
-                reference = (w.double() + 1e-3 * z.double()).float()
+                alpha = float(torch.tensor(1e-3, dtype=torch.float32)) if kind == "rademacher" else 1e-3
+                reference = (w.double() + alpha * z.double()).float()
                 self.assertTrue(torch.equal(fused, reference))
                 in_place, backup = w.clone(), torch.empty_like(w)  # the perturbation's one-pass backup
                 axpy_direction_(in_place, in_place, kind, key, 1e-3, save=backup)
@@ -362,6 +374,32 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         with mock.patch.object(D, "direction_chunk", fail_second), self.assertRaises(MemoryError):
             axpy_direction_(w64, w64, "gaussian", key, 1e-3, save=backup)
         self.assertTrue(torch.equal(w64, start))
+
+    def test_logged_moves_equal_module_scoped_backups(self):
+        """The two exact mechanisms are interchangeable, bit for bit: whole-model moves with
+        a restore log (the default for Rademacher on float32; the update fused into the
+        restore) and per-module backups give identical L+, L- and weights over 4 steps, with
+        weight decay, 3 directions, or momentum (which takes the unfused update), on a model
+        with tied embeddings (one tensor, two owner modules)."""
+        for overrides in (dict(weight_decay=0.1), dict(num_directions=3), dict(momentum=0.9)):
+            with self.subTest(**overrides):
+                runs = []
+                for mechanism in (LoggedPerturbation, ModuleScopedPerturbation):
+                    model = tiny_llama(tie_word_embeddings=True)
+                    config = MeZOConfig(
+                        perturbation="rademacher", learning_rate=1e-2, epsilon=1e-2, disable_tqdm=True, **overrides
+                    )
+                    trainer = MeZOTrainer(model, config)
+                    self.assertIsInstance(trainer.backend.perturbation, LoggedPerturbation)
+                    use_mechanism(trainer, mechanism)
+                    outs = [trainer.step(lm_batch(seed=s)) for s in range(4)]
+                    runs.append(([(o.loss_plus, o.loss_minus) for o in outs], snapshot(model)))
+                (losses, weights), (reference_losses, reference) = runs
+                self.assertEqual(losses, reference_losses)
+                for name, w in weights.items():
+                    self.assertTrue(torch.equal(w.view(torch.int32), reference[name].view(torch.int32)), name)
+                fresh = snapshot(tiny_llama(tie_word_embeddings=True))
+                self.assertFalse(torch.equal(weights["model.embed_tokens.weight"], fresh["model.embed_tokens.weight"]))
 
     def test_learning_rate_schedules_with_warmup(self):
         from sglang.srt.mezo.trainer import learning_rate_at
@@ -1370,28 +1408,30 @@ class TestMeZOEdgeCases(unittest.TestCase):
         assert_bit_identical(self, model, ref)
         self.assertEqual(trainer.global_step, 0)
 
-    def _lr0_steps(self, dtype, steps=6, perturbation_cls=None):
+    def _lr0_steps(self, dtype, steps=6, perturbation_cls=None, kind="gaussian"):
         model = tiny_llama(dtype=dtype)
         ref = snapshot(model)
-        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=0.0, epsilon=1e-2, disable_tqdm=True))
+        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=0.0, epsilon=1e-2, perturbation=kind, disable_tqdm=True))
         if perturbation_cls is not None:
-            old = trainer.backend.perturbation
-            old.remove()
-            trainer.backend.perturbation = perturbation_cls(old.tensors, old.kind, old.versions)
+            use_mechanism(trainer, perturbation_cls)
         for _ in range(steps):
             trainer.step(lm_batch())
         return model, ref
 
     def test_many_lr0_steps_are_bit_exact_in_fp32_fp16_bf16(self):
-        """Restore-by-copy: weights bit-identical after lr=0 steps in every dtype.
+        """Restore-by-copy (Gaussian, every dtype) and restore-by-log (Rademacher, float32):
+        weights bit-identical after lr=0 steps.
 
-        Canary: restoring by subtracting eps*z (the official MeZO's +eps, -2eps, +eps)
-        drifts in bf16 after a few steps.
+        Canaries: restoring by subtracting eps*z (the official MeZO's +eps, -2eps, +eps)
+        drifts in bf16 after a few steps; so does the logged mechanism when its log is
+        dropped (subtraction alone misses ~10% of float32 elements at eps = 1e-2).
         """
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             with self.subTest(dtype=dtype):
                 model, ref = self._lr0_steps(dtype)
                 assert_bit_identical(self, model, ref)
+        model, ref = self._lr0_steps(torch.float32, kind="rademacher")
+        assert_bit_identical(self, model, ref)
 
         class RestoreBySubtraction(ModuleScopedPerturbation):
             def _restore(self, module, saved):
@@ -1402,6 +1442,82 @@ class TestMeZOEdgeCases(unittest.TestCase):
         model, ref = self._lr0_steps(torch.bfloat16, perturbation_cls=RestoreBySubtraction)
         changed = sum(not torch.equal(p.detach(), ref[n]) for n, p in model.named_parameters())
         self.assertGreater(changed, 0, "restore-by-subtraction should drift in bf16 (canary)")
+
+        class ForgetfulLog(LoggedPerturbation):
+            def _move_to(self, destination, update=None):
+                if self._at is not None:
+                    self._at.log.count[:] = 0  # restore by subtraction alone
+                super()._move_to(destination, update)
+
+        model, ref = self._lr0_steps(torch.float32, perturbation_cls=ForgetfulLog, kind="rademacher")
+        changed = sum(not torch.equal(p.detach(), ref[n]) for n, p in model.named_parameters())
+        self.assertGreater(changed, 0, "a log that forgets its entries should drift (canary)")
+
+    def test_logged_restore_is_bitwise_for_special_values(self):
+        """-0.0, a NaN payload, +-inf, subnormals, weights far below eps and a tensor whose
+        size is not a whole 64-element word: inside each scope the weights equal the
+        per-element reference ``round(w + scale z)``; after +eps then -eps (held, so the
+        second move restores from the log and re-perturbs in one sweep) every bit is back.
+        As floats -0.0 == +0.0 and NaN != NaN, so only a bitwise log gets all of them."""
+        model = torch.nn.Linear(64, 37)  # weight 2368 = 37 whole words; bias 37: a partial word
+        special = [-0.0, 0.0, float("inf"), -float("inf"), 1e-40, -3e-42, 2e-6, -5e-5, 1.0, -0.75]
+        with torch.no_grad():
+            model.weight.view(-1)[: len(special)] = torch.tensor(special)
+            model.weight.view(-1).view(torch.int32)[20] = 0x7FC00123  # a quiet NaN with a payload
+            model.bias[:4] = torch.tensor([-0.0, 1e-40, float("nan"), 0.0])
+        ref = snapshot(model)
+        tensors = collect_trainable(model, ["weight", "bias"], fp32_master=False)
+        mechanism = LoggedPerturbation(tensors, "rademacher", WeightVersions())
+        seed = 11
+        with mechanism.holding():
+            for scale in (1e-3, -1e-3):
+                with mechanism.scope(seed, scale):
+                    for name, p in model.named_parameters():
+                        expected = ref[name].clone()
+                        axpy_direction_(expected, expected, "rademacher", tensor_key(seed, name), scale)
+                        self.assertTrue(torch.equal(p.detach().view(torch.int32), expected.view(torch.int32)), name)
+        assert_bit_identical(self, model, ref)
+        self.assertGreater(mechanism.last_log_entries, len(special))
+
+    def test_log_overflow_undoes_the_move_and_falls_back_exactly(self):
+        """A log too small for a move: the half-done move is undone exactly (items already
+        moved from the new log, the rest from the old one), this and later scopes use
+        per-module backups, and the forwards and the weights equal the module-scoped run.
+
+        Each thread's log holds 2 items plus 100 entries: the first move (scale 1e-6, a few
+        logged elements) fits; the second (scale 1.0: nearly every element logged) stops
+        after an item or two per thread. A log of 64 bytes overflows on the first move."""
+        batch = lm_batch()
+
+        def logits(model):
+            return model(input_ids=batch["input_ids"]).logits
+
+        threads = numba.get_num_threads()  # the log is split into one region per thread
+        for log_bytes, first_scale in ((64, None), ((2 * ITEM + 100) * 8 * 2 * threads, 1e-6)):
+            with self.subTest(log_bytes=log_bytes):
+                model, tensors = self._model_and_tensors()
+                ref = snapshot(model)
+                logged = LoggedPerturbation(tensors, "rademacher", WeightVersions(), log_bytes=log_bytes)
+                reference_model, reference_tensors = self._model_and_tensors()
+                backups = ModuleScopedPerturbation(reference_tensors, "rademacher", WeightVersions())
+                seen = {}
+                for mechanism, m in ((logged, model), (backups, reference_model)):
+                    with torch.no_grad(), mechanism.holding():
+                        if first_scale is not None:
+                            with mechanism.scope(1, first_scale):
+                                seen.setdefault(mechanism, []).append(logits(m))
+                        with mechanism.scope(2, 1.0):
+                            seen.setdefault(mechanism, []).append(logits(m))
+                    mechanism.remove()
+                for a, b in zip(seen[logged], seen[backups], strict=True):
+                    self.assertTrue(torch.equal(a, b))
+                self.assertIsNotNone(logged.fallback)
+                assert_bit_identical(self, model, ref)
+
+    @staticmethod
+    def _model_and_tensors():
+        model = tiny_llama()
+        return model, collect_trainable(model, [n for n, _ in model.named_parameters()], fp32_master=False)
 
     def test_blocked_logprobs_equal_one_log_softmax(self):
         """target_logprobs runs log_softmax on row blocks: the same bits as one call over the
@@ -1441,11 +1557,13 @@ class TestMeZOEdgeCases(unittest.TestCase):
         self.assertGreater(versions.get(model), version)
 
     def test_exception_in_either_pass_leaves_weights_bit_identical(self):
-        for failing_pass in (0, 1):
-            with self.subTest(failing_pass=failing_pass):
+        """Module-scoped backups (Gaussian) and held logged moves (Rademacher: the failure in
+        pass 1 leaves the weights resting at -eps z until the exception unwinds the step)."""
+        for failing_pass, kind in itertools.product((0, 1), ("gaussian", "rademacher")):
+            with self.subTest(failing_pass=failing_pass, kind=kind):
                 model = tiny_llama()
                 ref = snapshot(model)
-                trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
+                trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, perturbation=kind, disable_tqdm=True))
 
                 def explode(module, args, output, calls={"n": 0}, fail_at=failing_pass + 1):  # noqa: B006
                     calls["n"] += 1

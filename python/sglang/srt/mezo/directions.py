@@ -11,7 +11,9 @@ process from the seed alone).
   uniforms from it (|z| < 5.8: the tail beyond has probability 8e-9).
 
 `axpy_direction_(w, src, key, start, alpha)` writes ``w = round(src + alpha * z)`` with the
-arithmetic in float64 and a single rounding to w's dtype. On CPU float32 tensors it runs
+arithmetic in float64 and a single rounding to w's dtype (for Rademacher z on float32
+tensors alpha is first rounded to float32, which makes that value the plain float32 add
+z = +-1 needs). On CPU float32 tensors it runs
 as one fused numba kernel (the hot path: unpack bits and apply without ever
 materialising z); other dtypes and devices go through the torch reference in chunks of
 `CHUNK` elements, which computes the identical value.
@@ -84,8 +86,9 @@ _BLOCK = 1 << 14  # elements per parallel task; a multiple of 64 and of 2
 
 # In place only (w is its own source, as in the perturbation and the update): given w and
 # a separate `src`, LLVM must assume they overlap and keeps the loop scalar, while on one
-# array the sign-apply loop vectorises: 2.6 vs 1.0-1.7 G elements/s with the backup, 6.2
-# vs 2.0 without, on 2 cores. Gaussian directions are bound by log/sin/cos instead.
+# array the sign-apply loop vectorises. Float32 throughout (alpha is rounded to float32 by
+# `axpy_direction_`): one correctly rounded add per element, no float64 conversions.
+# Gaussian directions are bound by log/sin/cos instead.
 def _axpy_rademacher(w, save, key, alpha):
     n = w.shape[0]
     key = np.uint64(key)
@@ -93,11 +96,11 @@ def _axpy_rademacher(w, save, key, alpha):
     for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
         lo = b * _BLOCK
         hi = min(n, lo + _BLOCK)
-        step = np.empty(64, dtype=np.float64)
+        step = np.empty(64, dtype=np.float32)
         for word in range(lo >> 6, (hi + 63) >> 6):
             bits = _mix(key, np.uint64(word))
             for k in range(64):  # unpack the word's 64 signs first, then stream w through
-                step[k] = alpha * (1.0 - 2.0 * np.float64((bits >> np.uint64(k)) & np.uint64(1)))
+                step[k] = alpha if (bits >> np.uint64(k)) & np.uint64(1) == 0 else -alpha
             base = word << 6
             if base + 64 <= hi:  # fixed trip counts on 64-element views: these loops vectorise
                 ws = w[base : base + 64]
@@ -106,16 +109,16 @@ def _axpy_rademacher(w, save, key, alpha):
                     for k in range(64):
                         value = ws[k]
                         saved[k] = value
-                        ws[k] = np.float32(np.float64(value) + step[k])
+                        ws[k] = value + step[k]
                 else:
                     for k in range(64):
-                        ws[k] = np.float32(np.float64(ws[k]) + step[k])
+                        ws[k] = ws[k] + step[k]
             else:
                 for k in range(hi - base):
                     value = w[base + k]
                     if saving:
                         save[base + k] = value
-                    w[base + k] = np.float32(np.float64(value) + step[k])
+                    w[base + k] = value + step[k]
 
 
 def _axpy_gaussian(w, src, save, key, alpha):
@@ -242,6 +245,11 @@ def axpy_direction_(
     """
     if kind not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
+    if kind == RADEMACHER and w.dtype == torch.float32:
+        # z = +-1: with a float32 alpha, the float64 sum below rounds to exactly the float32
+        # add the fused kernels do (that sum is exact unless alpha is far below w's ulp, and
+        # then both give w). It changes alpha by less than 2^-24 relative.
+        alpha = float(np.float32(alpha))
     flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
     fused = w.device.type == "cpu" and w.dtype == torch.float32 and src.dtype == torch.float32
     if fused and (save is None or save.dtype == torch.float32):
@@ -255,7 +263,7 @@ def axpy_direction_(
                 save.copy_(src)
                 saved = _NO_SAVE
             flat_w.copy_(flat_src)
-        kernel(flat_w.numpy(), saved, np.uint64(key), float(alpha))
+        kernel(flat_w.numpy(), saved, np.uint64(key), np.float32(alpha))
         return
     if save is not None:
         save.copy_(src)

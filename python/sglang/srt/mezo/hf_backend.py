@@ -11,13 +11,8 @@ from torch import nn
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.kv_cache import CachedRowForward
 from sglang.srt.mezo.objectives import RowObjective, example_groups
-from sglang.srt.mezo.perturbation import (
-    ModuleScopedPerturbation,
-    WeightVersions,
-    collect_trainable,
-    commit_update,
-    prepare_update,
-)
+from sglang.srt.mezo.offset_log import LoggedPerturbation
+from sglang.srt.mezo.perturbation import ModuleScopedPerturbation, WeightVersions, collect_trainable, prepare_update
 from sglang.srt.mezo.trainable import apply_peft, canonical_name, quantize_frozen_linears, trainable_names
 
 logger = logging.getLogger(__name__)
@@ -61,7 +56,13 @@ class TransformersBackend:
         self.config = config
         self.versions = WeightVersions()
         self.tensors = collect_trainable(model, names, config.fp32_trainable, canonical_name)
-        self.perturbation = ModuleScopedPerturbation(self.tensors, config.perturbation, self.versions)
+        # Rademacher z costs nothing to regenerate, so whole-model moves with an exact-restore
+        # log beat per-module backups; Gaussian z is compute-bound and half precision is
+        # restored from backups (or masters).
+        if LoggedPerturbation.supports(self.tensors, config.perturbation):
+            self.perturbation = LoggedPerturbation(self.tensors, config.perturbation, self.versions)
+        else:
+            self.perturbation = ModuleScopedPerturbation(self.tensors, config.perturbation, self.versions)
         # (model, batch, perturbing) -> per-row (sums, counts), with exact KV/hidden reuse
         self.row_forward = CachedRowForward(model, self.tensors, self.versions, config)
         self.micro_batch_rows = config.micro_batch_size  # 0: whole batches until memory runs out
@@ -75,6 +76,7 @@ class TransformersBackend:
         self.model.eval()
         with torch.no_grad():
             if seed is None:
+                self.perturbation.settle()
                 return self._in_micro_batches(batch, perturbing=False)
             with self.perturbation.scope(seed, scale):
                 return self._in_micro_batches(batch, perturbing=True)
@@ -123,20 +125,27 @@ class TransformersBackend:
         self.model.eval()
         with torch.no_grad():
             if seed is None:
+                self.perturbation.settle()
                 total, count = objective(self.model, batch)
             else:
                 with self.perturbation.scope(seed, scale):
                     total, count = objective(self.model, batch)
         return float(total), int(count)
 
+    def holding_perturbation(self):
+        """Context: perturbed passes and the update inside may share weight sweeps (the
+        weights can rest at the last pass's offset between calls); exact when it exits."""
+        return self.perturbation.holding()
+
     def apply_update(self, directions: list, lr: float) -> None:
         """ZO-SGD update from [(seed, projected_grad)] at the current weights, atomically."""
         c = self.config
         plan = prepare_update(self.tensors, directions, lr, c.weight_decay, c.momentum)
-        commit_update(self.tensors, plan, c.perturbation, self.versions)
+        self.perturbation.commit(plan)
 
     def trainable_state(self) -> dict:
         """Canonical name -> trainable tensor (the float32 master where there is one)."""
+        self.perturbation.settle()
         return {t.name: t.value for t in self.tensors}
 
     def load_trainable_state(self, weights: dict) -> None:
@@ -144,6 +153,7 @@ class TransformersBackend:
         missing = [t.name for t in self.tensors if t.name not in weights]
         if missing:
             raise ValueError(f"missing trainable tensors {missing[:5]} (of {len(missing)})")
+        self.perturbation.settle()
         with torch.no_grad():
             for t in self.tensors:
                 t.value.copy_(weights[t.name])

@@ -1,13 +1,17 @@
 """Exact, scoped, in-place perturbation of trainable tensors, and the ZO-SGD update.
 
-`ModuleScopedPerturbation.scope(seed, scale)` is the one mechanism the trainer uses:
-inside it every module that owns trainable tensors is perturbed *just before it runs*
+The trainer sees one interface, ``scope(seed, scale)`` / ``holding()`` / ``commit(plan)``,
+with two exact implementations. `ModuleScopedPerturbation` (Gaussian directions, half
+precision, GPUs, the SGLang engine): inside a scope every module that owns trainable tensors is perturbed *just before it runs*
 (``w <- w + scale * z``, written into the parameter's own storage so kernels read the
 perturbed values through unchanged pointers) and restored from a small backup *right
 after*. Restoring by copy, not by subtracting ``scale * z`` again, makes any number of
 lr=0 steps bit-exact in every dtype; only one module's tensors are backed up at a time,
 so the extra memory is the largest module's trainable bytes. Leaving the scope, by
-return or by exception, restores whatever is still perturbed.
+return or by exception, restores whatever is still perturbed. `offset_log.LoggedPerturbation`
+(Rademacher directions on float32 CPU tensors, where memory traffic is the whole cost)
+moves all weights at once and restores by subtraction plus a log of the elements that
+subtraction would miss.
 
 Every write (perturb, restore, update, load) advances the module's entry in
 `WeightVersions`, which caches key their entries on.
@@ -103,6 +107,16 @@ def collect_trainable(model: nn.Module, selected: Iterable[str], fp32_master: bo
     return tensors
 
 
+def largest_module_bytes(tensors: list) -> int:
+    """Bytes of the largest module's trainable tensors (without float32 masters)."""
+    by_module: dict = {}
+    for t in tensors:
+        for m in t.owners:
+            by_module.setdefault(m, []).append(t)
+    sizes = [sum(t.param.numel() * t.param.element_size() for t in ts if t.master is None) for ts in by_module.values()]
+    return max(sizes, default=0)
+
+
 class ModuleScopedPerturbation:
     """Perturbs each module's trainable tensors only while that module runs."""
 
@@ -133,11 +147,19 @@ class ModuleScopedPerturbation:
 
     def backup_bytes(self) -> int:
         """Bytes of the largest module's trainable tensors: the scratch this mechanism needs."""
-        sizes = [
-            sum(t.param.numel() * t.param.element_size() for t in ts if t.master is None)
-            for ts in self._by_module.values()
-        ]
-        return max(sizes, default=0)
+        return largest_module_bytes(self.tensors)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Every scope restores on exit here: nothing to hold (see `LoggedPerturbation`)."""
+        yield
+
+    def settle(self) -> None:
+        """Weights are never left perturbed outside a scope."""
+
+    def commit(self, plan: "UpdatePlan") -> None:
+        """The ZO-SGD update (`commit_update`)."""
+        commit_update(self.tensors, plan, self.kind, self.versions)
 
     @contextlib.contextmanager
     def scope(self, seed: int, scale: float) -> Iterator[None]:

@@ -255,6 +255,10 @@ class SGLangBackend:
         total, count = objective.reduce(sums, counts, batch)
         return float(total), int(count)
 
+    def holding_perturbation(self):
+        """Every engine pass perturbs and restores within its own RPC: nothing to hold."""
+        return contextlib.nullcontext()
+
     def apply_update(self, directions: list, lr: float) -> None:
         c = self.config
         terms = [[int(s), float(g)] for s, g in directions]

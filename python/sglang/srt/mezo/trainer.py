@@ -130,26 +130,27 @@ class MeZOTrainer:
         c = self.config
         self._check_batch(batch)
         objective = self.objective or make_objective(c.objective, batch)
-        estimates = []
-        for d in range(c.num_directions):
-            seed = direction_seed(c.seed, self.global_step, d)
-            loss_plus = self._loss(objective, batch, seed, +c.epsilon)
-            loss_minus = self._loss(objective, batch, seed, -c.epsilon)
-            grad = (loss_plus - loss_minus) / (2 * c.epsilon)
-            estimates.append(DirectionEstimate(seed, loss_plus, loss_minus, grad))
         if self.global_step == 0:
-            self._warn_if_vanishing("perturbation", estimates[0].seed, c.epsilon)
+            self._warn_if_vanishing("perturbation", direction_seed(c.seed, 0, 0), c.epsilon)
         lr = learning_rate_at(c, self.global_step)
-        out = StepOutput.from_estimates(self.global_step, lr, estimates)
-        if not all(math.isfinite(e.loss_plus) and math.isfinite(e.loss_minus) for e in estimates):
-            return self._skip(out)
-        self.nonfinite_in_a_row = 0
-        clip = c.grad_clip or math.inf
-        directions = [(e.seed, max(-clip, min(clip, e.projected_grad))) for e in estimates]
-        if lr != self._update_checked_at_lr:  # a sampled check, once per learning rate
+        with self.backend.holding_perturbation():  # the passes and the update may share sweeps
+            estimates = []
+            for d in range(c.num_directions):
+                seed = direction_seed(c.seed, self.global_step, d)
+                loss_plus = self._loss(objective, batch, seed, +c.epsilon)
+                loss_minus = self._loss(objective, batch, seed, -c.epsilon)
+                grad = (loss_plus - loss_minus) / (2 * c.epsilon)
+                estimates.append(DirectionEstimate(seed, loss_plus, loss_minus, grad))
+            out = StepOutput.from_estimates(self.global_step, lr, estimates)
+            if not all(math.isfinite(e.loss_plus) and math.isfinite(e.loss_minus) for e in estimates):
+                return self._skip(out)
+            self.nonfinite_in_a_row = 0
+            clip = c.grad_clip or math.inf
+            directions = [(e.seed, max(-clip, min(clip, e.projected_grad))) for e in estimates]
+            self.backend.apply_update(directions, lr)
+        if lr != self._update_checked_at_lr:  # a sampled check, once per learning rate, on exact weights
             self._update_checked_at_lr = lr
             self._warn_if_vanishing("update", directions[0][0], -lr * directions[0][1] / len(directions))
-        self.backend.apply_update(directions, lr)
         out.applied = directions
         self.global_step += 1
         return out

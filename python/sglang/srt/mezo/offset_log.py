@@ -1,0 +1,401 @@
+"""Whole-model offsets along z, undone exactly by a log of the few elements subtraction misses.
+
+`ModuleScopedPerturbation` backs up each module's weights around its call, so every pass
+costs a perturbation sweep plus a restore copy per module (and ~270 kernel launches).
+With Rademacher directions z is nearly free to regenerate, so that memory traffic *is*
+the cost of a step. `LoggedPerturbation` moves all trainable weights at once instead:
+
+* a move from offset ``a z_a`` to ``b z_b`` is one sweep: each element is first restored
+  to θ, then written as ``round(θ + b z_b)``;
+* restoring ``round(w + b z) - b z`` gives back θ for all but a few elements (where the
+  rounding crossed a binade, or |θ| < |b|: ~1.5% of SmolLM2's weights at eps = 1e-3); the
+  sweep checks every element bit for bit and logs the ones it would not restore;
+* inside `holding()`, a pass leaves the weights at its offset; the next pass moves them on
+  (+eps z to -eps z in one sweep) and the update restores and updates in one sweep. A step
+  is then three sweeps of the weights instead of two passes of (perturb + backup +
+  restore) per module plus the update, and three kernel launches instead of ~800.
+
+The log holds at most `log_bytes` (default: the larger of 4 MiB and the largest module's
+trainable bytes, the memory the module-scoped backup would use). If a move would overflow
+it (a very large eps), it is undone exactly and this object falls back to
+`ModuleScopedPerturbation` for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from sglang.srt.mezo.directions import RADEMACHER, _mix, tensor_key
+from sglang.srt.mezo.perturbation import (
+    ModuleScopedPerturbation,
+    UpdatePlan,
+    WeightVersions,
+    _DeferredInterrupts,
+    commit_update,
+    largest_module_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+ITEM = (
+    1 << 12
+)  # elements per work item (a multiple of 64): a thread starts an item only if its log has room for all of it
+MIN_LOG_BYTES = 4 << 20
+_ENTRY_BYTES = 8  # int32 offset in the item + float32 value
+
+
+@intrinsic
+def _pointer(typingctx, address):
+    """An int64 address as a void pointer, for `numba.carray` (arrays without refcounting)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx, mask):
+    """Index of the lowest set bit of a uint64 (cttz)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
+
+
+@numba.njit(inline="always")
+def _fill_signs(key, first_word, words, alpha, out):
+    """alpha * z for `words` whole 64-element words from `first_word` (z = +1 where the bit is 0)."""
+    for j in range(words):
+        bits = _mix(key, np.uint64(first_word + j))
+        word = out[j * 64 : j * 64 + 64]
+        for k in range(64):
+            word[k] = alpha if (bits >> np.uint64(k)) & np.uint64(1) == 0 else -alpha
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _move(
+    addresses,
+    sizes,
+    item_tensor,
+    item_start,
+    item_stop,
+    thread_lo,
+    thread_hi,
+    from_keys,
+    from_alpha,
+    old_off,
+    old_val,
+    old_count,
+    old_read,
+    decay,
+    term_keys,
+    term_alpha,
+    to_keys,
+    to_alpha,
+    new_off,
+    new_val,
+    new_count,
+    new_write,
+    new_limit,
+    stopped,
+):
+    """One sweep over the items of each thread's range: restore from the old offset (and
+    its log), then decay and update terms, then move to the new offset, logging every
+    element whose restore would not give its bits back. A thread stops before an item that
+    might not fit its log region; `stopped[t]` is the first item it did not touch.
+
+    All arithmetic is float32 with float32 alphas: one correctly rounded add per write,
+    the value `axpy_direction_` computes for float32 tensors."""
+    has_from = from_keys.shape[0] > 0
+    has_to = to_keys.shape[0] > 0
+    for th in numba.prange(thread_lo.shape[0]):
+        step = np.empty(ITEM, dtype=np.float32)  # alpha * z of the item, regenerated per key
+        step_address = step.ctypes.data
+        rp = old_read[th]
+        wp = new_write[th]
+        stopped[th] = thread_hi[th]
+        for i in range(thread_lo[th], thread_hi[th]):
+            lo, hi = item_start[i], item_stop[i]
+            n = hi - lo
+            if has_to and wp + n + 2 > new_limit[th]:  # + 2: the branch-free writes below
+                stopped[th] = i
+                break
+            t = item_tensor[i]
+            # raw views: no reference counting in the hot loop
+            address = addresses[t] + 4 * lo
+            x = numba.carray(_pointer(address), (n,), np.float32)
+            words = (n + 63) >> 6
+            if has_from:  # back to the unperturbed value: subtract, then the logged exceptions
+                _fill_signs(from_keys[t], lo >> 6, words, from_alpha, step)
+                for k in range(n):
+                    x[k] = x[k] - step[k]
+                for e in range(rp, rp + old_count[i]):
+                    x[old_off[e]] = old_val[e]
+                rp += old_count[i]
+            if decay[t] != 1.0:
+                for k in range(n):
+                    x[k] = x[k] * decay[t]
+            for q in range(term_alpha.shape[0]):
+                _fill_signs(term_keys[t, q], lo >> 6, words, term_alpha[q], step)
+                for k in range(n):
+                    x[k] = x[k] + step[k]
+            if has_to:  # log what subtracting would not give back, then move
+                _fill_signs(to_keys[t], lo >> 6, words, to_alpha, step)
+                written = wp
+                for j in range(words):
+                    m = min(64, n - j * 64)
+                    xs = numba.carray(_pointer(address + 4 * j * 64), (m,), np.float32)
+                    steps = numba.carray(_pointer(step_address + 4 * j * 64), (m,), np.float32)
+                    missed = np.uint64(0)  # bit k: element k would not come back (NaN, or a zero's sign)
+                    for k in range(m):
+                        missed |= np.uint64(((xs[k] + steps[k]) - steps[k] != xs[k]) | (xs[k] == 0)) << np.uint64(k)
+                    for _ in range(2):  # most words miss 0-2 elements: log those without branches
+                        k = _trailing_zeros(missed) & np.uint64(63)
+                        new_off[wp] = j * 64 + k
+                        new_val[wp] = xs[k]
+                        wp += missed != 0
+                        missed &= missed - np.uint64(1)
+                    while missed:
+                        k = _trailing_zeros(missed)
+                        new_off[wp] = j * 64 + k
+                        new_val[wp] = xs[k]
+                        wp += 1
+                        missed &= missed - np.uint64(1)
+                    for k in range(m):
+                        xs[k] = xs[k] + steps[k]
+                new_count[i] = wp - written
+        old_read[th] = rp
+        new_write[th] = wp
+
+
+class LogFull(Exception):
+    """A move needed more log entries than the log holds (it has been undone)."""
+
+
+_EMPTY_KEYS = np.empty(0, dtype=np.uint64)
+_NO_ALPHA = np.empty(0, dtype=np.float32)
+
+
+class _Log:
+    """Per-thread regions of (offset in item, original value) entries, and a count per item."""
+
+    def __init__(self, threads: int, per_thread: int, items: int):
+        self.off = np.empty(threads * per_thread, dtype=np.int32)
+        self.val = np.empty(threads * per_thread, dtype=np.float32)
+        self.count = np.zeros(items, dtype=np.int32)
+        self.region_start = np.arange(threads, dtype=np.int64) * per_thread
+        self.region_end = self.region_start + per_thread
+
+
+@dataclass
+class _Offset:
+    """Weights at ``round(θ + alpha z(keys))``, with the log that makes the way back exact."""
+
+    keys: np.ndarray  # uint64 direction key per tensor
+    alpha: np.float32
+    log: _Log
+
+
+class LoggedPerturbation:
+    """Moves all trainable float32 CPU tensors between offsets along Rademacher directions.
+
+    Same contract as `ModuleScopedPerturbation` (inside `scope` forwards see ``w + scale z``,
+    the weights are bit-exact after), plus `holding()`, in which a scope's weights stay
+    where they are until the next scope or `commit` moves them on in the same sweep.
+
+    Args:
+        log_bytes: memory for the two logs (the one being read and the one being written
+            during a move); by default the larger of 4 MiB and the largest module's
+            trainable bytes.
+    """
+
+    def __init__(self, tensors: list, kind: str, versions: WeightVersions, log_bytes: Optional[int] = None):
+        if not self.supports(tensors, kind):
+            raise ValueError("LoggedPerturbation needs Rademacher directions over float32 CPU tensors (no masters)")
+        self.tensors = tensors
+        self.kind = kind
+        self.versions = versions
+        self._owners = list({id(m): m for t in tensors for m in t.owners}.values())
+        self._pointers = [t.param.data_ptr() for t in tensors]
+        self._addresses = np.array(self._pointers, dtype=np.int64)
+        self._sizes = np.array([t.param.numel() for t in tensors], dtype=np.int64)
+        items = [(i, s, min(s + ITEM, int(n))) for i, n in enumerate(self._sizes) for s in range(0, int(n), ITEM)]
+        self._item_tensor, self._item_start, self._item_stop = (np.array(c, dtype=np.int64) for c in zip(*items))
+        # one contiguous run of items per thread, with about equal numbers of elements
+        threads = max(1, numba.get_num_threads())
+        cumulative = np.cumsum(self._item_stop - self._item_start)
+        bounds = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, threads) / threads)
+        self._thread_lo = np.array([0, *bounds], dtype=np.int64)
+        self._thread_hi = np.array([*bounds, len(items)], dtype=np.int64)
+        self.log_bytes = int(log_bytes if log_bytes is not None else max(MIN_LOG_BYTES, largest_module_bytes(tensors)))
+        self._log_shape = (threads, self.log_bytes // 2 // _ENTRY_BYTES // threads, len(items))
+        self._logs: Optional[list] = None  # two _Log, allocated on first use
+        self._no_decay = np.ones(len(tensors), dtype=np.float32)
+        self._no_terms = np.empty((len(tensors), 0), dtype=np.uint64)
+        self._at: Optional[_Offset] = None  # where the weights rest (None: at θ)
+        self._holding = False
+        self._in_scope = False
+        self.fallback: Optional[ModuleScopedPerturbation] = None  # after a log overflow
+        self.last_log_entries = 0
+
+    @staticmethod
+    def supports(tensors: list, kind: str) -> bool:
+        """Whether these tensors can be moved this way (Rademacher; float32 CPU; no masters)."""
+        return (
+            kind == RADEMACHER
+            and bool(tensors)
+            and all(
+                t.master is None and t.param.dtype == torch.float32 and t.param.device.type == "cpu" for t in tensors
+            )
+        )
+
+    @property
+    def modules(self) -> list:
+        return list(self._owners)
+
+    def remove(self) -> None:
+        if self.fallback is not None:
+            self.fallback.remove()
+
+    # -- the public contract -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, seed: int, scale: float) -> Iterator[None]:
+        """Within this block, forwards see ``w + scale * z(seed)``; weights exact after
+        (inside `holding()`: once the holding block ends or `commit` runs)."""
+        if self._in_scope:
+            raise RuntimeError("perturbation scopes do not nest")
+        if self.fallback is None:
+            try:
+                self._move_to((self._keys(seed), scale))
+            except LogFull:
+                self._fall_back(scale)
+        if self.fallback is not None:
+            with self.fallback.scope(seed, scale):
+                yield
+            return
+        self._in_scope = True
+        try:
+            yield
+        except BaseException:
+            self.settle()
+            raise
+        finally:
+            self._in_scope = False
+        if not self._holding:
+            self.settle()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Between scopes in this block the weights may rest at the last offset; exact at exit."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            self.settle()
+
+    def settle(self) -> None:
+        """Back to the unperturbed weights, exactly."""
+        if self._at is not None:
+            self._move_to(None)
+
+    def commit(self, plan: UpdatePlan) -> None:
+        """The ZO-SGD update of `commit_update`, in the same sweep as the restore (without
+        momentum: its buffer needs z as a tensor). Same bits: the decay is one float32
+        multiply, then each term one float32 add, as `commit_update` does them."""
+        terms = [(seed, coef) for seed, coef in plan.terms if coef]
+        if plan.momentum > 0 or not plan.lr or not (plan.weight_decay or terms):
+            self.settle()
+            commit_update(self.tensors, plan, self.kind, self.versions)
+            return
+        decay = np.array([1.0 - plan.lr * plan.weight_decay if t.decay else 1.0 for t in self.tensors], np.float32)
+        keys = np.array([[tensor_key(seed, t.name) for seed, _ in terms] for t in self.tensors], dtype=np.uint64)
+        alphas = np.array([-plan.lr * coef for _, coef in terms], dtype=np.float32)
+        with _DeferredInterrupts():
+            self._move_to(None, update=(decay, keys, alphas))
+
+    # -- moves -------------------------------------------------------------------------------
+    def _keys(self, seed: int) -> np.ndarray:
+        return np.array([tensor_key(seed, t.name) for t in self.tensors], dtype=np.uint64)
+
+    def _move_to(self, destination: Optional[tuple], update: Optional[tuple] = None) -> None:
+        """One sweep from where the weights rest to `destination` ((keys, scale); None: θ),
+        applying `update` ((decay, term keys, term alphas)) at θ on the way."""
+        if [t.param.data_ptr() for t in self.tensors] != self._pointers:
+            raise RuntimeError("a trainable tensor was reallocated (param.data replaced) while MeZO holds it")
+        if self._logs is None:
+            self._logs = [_Log(*self._log_shape), _Log(*self._log_shape)]
+        source, target = self._at, None
+        if destination is not None:
+            log = self._logs[1] if source is not None and source.log is self._logs[0] else self._logs[0]
+            target = _Offset(destination[0], np.float32(destination[1]), log)
+        for m in self._owners:
+            self.versions.bump(m)
+        self._at = None
+        read = source.log.region_start.copy() if source is not None else None
+        stopped = self._sweep(source, read, target, self._thread_lo, self._thread_hi, update)
+        if target is not None and np.any(stopped < self._thread_hi):
+            # undo: the items already moved come back through the new log, the rest through the old
+            self._sweep(target, target.log.region_start.copy(), None, self._thread_lo, stopped)
+            if source is not None:
+                self._sweep(source, read, None, stopped, self._thread_hi)
+            raise LogFull(f"the move needed more than {self.log_bytes // 2} bytes of log")
+        self._at = target
+
+    def _sweep(self, source, read, target, lo, hi, update=None) -> np.ndarray:
+        """The kernel over items [lo[t], hi[t]) of each thread t; returns where each stopped."""
+        decay, term_keys, term_alpha = update or (self._no_decay, self._no_terms, _NO_ALPHA)
+        sink = target.log if target is not None else self._logs[0]  # written only with a target
+        old = source.log if source is not None else sink  # read only with a source
+        write = sink.region_start.copy()
+        stopped = np.empty_like(lo)
+        _move(
+            self._addresses,
+            self._sizes,
+            self._item_tensor,
+            self._item_start,
+            self._item_stop,
+            lo,
+            hi,
+            source.keys if source is not None else _EMPTY_KEYS,
+            source.alpha if source is not None else np.float32(0),
+            old.off,
+            old.val,
+            old.count,
+            read if read is not None else old.region_start.copy(),
+            decay,
+            term_keys,
+            term_alpha,
+            target.keys if target is not None else _EMPTY_KEYS,
+            target.alpha if target is not None else np.float32(0),
+            sink.off,
+            sink.val,
+            sink.count,
+            write,
+            sink.region_end,
+            stopped,
+        )
+        if target is not None:
+            self.last_log_entries = int((write - sink.region_start).sum())
+        return stopped
+
+    def _fall_back(self, scale: float) -> None:
+        logger.warning(
+            "MeZO: the exact-restore log (%.1f MiB) overflowed at eps=%g; perturbing module by module with backups "
+            "from now on",
+            self.log_bytes / 2**20,
+            abs(scale),
+        )
+        self.fallback = ModuleScopedPerturbation(self.tensors, self.kind, self.versions)
