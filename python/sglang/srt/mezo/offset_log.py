@@ -8,8 +8,9 @@ the cost of a step. `LoggedPerturbation` moves all trainable weights at once ins
 * a move from offset ``a z_a`` to ``b z_b`` is one sweep: each element is first restored
   to θ, then written as ``round(θ + b z_b)``;
 * restoring ``round(w + b z) - b z`` gives back θ for all but a few elements (where the
-  rounding crossed a binade, or |θ| < |b|: ~1.5% of SmolLM2's weights at eps = 1e-3); the
-  sweep checks every element bit for bit and logs the ones it would not restore;
+  rounding crossed a binade, or |θ| < |b|: 1-2% of SmolLM2's weights at eps = 1e-3); the
+  sweep checks every element and logs the ones it would not restore (and every NaN and
+  zero, whose payload or sign a float comparison cannot see);
 * inside `holding()`, a pass leaves the weights at its offset; the next pass moves them on
   (+eps z to -eps z in one sweep) and the update restores and updates in one sweep. A step
   is then three sweeps of the weights instead of two passes of (perturb + backup +
@@ -122,14 +123,15 @@ def _move(
     has_to = to_keys.shape[0] > 0
     for th in numba.prange(thread_lo.shape[0]):
         step = np.empty(ITEM, dtype=np.float32)  # alpha * z of the item, regenerated per key
-        step_address = step.ctypes.data
+        missed = np.zeros(ITEM, dtype=np.uint8)
+        missed_groups = missed.view(np.uint64)
         rp = old_read[th]
         wp = new_write[th]
         stopped[th] = thread_hi[th]
         for i in range(thread_lo[th], thread_hi[th]):
             lo, hi = item_start[i], item_stop[i]
             n = hi - lo
-            if has_to and wp + n + 2 > new_limit[th]:  # + 2: the branch-free writes below
+            if has_to and wp + n > new_limit[th]:
                 stopped[th] = i
                 break
             t = item_tensor[i]
@@ -153,28 +155,21 @@ def _move(
                     x[k] = x[k] + step[k]
             if has_to:  # log what subtracting would not give back, then move
                 _fill_signs(to_keys[t], lo >> 6, words, to_alpha, step)
+                for k in range(n):  # 1 where the element would not come back (NaN, or a zero's sign)
+                    missed[k] = ((x[k] + step[k]) - step[k] != x[k]) | (x[k] == 0)
+                for k in range(n, (n + 7) & ~7):  # the last group's bytes past the item: clear
+                    missed[k] = 0
                 written = wp
-                for j in range(words):
-                    m = min(64, n - j * 64)
-                    xs = numba.carray(_pointer(address + 4 * j * 64), (m,), np.float32)
-                    steps = numba.carray(_pointer(step_address + 4 * j * 64), (m,), np.float32)
-                    missed = np.uint64(0)  # bit k: element k would not come back (NaN, or a zero's sign)
-                    for k in range(m):
-                        missed |= np.uint64(((xs[k] + steps[k]) - steps[k] != xs[k]) | (xs[k] == 0)) << np.uint64(k)
-                    for _ in range(2):  # most words miss 0-2 elements: log those without branches
-                        k = _trailing_zeros(missed) & np.uint64(63)
-                        new_off[wp] = j * 64 + k
-                        new_val[wp] = xs[k]
-                        wp += missed != 0
-                        missed &= missed - np.uint64(1)
-                    while missed:
-                        k = _trailing_zeros(missed)
-                        new_off[wp] = j * 64 + k
-                        new_val[wp] = xs[k]
+                for g in range((n + 7) >> 3):  # eight flags at a time: most groups are all clear
+                    flags = missed_groups[g]
+                    while flags:
+                        k = g * 8 + np.int64(_trailing_zeros(flags) >> np.uint64(3))
+                        new_off[wp] = k
+                        new_val[wp] = x[k]
                         wp += 1
-                        missed &= missed - np.uint64(1)
-                    for k in range(m):
-                        xs[k] = xs[k] + steps[k]
+                        flags &= flags - np.uint64(1)
+                for k in range(n):
+                    x[k] = x[k] + step[k]
                 new_count[i] = wp - written
         old_read[th] = rp
         new_write[th] = wp
