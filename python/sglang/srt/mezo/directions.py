@@ -84,6 +84,17 @@ def _gaussian_at(key, i):
 _BLOCK = 1 << 14  # elements per parallel task; a multiple of 64 and of 2
 
 
+@numba.njit(inline="always")
+def rademacher_steps(key, first_word, words, alpha, out):
+    """alpha * z for `words` whole 64-element words from word `first_word`, into out[:64 * words]
+    (float32): one hash per word, z = +1 where its bit is 0."""
+    for j in range(words):
+        bits = _mix(key, np.uint64(first_word + j))
+        word = out[j * 64 : j * 64 + 64]
+        for k in range(64):
+            word[k] = alpha if (bits >> np.uint64(k)) & np.uint64(1) == 0 else -alpha
+
+
 # In place only (w is its own source, as in the perturbation and the update): given w and
 # a separate `src`, LLVM must assume they overlap and keeps the loop scalar, while on one
 # array the sign-apply loop vectorises. Float32 throughout (alpha is rounded to float32 by
@@ -98,9 +109,7 @@ def _axpy_rademacher(w, save, key, alpha):
         hi = min(n, lo + _BLOCK)
         step = np.empty(64, dtype=np.float32)
         for word in range(lo >> 6, (hi + 63) >> 6):
-            bits = _mix(key, np.uint64(word))
-            for k in range(64):  # unpack the word's 64 signs first, then stream w through
-                step[k] = alpha if (bits >> np.uint64(k)) & np.uint64(1) == 0 else -alpha
+            rademacher_steps(key, word, 1, alpha, step)  # the word's 64 signs first, then stream w
             base = word << 6
             if base + 64 <= hi:  # fixed trip counts on 64-element views: these loops vectorise
                 ws = w[base : base + 64]

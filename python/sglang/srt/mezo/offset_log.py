@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from sglang.srt.mezo.directions import RADEMACHER, _mix, tensor_key
+from sglang.srt.mezo.directions import RADEMACHER, rademacher_steps, tensor_key
 from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
     UpdatePlan,
@@ -48,9 +48,9 @@ from sglang.srt.mezo.perturbation import (
 
 logger = logging.getLogger(__name__)
 
-ITEM = (
-    1 << 12
-)  # elements per work item (a multiple of 64): a thread starts an item only if its log has room for all of it
+# Elements per work item (a multiple of 64). A thread starts an item only when its log
+# region has room for every element of it, so an overflow never leaves an item half moved.
+ITEM = 1 << 12
 MIN_LOG_BYTES = 4 << 20
 _ENTRY_BYTES = 8  # int32 offset in the item + float32 value
 
@@ -73,16 +73,6 @@ def _trailing_zeros(typingctx, mask):
         return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
 
     return types.uint64(types.uint64), codegen
-
-
-@numba.njit(inline="always")
-def _fill_signs(key, first_word, words, alpha, out):
-    """alpha * z for `words` whole 64-element words from `first_word` (z = +1 where the bit is 0)."""
-    for j in range(words):
-        bits = _mix(key, np.uint64(first_word + j))
-        word = out[j * 64 : j * 64 + 64]
-        for k in range(64):
-            word[k] = alpha if (bits >> np.uint64(k)) & np.uint64(1) == 0 else -alpha
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -124,6 +114,7 @@ def _move(
     for th in numba.prange(thread_lo.shape[0]):
         step = np.empty(ITEM, dtype=np.float32)  # alpha * z of the item, regenerated per key
         missed = np.zeros(ITEM, dtype=np.uint8)
+        before = np.empty(ITEM, dtype=np.float32)  # the item's values before the move, for the log
         missed_groups = missed.view(np.uint64)
         rp = old_read[th]
         wp = new_write[th]
@@ -140,7 +131,7 @@ def _move(
             x = numba.carray(_pointer(address), (n,), np.float32)
             words = (n + 63) >> 6
             if has_from:  # back to the unperturbed value: subtract, then the logged exceptions
-                _fill_signs(from_keys[t], lo >> 6, words, from_alpha, step)
+                rademacher_steps(from_keys[t], lo >> 6, words, from_alpha, step)
                 for k in range(n):
                     x[k] = x[k] - step[k]
                 for e in range(rp, rp + old_count[i]):
@@ -150,13 +141,21 @@ def _move(
                 for k in range(n):
                     x[k] = x[k] * decay[t]
             for q in range(term_alpha.shape[0]):
-                _fill_signs(term_keys[t, q], lo >> 6, words, term_alpha[q], step)
+                rademacher_steps(term_keys[t, q], lo >> 6, words, term_alpha[q], step)
                 for k in range(n):
                     x[k] = x[k] + step[k]
             if has_to:  # log what subtracting would not give back, then move
-                _fill_signs(to_keys[t], lo >> 6, words, to_alpha, step)
-                for k in range(n):  # 1 where the element would not come back (NaN, or a zero's sign)
-                    missed[k] = ((x[k] + step[k]) - step[k] != x[k]) | (x[k] == 0)
+                if has_from and to_keys[t] == from_keys[t] and to_alpha == -from_alpha:
+                    flip = np.float32(-1.0)  # +eps z to -eps z: the same steps, negated
+                else:
+                    flip = np.float32(1.0)
+                    rademacher_steps(to_keys[t], lo >> 6, words, to_alpha, step)
+                for k in range(n):  # move; flag what would not come back (NaN, or a zero's sign)
+                    value = x[k]
+                    moved = value + flip * step[k]
+                    missed[k] = (moved - flip * step[k] != value) | (value == 0)
+                    before[k] = value
+                    x[k] = moved
                 for k in range(n, (n + 7) & ~7):  # the last group's bytes past the item: clear
                     missed[k] = 0
                 written = wp
@@ -165,11 +164,9 @@ def _move(
                     while flags:
                         k = g * 8 + np.int64(_trailing_zeros(flags) >> np.uint64(3))
                         new_off[wp] = k
-                        new_val[wp] = x[k]
+                        new_val[wp] = before[k]
                         wp += 1
                         flags &= flags - np.uint64(1)
-                for k in range(n):
-                    x[k] = x[k] + step[k]
                 new_count[i] = wp - written
         old_read[th] = rp
         new_write[th] = wp
