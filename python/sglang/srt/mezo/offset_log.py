@@ -101,20 +101,25 @@ def _move(
     new_write,
     new_limit,
     stopped,
+    step_rows,
+    flag_rows,
+    before_rows,
 ):
     """One sweep over the items of each thread's range: restore from the old offset (and
     its log), then decay and update terms, then move to the new offset, logging every
     element whose restore would not give its bits back. A thread stops before an item that
     might not fit its log region; `stopped[t]` is the first item it did not touch.
+    `step_rows`, `flag_rows`, `before_rows`: one ITEM-element scratch row per thread range, allocated
+    by the caller so that nothing can fail once the first weight is written.
 
     All arithmetic is float32 with float32 alphas: one correctly rounded add per write,
     the value `axpy_direction_` computes for float32 tensors."""
     has_from = from_keys.shape[0] > 0
     has_to = to_keys.shape[0] > 0
     for th in numba.prange(thread_lo.shape[0]):
-        step = np.empty(ITEM, dtype=np.float32)  # alpha * z of the item, regenerated per key
-        missed = np.zeros(ITEM, dtype=np.uint8)
-        before = np.empty(ITEM, dtype=np.float32)  # the item's values before the move, for the log
+        step = step_rows[th]  # alpha * z of the item, regenerated per key
+        missed = flag_rows[th]
+        before = before_rows[th]  # the item's values before the move, for the log
         missed_groups = missed.view(np.uint64)
         rp = old_read[th]
         wp = new_write[th]
@@ -234,6 +239,11 @@ class LoggedPerturbation:
         self.log_bytes = int(log_bytes if log_bytes is not None else max(MIN_LOG_BYTES, largest_module_bytes(tensors)))
         self._log_shape = (threads, self.log_bytes // 2 // _ENTRY_BYTES // threads, len(items))
         self._logs: Optional[list] = None  # two _Log, allocated on first use
+        self._scratch = (
+            np.empty((threads, ITEM), dtype=np.float32),
+            np.zeros((threads, ITEM), dtype=np.uint8),
+            np.empty((threads, ITEM), dtype=np.float32),
+        )
         self._no_decay = np.ones(len(tensors), dtype=np.float32)
         self._no_terms = np.empty((len(tensors), 0), dtype=np.uint64)
         self._at: Optional[_Offset] = None  # where the weights rest (None: at θ)
@@ -378,6 +388,7 @@ class LoggedPerturbation:
             write,
             sink.region_end,
             stopped,
+            *self._scratch,
         )
         if target is not None:
             self.last_log_entries = int((write - sink.region_start).sum())
