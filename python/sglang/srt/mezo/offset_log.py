@@ -200,9 +200,13 @@ class _Log:
 class _Offset:
     """Weights at ``round(θ + alpha z(keys))``, with the log that makes the way back exact."""
 
-    keys: np.ndarray  # uint64 direction key per tensor
+    keys: np.ndarray  # uint64 direction key per tensor (empty: θ itself, no log used)
     alpha: np.float32
     log: _Log
+
+    def kernel_args(self, positions: np.ndarray) -> tuple:
+        """One side of a `_move` call: keys, alpha, the log's arrays and its per-thread positions."""
+        return self.keys, self.alpha, self.log.off, self.log.val, self.log.count, positions
 
 
 class LoggedPerturbation:
@@ -317,12 +321,12 @@ class LoggedPerturbation:
         """The ZO-SGD update of `commit_update`, in the same sweep as the restore (without
         momentum: its buffer needs z as a tensor). Same bits: the decay is one float32
         multiply, then each term one float32 add, as `commit_update` does them."""
-        terms = [(seed, coef) for seed, coef in plan.terms if coef]
-        if plan.momentum > 0 or not plan.lr or not (plan.weight_decay or terms):
+        if plan.momentum > 0 or plan.writes_nothing:
             self.settle()
             commit_update(self.tensors, plan, self.kind, self.versions)
             return
         decay = np.array([1.0 - plan.lr * plan.weight_decay if t.decay else 1.0 for t in self.tensors], np.float32)
+        terms = [(seed, coef) for seed, coef in plan.terms if coef]
         keys = np.array([[tensor_key(seed, t.name) for seed, _ in terms] for t in self.tensors], dtype=np.uint64)
         alphas = np.array([-plan.lr * coef for _, coef in terms], dtype=np.float32)
         with _DeferredInterrupts():
@@ -350,18 +354,19 @@ class LoggedPerturbation:
         stopped = self._sweep(source, read, target, self._thread_lo, self._thread_hi, update)
         if target is not None and np.any(stopped < self._thread_hi):
             # undo: the items already moved come back through the new log, the rest through the old
-            self._sweep(target, target.log.region_start.copy(), None, self._thread_lo, stopped)
+            self._sweep(target, None, None, self._thread_lo, stopped)
             if source is not None:
                 self._sweep(source, read, None, stopped, self._thread_hi)
             raise LogFull(f"the move needed more than {self.log_bytes // 2} bytes of log")
         self._at = target
 
     def _sweep(self, source, read, target, lo, hi, update=None) -> np.ndarray:
-        """The kernel over items [lo[t], hi[t]) of each thread t; returns where each stopped."""
+        """The kernel over items [lo[t], hi[t]) of each thread t, reading `source`'s log from
+        `read` (default: its start); returns where each thread stopped."""
         decay, term_keys, term_alpha = update or (self._no_decay, self._no_terms, _NO_ALPHA)
-        sink = target.log if target is not None else self._logs[0]  # written only with a target
-        old = source.log if source is not None else sink  # read only with a source
-        write = sink.region_start.copy()
+        theta = _Offset(_EMPTY_KEYS, np.float32(0), self._logs[0])  # empty keys: no restore, no log
+        source, target = source or theta, target or theta
+        write = target.log.region_start.copy()
         stopped = np.empty_like(lo)
         _move(
             self._addresses,
@@ -371,27 +376,17 @@ class LoggedPerturbation:
             self._item_stop,
             lo,
             hi,
-            source.keys if source is not None else _EMPTY_KEYS,
-            source.alpha if source is not None else np.float32(0),
-            old.off,
-            old.val,
-            old.count,
-            read if read is not None else old.region_start.copy(),
+            *source.kernel_args(read if read is not None else source.log.region_start.copy()),
             decay,
             term_keys,
             term_alpha,
-            target.keys if target is not None else _EMPTY_KEYS,
-            target.alpha if target is not None else np.float32(0),
-            sink.off,
-            sink.val,
-            sink.count,
-            write,
-            sink.region_end,
+            *target.kernel_args(write),
+            target.log.region_end,
             stopped,
             *self._scratch,
         )
-        if target is not None:
-            self.last_log_entries = int((write - sink.region_start).sum())
+        if target is not theta:
+            self.last_log_entries = int((write - target.log.region_start).sum())
         return stopped
 
     def _fall_back(self, scale: float) -> None:

@@ -247,6 +247,11 @@ class UpdatePlan:
     weight_decay: float
     momentum: float
 
+    @property
+    def writes_nothing(self) -> bool:
+        """No momentum and nothing to add (lr = 0, or no decay and every g_i = 0)."""
+        return self.momentum == 0 and not (self.lr and (self.weight_decay or any(c for _, c in self.terms)))
+
 
 def prepare_update(tensors: list, directions: list, lr: float, weight_decay: float, momentum: float) -> UpdatePlan:
     """Phase one of the atomic update: validate and allocate (may raise; changes nothing)."""
@@ -269,7 +274,7 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
     costs a sweep over the weights and would turn -0.0 into +0.0. Weights, versions and
     the caches keyed by them stay as they are.
     """
-    if plan.momentum == 0 and not (plan.lr and (plan.weight_decay or any(c for _, c in plan.terms))):
+    if plan.writes_nothing:
         return
     with _DeferredInterrupts():
         for t in tensors:
