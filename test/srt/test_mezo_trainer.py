@@ -1467,18 +1467,20 @@ class TestMeZOEdgeCases(unittest.TestCase):
         self.assertGreater(changed, 0, "a log that forgets its entries should drift (canary)")
 
     def test_logged_restore_is_bitwise_for_special_values(self):
-        """-0.0, a NaN payload, +-inf, subnormals, weights far below eps and a tensor whose
-        size is not a whole 64-element word: inside each scope the weights equal the
+        """-0.0, a NaN payload, +-inf, subnormals and weights far below eps, both where the
+        kernel moves 16 lanes at once and in the scalar tail of a tensor whose size is not a
+        whole 16-lane vector (nor a 64-element word): inside each scope the weights equal the
         per-element reference ``round(w + scale z)``; after +eps then -eps (held, so the
         second move restores from the log and re-perturbs in one sweep) every bit is back.
         As floats -0.0 == +0.0 and NaN != NaN, so only a bitwise log gets all of them."""
-        model = torch.nn.Linear(64, 37)  # weight 2368 = 37 whole words; bias 37: a partial word
+        model = torch.nn.Linear(64, 37)  # weight 2368 = 37 whole words; bias 37: a partial word and vector
         special = [-0.0, 0.0, float("inf"), -float("inf"), 1e-40, -3e-42, 2e-6, -5e-5, 1.0, -0.75]
         with torch.no_grad():
             model.weight.view(-1)[: len(special)] = torch.tensor(special)
             model.weight.view(-1)[32:40] = 0.0  # logged; the bias after it has only 37 elements
             model.weight.view(-1).view(torch.int32)[20] = 0x7FC00123  # a quiet NaN with a payload
             model.bias[:4] = torch.tensor([-0.0, 1e-40, float("nan"), 0.0])
+            model.bias[-4:] = torch.tensor([0.0, float("nan"), -0.0, 1e-40])  # 37 = 2 * 16 + 5: the tail
         ref = snapshot(model)
         tensors = collect_trainable(model, ["weight", "bias"], fp32_master=False)
         mechanism = LoggedPerturbation(tensors, "rademacher", WeightVersions())
