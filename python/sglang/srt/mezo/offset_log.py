@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from sglang.srt.mezo.directions import RADEMACHER, rademacher_steps, tensor_key
+from sglang.srt.mezo.directions import RADEMACHER, _mix, tensor_key
 from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
     UpdatePlan,
@@ -65,50 +65,126 @@ def _pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
-LANES = 16  # elements per `_move_lanes` call: one AVX-512 vector, two AVX2 vectors
+@intrinsic
+def _prefetch(typingctx, address):
+    """Asks for the cache line at `address` (a hint: never faults)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        prefetch = _declare(builder, "llvm.prefetch.p0", ir.VoidType(), cgutils.voidptr_t, i32, i32, i32)
+        builder.call(
+            prefetch,
+            [
+                builder.inttoptr(args[0], cgutils.voidptr_t),
+                ir.Constant(i32, 0),
+                ir.Constant(i32, 3),
+                ir.Constant(i32, 1),
+            ],
+        )
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
+
+
+WORD = 64  # elements per random word: bit k of the word is the sign of element k
+
+
+def _word_codegen(builder, x_address, lanes, bits, alpha):
+    """IR shared by the word kernels: the lane mask of a word's first `lanes` elements, its
+    values, and its steps ``alpha * z`` (z = +1 where the bit is 0, as `rademacher_steps`)."""
+    f32, i64 = ir.FloatType(), ir.IntType(64)
+    floats, lane_mask = ir.VectorType(f32, WORD), ir.VectorType(ir.IntType(1), WORD)
+    full = builder.icmp_unsigned(">=", lanes, ir.Constant(i64, WORD))
+    partial = builder.sub(builder.shl(ir.Constant(i64, 1), lanes), ir.Constant(i64, 1))
+    present = builder.bitcast(builder.select(full, ir.Constant(i64, -1), partial), lane_mask)
+    pointer = builder.inttoptr(x_address, ir.PointerType(floats))
+    x = builder.call(
+        _declare(
+            builder, "llvm.masked.load.v64f32.p0", floats, ir.PointerType(floats), ir.IntType(32), lane_mask, floats
+        ),
+        [pointer, ir.Constant(ir.IntType(32), 4), present, ir.Constant(floats, ir.Undefined)],
+    )
+    steps = builder.select(
+        builder.bitcast(bits, lane_mask), _splat(builder, builder.fneg(alpha), WORD), _splat(builder, alpha, WORD)
+    )
+    return present, pointer, x, steps
+
+
+def _splat(builder, value, count):
+    vector = ir.VectorType(value.type, count)
+    lane0 = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(
+        lane0, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), count), [0] * count)
+    )
+
+
+def _declare(builder, name, result, *arguments):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
+
+
+def _store_word(builder, values, pointer, present):
+    floats = values.type
+    store = _declare(
+        builder,
+        "llvm.masked.store.v64f32.p0",
+        ir.VoidType(),
+        floats,
+        ir.PointerType(floats),
+        ir.IntType(32),
+        present.type,
+    )
+    builder.call(store, [values, pointer, ir.Constant(ir.IntType(32), 4), present])
 
 
 @intrinsic
-def _move_lanes(typingctx, x_address, step_address, flip, off_address, val_address, first):
-    """x[0:16] += flip * step[0:16], logging the elements whose way back is not exact.
-
-    Where ``(x + s) - s != x`` or ``x == 0`` (s = flip * step), the original value and
-    ``first + lane`` are compress-stored to ``val``/``off``; returns how many were stored.
-    Straight-line vector code: LLVM's masked compress-store is one instruction per array
-    with AVX-512 (scalarised, still correct, elsewhere), so finding the 1-2% of elements to
-    log costs no branches."""
-    signature = types.int64(types.int64, types.int64, types.float32, types.int64, types.int64, types.int64)
+def _add_word(typingctx, x_address, lanes, bits, alpha):
+    """x[:lanes] += alpha * z for one word of random bits, in float32 (one rounding per element)."""
+    signature = types.void(types.int64, types.int64, types.uint64, types.float32)
 
     def codegen(context, builder, signature, args):
-        x_address, step_address, flip, off_address, val_address, first = args
-        f32, i32 = ir.FloatType(), ir.IntType(32)
-        floats, ints, mask = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES), ir.VectorType(ir.IntType(1), LANES)
+        present, pointer, x, steps = _word_codegen(builder, *args)
+        _store_word(builder, builder.fadd(x, steps), pointer, present)
+        return context.get_dummy_value()
 
-        def splat(vector_type, value):
-            lane0 = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(lane0, ir.Constant(vector_type, ir.Undefined), ir.Constant(ints, [0] * LANES))
+    return signature, codegen
 
-        def declare(name, result, *arguments):
-            return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
 
-        x_pointer = builder.inttoptr(x_address, ir.PointerType(floats))
-        x = builder.load(x_pointer, align=4)
-        s = builder.fmul(
-            builder.load(builder.inttoptr(step_address, ir.PointerType(floats)), align=4), splat(floats, flip)
+@intrinsic
+def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_address, first):
+    """x[:lanes] += alpha * z, logging the elements whose way back is not exact.
+
+    Where ``(x + s) - s != x`` or ``x == 0`` (s = alpha * z), the original value and
+    ``first + lane`` are compress-stored to ``val``/``off``; returns how many were stored.
+    Straight-line vector code: with AVX-512, masked loads, stores and compress-stores are
+    single instructions (LLVM scalarises them, still correct, elsewhere), so finding the
+    1-2% of elements to log costs no branch and no scratch memory."""
+    signature = types.int64(
+        types.int64, types.int64, types.uint64, types.float32, types.int64, types.int64, types.int64
+    )
+
+    def codegen(context, builder, signature, args):
+        x_address, lanes, bits, alpha, off_address, val_address, first = args
+        present, pointer, x, steps = _word_codegen(builder, x_address, lanes, bits, alpha)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        floats, ints = x.type, ir.VectorType(i32, WORD)
+        moved = builder.fadd(x, steps)
+        missed = builder.and_(
+            present,
+            builder.or_(
+                builder.fcmp_unordered("!=", builder.fsub(moved, steps), x),  # true for NaN too
+                builder.fcmp_ordered("==", x, ir.Constant(floats, [0.0] * WORD)),  # a zero's sign
+            ),
         )
-        moved = builder.fadd(x, s)
-        missed = builder.or_(
-            builder.fcmp_unordered("!=", builder.fsub(moved, s), x),  # true for NaN too
-            builder.fcmp_ordered("==", x, ir.Constant(floats, [0.0] * LANES)),  # a zero's sign
-        )
-        builder.store(moved, x_pointer, align=4)
-        store_floats = declare("llvm.masked.compressstore.v16f32", ir.VoidType(), floats, ir.PointerType(floats), mask)
-        store_ints = declare("llvm.masked.compressstore.v16i32", ir.VoidType(), ints, ir.PointerType(ints), mask)
-        builder.call(store_floats, [x, builder.inttoptr(val_address, ir.PointerType(floats)), missed])
-        offsets = builder.add(splat(ints, builder.trunc(first, i32)), ir.Constant(ints, list(range(LANES))))
-        builder.call(store_ints, [offsets, builder.inttoptr(off_address, ir.PointerType(ints)), missed])
-        popcount = declare("llvm.ctpop.i16", ir.IntType(16), ir.IntType(16))
-        return builder.zext(builder.call(popcount, [builder.bitcast(missed, ir.IntType(16))]), ir.IntType(64))
+        _store_word(builder, moved, pointer, present)
+        offsets = builder.add(_splat(builder, builder.trunc(first, i32), WORD), ir.Constant(ints, list(range(WORD))))
+        for values, address, name in ((x, val_address, "v64f32"), (offsets, off_address, "v64i32")):
+            vector = values.type
+            store = _declare(
+                builder, f"llvm.masked.compressstore.{name}", ir.VoidType(), vector, ir.PointerType(vector), missed.type
+            )
+            builder.call(store, [values, builder.inttoptr(address, ir.PointerType(vector)), missed])
+        popcount = _declare(builder, "llvm.ctpop.i64", i64, i64)
+        return builder.call(popcount, [builder.bitcast(missed, i64)])
 
     return signature, codegen
 
@@ -139,24 +215,20 @@ def _move(
     new_write,
     new_limit,
     stopped,
-    step_rows,
 ):
     """One sweep over the items of each thread's range: restore from the old offset (and
     its log), then decay and update terms, then move to the new offset, logging every
     element whose restore would not give its bits back. A thread stops before an item that
     might not fit its log region; `stopped[t]` is the first item it did not touch.
-    `step_rows`: one ITEM-element scratch row per thread range, allocated by the caller so
-    that nothing can fail once the first weight is written.
 
     All arithmetic is float32 with float32 alphas: one correctly rounded add per write,
     the value `axpy_direction_` computes for float32 tensors."""
     has_from = from_keys.shape[0] > 0
     has_to = to_keys.shape[0] > 0
     for th in numba.prange(thread_lo.shape[0]):
-        step = step_rows[th]  # alpha * z of the item, regenerated per key
-        off_base, val_base = new_off.ctypes.data, new_val.ctypes.data
         rp = old_read[th]
         wp = new_write[th]
+        off_base, val_base = new_off.ctypes.data, new_val.ctypes.data
         stopped[th] = thread_hi[th]
         for i in range(thread_lo[th], thread_hi[th]):
             lo, hi = item_start[i], item_stop[i]
@@ -165,43 +237,42 @@ def _move(
                 stopped[th] = i
                 break
             t = item_tensor[i]
-            # raw views: no reference counting in the hot loop
-            address = addresses[t] + 4 * lo
-            x = numba.carray(_pointer(address), (n,), np.float32)
-            words = (n + 63) >> 6
+            address = addresses[t] + 4 * lo  # raw addresses: no reference counting in the hot loop
+            first_word = lo // WORD
+            words = (n + WORD - 1) // WORD
             if has_from:  # back to the unperturbed value: subtract, then the logged exceptions
-                rademacher_steps(from_keys[t], lo >> 6, words, from_alpha, step)
-                for k in range(n):
-                    x[k] = x[k] - step[k]
+                for j in range(words):
+                    bits = _mix(from_keys[t], np.uint64(first_word + j))
+                    _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), bits, -from_alpha)
+                x = numba.carray(_pointer(address), (n,), np.float32)
                 for e in range(rp, rp + old_count[i]):
                     x[old_off[e]] = old_val[e]
                 rp += old_count[i]
             if decay[t] != 1.0:
+                x = numba.carray(_pointer(address), (n,), np.float32)
                 for k in range(n):
                     x[k] = x[k] * decay[t]
             for q in range(term_alpha.shape[0]):
-                rademacher_steps(term_keys[t, q], lo >> 6, words, term_alpha[q], step)
-                for k in range(n):
-                    x[k] = x[k] + step[k]
-            if has_to:  # log what subtracting would not give back, then move
-                if has_from and to_keys[t] == from_keys[t] and to_alpha == -from_alpha:
-                    flip = np.float32(-1.0)  # +eps z to -eps z: the same steps, negated
-                else:
-                    flip = np.float32(1.0)
-                    rademacher_steps(to_keys[t], lo >> 6, words, to_alpha, step)
+                for j in range(words):
+                    bits = _mix(term_keys[t, q], np.uint64(first_word + j))
+                    _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), bits, term_alpha[q])
+            if has_to:  # move, logging what subtracting would not give back
+                if not has_from and i + 1 < thread_hi[th]:
+                    ahead = addresses[item_tensor[i + 1]] + 4 * item_start[i + 1]
+                    for line in range(0, 4 * (item_stop[i + 1] - item_start[i + 1]), 64):
+                        _prefetch(ahead + line)
                 written = wp
-                lanes = n & ~(LANES - 1)
-                steps = step.ctypes.data
-                for k in range(0, lanes, LANES):
-                    wp += _move_lanes(address + 4 * k, steps + 4 * k, flip, off_base + 4 * wp, val_base + 4 * wp, k)
-                for k in range(lanes, n):  # a tensor's last few elements
-                    value = x[k]
-                    moved = value + flip * step[k]
-                    if (moved - flip * step[k] != value) | (value == 0):
-                        new_off[wp] = k
-                        new_val[wp] = value
-                        wp += 1
-                    x[k] = moved
+                for j in range(words):
+                    bits = _mix(to_keys[t], np.uint64(first_word + j))
+                    wp += _move_word(
+                        address + 4 * WORD * j,
+                        min(WORD, n - WORD * j),
+                        bits,
+                        to_alpha,
+                        off_base + 4 * wp,
+                        val_base + 4 * wp,
+                        WORD * j,
+                    )
                 new_count[i] = wp - written
         old_read[th] = rp
         new_write[th] = wp
@@ -273,7 +344,6 @@ class LoggedPerturbation:
         self.log_bytes = int(log_bytes if log_bytes is not None else max(MIN_LOG_BYTES, largest_module_bytes(tensors)))
         self._log_shape = (threads, self.log_bytes // 2 // _ENTRY_BYTES // threads, len(items))
         self._logs: Optional[list] = None  # two _Log, allocated on first use
-        self._step_rows = np.empty((threads, ITEM), dtype=np.float32)
         self._no_decay = np.ones(len(tensors), dtype=np.float32)
         self._no_terms = np.empty((len(tensors), 0), dtype=np.uint64)
         self._at: Optional[_Offset] = None  # where the weights rest (None: at θ)
@@ -409,7 +479,6 @@ class LoggedPerturbation:
             *target.kernel_args(write),
             target.log.region_end,
             stopped,
-            self._step_rows,
         )
         if target is not theta:
             self.last_log_entries = int((write - target.log.region_start).sum())
