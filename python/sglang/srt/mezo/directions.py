@@ -142,11 +142,18 @@ _BLOCK = 1 << 14  # elements per parallel task; a multiple of 64 and of 2
 
 
 @numba.njit(inline="always")
+def rademacher_word(key, word):
+    """The signs of elements 64 * word ... 64 * word + 63 of a tensor's Rademacher z, as the
+    bits of one uint64: bit k is 0 where z = +1 and 1 where z = -1."""
+    return _mix(key, np.uint64(word))
+
+
+@numba.njit(inline="always")
 def rademacher_steps(key, first_word, words, alpha, out):
     """alpha * z for `words` whole 64-element words from word `first_word`, into out[:64 * words]
     (float32): one hash per word, z = +1 where its bit is 0."""
     for j in range(words):
-        bits = _mix(key, np.uint64(first_word + j))
+        bits = rademacher_word(key, first_word + j)
         word = out[j * 64 : j * 64 + 64]
         for k in range(64):
             word[k] = alpha if (bits >> np.uint64(k)) & np.uint64(1) == 0 else -alpha

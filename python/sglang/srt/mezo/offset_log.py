@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from sglang.srt.mezo.directions import RADEMACHER, _mix, tensor_key
+from sglang.srt.mezo.directions import RADEMACHER, rademacher_word, tensor_key
 from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
     UpdatePlan,
@@ -91,7 +91,7 @@ WORD = 64  # elements per random word: bit k of the word is the sign of element 
 
 def _word_codegen(builder, x_address, lanes, bits, alpha):
     """IR shared by the word kernels: the lane mask of a word's first `lanes` elements, its
-    values, and its steps ``alpha * z`` (z = +1 where the bit is 0, as `rademacher_steps`)."""
+    values, and its steps ``alpha * z`` (z = +1 where the bit is 0: `rademacher_word`)."""
     f32, i64 = ir.FloatType(), ir.IntType(64)
     floats, lane_mask = ir.VectorType(f32, WORD), ir.VectorType(ir.IntType(1), WORD)
     full = builder.icmp_unsigned(">=", lanes, ir.Constant(i64, WORD))
@@ -242,7 +242,7 @@ def _move(
             words = (n + WORD - 1) // WORD
             if has_from:  # back to the unperturbed value: subtract, then the logged exceptions
                 for j in range(words):
-                    bits = _mix(from_keys[t], np.uint64(first_word + j))
+                    bits = rademacher_word(from_keys[t], first_word + j)
                     _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), bits, -from_alpha)
                 x = numba.carray(_pointer(address), (n,), np.float32)
                 for e in range(rp, rp + old_count[i]):
@@ -254,7 +254,7 @@ def _move(
                     x[k] = x[k] * decay[t]
             for q in range(term_alpha.shape[0]):
                 for j in range(words):
-                    bits = _mix(term_keys[t, q], np.uint64(first_word + j))
+                    bits = rademacher_word(term_keys[t, q], first_word + j)
                     _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), bits, term_alpha[q])
             if has_to:  # move, logging what subtracting would not give back
                 if not has_from and i + 1 < thread_hi[th]:
@@ -263,7 +263,7 @@ def _move(
                         _prefetch(ahead + line)
                 written = wp
                 for j in range(words):
-                    bits = _mix(to_keys[t], np.uint64(first_word + j))
+                    bits = rademacher_word(to_keys[t], first_word + j)
                     wp += _move_word(
                         address + 4 * WORD * j,
                         min(WORD, n - WORD * j),
