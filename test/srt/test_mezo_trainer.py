@@ -1467,22 +1467,39 @@ class TestMeZOEdgeCases(unittest.TestCase):
         self.assertGreater(changed, 0, "a log that forgets its entries should drift (canary)")
 
     def test_logged_restore_is_bitwise_for_special_values(self):
-        """-0.0, a NaN payload, +-inf, subnormals and weights far below eps, both where the
-        kernel moves 16 lanes at once and in the scalar tail of a tensor whose size is not a
-        whole 16-lane vector (nor a 64-element word): inside each scope the weights equal the
-        per-element reference ``round(w + scale z)``; after +eps then -eps (held, so the
-        second move restores from the log and re-perturbs in one sweep) every bit is back.
-        As floats -0.0 == +0.0 and NaN != NaN, so only a bitwise log gets all of them."""
-        model = torch.nn.Linear(64, 37)  # weight 2368 = 37 whole words; bias 37: a partial word and vector
+        """-0.0, NaN payloads, +-inf, subnormals and weights far below eps, in whole 64-element
+        words and in the masked partial last word of a tensor (also one that starts a second
+        work item): inside each scope the weights equal the per-element reference
+        ``round(w + scale z)`` and the log holds exactly the elements subtraction would miss;
+        after +eps then -eps (held, so the second move restores from the log and re-perturbs
+        in one sweep) every bit is back. As floats -0.0 == +0.0 and NaN != NaN, so only a
+        bitwise log gets all of them. A tensor that is a view of a longer buffer: the buffer's
+        tail past the tensor's end (a zero, a NaN, -0.0: all would be logged) is neither
+        moved nor logged."""
+        torch.manual_seed(0)
+
+        class Weights(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear = torch.nn.Linear(64, 37)  # weight 2368 = 37 whole words; bias 37 of 64 lanes
+                self.long = torch.nn.Parameter(torch.randn(ITEM + 129) * 0.02)  # item 2: 2 words + 1 lane
+                self.storage = torch.randn(40) * 0.02
+                self.view = torch.nn.Parameter(self.storage[:37])  # the storage goes on for 3 more elements
+
+        model = Weights()
         special = [-0.0, 0.0, float("inf"), -float("inf"), 1e-40, -3e-42, 2e-6, -5e-5, 1.0, -0.75]
         with torch.no_grad():
-            model.weight.view(-1)[: len(special)] = torch.tensor(special)
-            model.weight.view(-1)[32:40] = 0.0  # logged; the bias after it has only 37 elements
-            model.weight.view(-1).view(torch.int32)[20] = 0x7FC00123  # a quiet NaN with a payload
-            model.bias[:4] = torch.tensor([-0.0, 1e-40, float("nan"), 0.0])
-            model.bias[-4:] = torch.tensor([0.0, float("nan"), -0.0, 1e-40])  # 37 = 2 * 16 + 5: the tail
+            model.linear.weight.view(-1)[: len(special)] = torch.tensor(special)
+            model.linear.weight.view(-1)[32:40] = 0.0  # logged
+            model.linear.weight.view(-1).view(torch.int32)[20] = 0x7FC00123  # a quiet NaN with a payload
+            model.linear.bias[:4] = torch.tensor([-0.0, 1e-40, float("nan"), 0.0])
+            model.linear.bias[-4:] = torch.tensor([0.0, float("nan"), -0.0, 1e-40])
+            model.linear.bias.view(torch.int32)[-2] = 0x7FC00321  # a payload NaN in the partial word
+            model.long[-3:] = torch.tensor([-0.0, float("nan"), 1e-40])  # the second item's last word
+            model.storage[37:] = torch.tensor([0.0, float("nan"), -0.0])
+        tail = model.storage[37:].clone()
         ref = snapshot(model)
-        tensors = collect_trainable(model, ["weight", "bias"], fp32_master=False)
+        tensors = collect_trainable(model, list(ref), fp32_master=False)
         mechanism = LoggedPerturbation(tensors, "rademacher", WeightVersions())
         seed = 11
         with mechanism.holding():
@@ -1497,7 +1514,9 @@ class TestMeZOEdgeCases(unittest.TestCase):
                         axpy_direction_(back, back, "rademacher", tensor_key(seed, name), -scale)
                         logged += int(((back != ref[name]) | (ref[name] == 0)).sum())  # NaN != NaN: counted
                     self.assertEqual(mechanism.last_log_entries, logged)  # exactly these, none past a tensor's end
+                    self.assertTrue(torch.equal(model.storage[37:].view(torch.int32), tail.view(torch.int32)))
         assert_bit_identical(self, model, ref)
+        self.assertTrue(torch.equal(model.storage[37:].view(torch.int32), tail.view(torch.int32)))
 
     def test_log_overflow_undoes_the_move_and_falls_back_exactly(self):
         """A log too small for a move: the half-done move is undone exactly (items already

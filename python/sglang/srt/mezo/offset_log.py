@@ -48,9 +48,11 @@ from sglang.srt.mezo.perturbation import (
 
 logger = logging.getLogger(__name__)
 
-# Elements per work item (a multiple of 64). A thread starts an item only when its log
-# region has room for every element of it, so an overflow never leaves an item half moved.
+WORD = 64  # elements per random word: bit k of the word is the sign of element k
+# Elements per work item (whole words). A thread starts an item only when its log region
+# has room for every element of it, so an overflow never leaves an item half moved.
 ITEM = 1 << 12
+assert ITEM % WORD == 0
 MIN_LOG_BYTES = 4 << 20
 _ENTRY_BYTES = 8  # int32 offset in the item + float32 value
 
@@ -86,9 +88,6 @@ def _prefetch(typingctx, address):
     return types.void(address), codegen
 
 
-WORD = 64  # elements per random word: bit k of the word is the sign of element k
-
-
 def _word_codegen(builder, x_address, lanes, bits, alpha):
     """IR shared by the word kernels: the lane mask of a word's first `lanes` elements, its
     values, and its steps ``alpha * z`` (z = +1 where the bit is 0: `rademacher_word`)."""
@@ -102,7 +101,7 @@ def _word_codegen(builder, x_address, lanes, bits, alpha):
         _declare(
             builder, "llvm.masked.load.v64f32.p0", floats, ir.PointerType(floats), ir.IntType(32), lane_mask, floats
         ),
-        [pointer, ir.Constant(ir.IntType(32), 4), present, ir.Constant(floats, ir.Undefined)],
+        [pointer, ir.Constant(ir.IntType(32), 4), present, ir.Constant(floats, [0.0] * WORD)],
     )
     steps = builder.select(
         builder.bitcast(bits, lane_mask), _splat(builder, builder.fneg(alpha), WORD), _splat(builder, alpha, WORD)
@@ -150,11 +149,11 @@ def _add_word(typingctx, x_address, lanes, bits, alpha):
 
 
 @intrinsic
-def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_address, first):
+def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_address, word_start):
     """x[:lanes] += alpha * z, logging the elements whose way back is not exact.
 
     Where ``(x + s) - s != x`` or ``x == 0`` (s = alpha * z), the original value and
-    ``first + lane`` are compress-stored to ``val``/``off``; returns how many were stored.
+    ``word_start + lane`` (its offset in the item) are compress-stored to ``val``/``off``; returns how many were stored.
     Straight-line vector code: with AVX-512, masked loads, stores and compress-stores are
     single instructions (LLVM scalarises them, still correct, elsewhere), so finding the
     1-2% of elements to log costs no branch and no scratch memory."""
@@ -163,7 +162,7 @@ def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_addres
     )
 
     def codegen(context, builder, signature, args):
-        x_address, lanes, bits, alpha, off_address, val_address, first = args
+        x_address, lanes, bits, alpha, off_address, val_address, word_start = args
         present, pointer, x, steps = _word_codegen(builder, x_address, lanes, bits, alpha)
         i32, i64 = ir.IntType(32), ir.IntType(64)
         floats, ints = x.type, ir.VectorType(i32, WORD)
@@ -176,7 +175,9 @@ def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_addres
             ),
         )
         _store_word(builder, moved, pointer, present)
-        offsets = builder.add(_splat(builder, builder.trunc(first, i32), WORD), ir.Constant(ints, list(range(WORD))))
+        offsets = builder.add(
+            _splat(builder, builder.trunc(word_start, i32), WORD), ir.Constant(ints, list(range(WORD)))
+        )
         for values, address, name in ((x, val_address, "v64f32"), (offsets, off_address, "v64i32")):
             vector = values.type
             store = _declare(
@@ -192,7 +193,6 @@ def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_addres
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _move(
     addresses,
-    sizes,
     item_tensor,
     item_start,
     item_stop,
@@ -228,7 +228,7 @@ def _move(
     for th in numba.prange(thread_lo.shape[0]):
         rp = old_read[th]
         wp = new_write[th]
-        off_base, val_base = new_off.ctypes.data, new_val.ctypes.data
+        off_base, val_base = new_off.ctypes.data, new_val.ctypes.data  # int32 / float32 entries: 4 bytes
         stopped[th] = thread_hi[th]
         for i in range(thread_lo[th], thread_hi[th]):
             lo, hi = item_start[i], item_stop[i]
@@ -257,6 +257,8 @@ def _move(
                     bits = rademacher_word(term_keys[t, q], first_word + j)
                     _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), bits, term_alpha[q])
             if has_to:  # move, logging what subtracting would not give back
+                # Alone in its sweep, the move's loads wait on the log's write position (the
+                # previous word's count): ask for the next item's lines ahead of them.
                 if not has_from and i + 1 < thread_hi[th]:
                     ahead = addresses[item_tensor[i + 1]] + 4 * item_start[i + 1]
                     for line in range(0, 4 * (item_stop[i + 1] - item_start[i + 1]), 64):
@@ -332,8 +334,8 @@ class LoggedPerturbation:
         self._owners = list({id(m): m for t in tensors for m in t.owners}.values())
         self._pointers = [t.param.data_ptr() for t in tensors]
         self._addresses = np.array(self._pointers, dtype=np.int64)
-        self._sizes = np.array([t.param.numel() for t in tensors], dtype=np.int64)
-        items = [(i, s, min(s + ITEM, int(n))) for i, n in enumerate(self._sizes) for s in range(0, int(n), ITEM)]
+        sizes = [t.param.numel() for t in tensors]
+        items = [(i, s, min(s + ITEM, n)) for i, n in enumerate(sizes) for s in range(0, n, ITEM)]
         self._item_tensor, self._item_start, self._item_stop = (np.array(c, dtype=np.int64) for c in zip(*items))
         # one contiguous run of items per thread, with about equal numbers of elements
         threads = max(1, numba.get_num_threads())
@@ -466,7 +468,6 @@ class LoggedPerturbation:
         stopped = np.empty_like(lo)
         _move(
             self._addresses,
-            self._sizes,
             self._item_tensor,
             self._item_start,
             self._item_stop,
