@@ -14,6 +14,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import unittest
 import warnings
@@ -1517,6 +1519,26 @@ class TestMeZOEdgeCases(unittest.TestCase):
                     self.assertTrue(torch.equal(model.storage[37:].view(torch.int32), tail.view(torch.int32)))
         assert_bit_identical(self, model, ref)
         self.assertTrue(torch.equal(model.storage[37:].view(torch.int32), tail.view(torch.int32)))
+
+    def test_logged_moves_compiled_without_avx512_are_exact_too(self):
+        """Without AVX-512 the kernels find the elements to log from each word's bit mask
+        instead of compress-storing them (LLVM would scalarise a compress-store lane by
+        lane). That path passes the same bit-exactness tests, in a process that numba
+        compiles for LLVM's "generic" CPU (on x86-64: SSE2 only), with its own kernel cache."""
+        tests = "special_values or logged_moves_equal or log_overflow_undoes"
+        child = (
+            "import sys, pytest\n"
+            "from sglang.srt.mezo import offset_log\n"
+            "print('compress-store path:', offset_log._COMPRESS_STORE)\n"
+            f"sys.exit(pytest.main([{__file__!r}, '-q', '-p', 'no:cacheprovider', '-k', {tests!r}]))\n"
+        )
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=cache)
+            env.pop("NUMBA_CPU_FEATURES", None)
+            run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+        self.assertEqual(run.returncode, 0, run.stdout[-3000:] + run.stderr[-3000:])
+        self.assertIn("compress-store path: False", run.stdout)
+        self.assertRegex(run.stdout, r"\b3 passed")
 
     def test_log_overflow_undoes_the_move_and_falls_back_exactly(self):
         """A log too small for a move: the half-done move is undone exactly (items already

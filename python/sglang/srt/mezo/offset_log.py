@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 import numba
 import numpy as np
 import torch
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
@@ -55,6 +56,20 @@ ITEM = 1 << 12
 assert ITEM % WORD == 0
 MIN_LOG_BYTES = 4 << 20
 _ENTRY_BYTES = 8  # int32 offset in the item + float32 value
+
+
+def _target_has_avx512() -> bool:
+    """Whether numba compiles for AVX-512 (its mask registers make a select by random bits,
+    masked loads and stores and compress-stores single instructions)."""
+    features = numba.core.config.CPU_FEATURES  # NUMBA_CPU_FEATURES, when set
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
+
+
+# A compile-time constant for the kernels. Without AVX-512, LLVM scalarises a compress-store
+# lane by lane, so there the elements to log are found from the word's bit mask instead.
+_COMPRESS_STORE = _target_has_avx512()
 
 
 @intrinsic
@@ -97,15 +112,40 @@ def _word_codegen(builder, x_address, lanes, bits, alpha):
     partial = builder.sub(builder.shl(ir.Constant(i64, 1), lanes), ir.Constant(i64, 1))
     present = builder.bitcast(builder.select(full, ir.Constant(i64, -1), partial), lane_mask)
     pointer = builder.inttoptr(x_address, ir.PointerType(floats))
-    x = builder.call(
-        _declare(
-            builder, "llvm.masked.load.v64f32.p0", floats, ir.PointerType(floats), ir.IntType(32), lane_mask, floats
-        ),
-        [pointer, ir.Constant(ir.IntType(32), 4), present, ir.Constant(floats, [0.0] * WORD)],
-    )
-    steps = builder.select(
-        builder.bitcast(bits, lane_mask), _splat(builder, builder.fneg(alpha), WORD), _splat(builder, alpha, WORD)
-    )
+    # Whole words (all but a tensor's last) take plain loads and stores: without AVX-512 a
+    # masked store is several times slower, and the branch is always predicted.
+    with builder.if_else(full) as (whole, partial_word):
+        with whole:
+            whole_x = builder.load(pointer, align=4)
+            whole_block = builder.block
+        with partial_word:
+            load = _declare(
+                builder, "llvm.masked.load.v64f32.p0", floats, ir.PointerType(floats), ir.IntType(32), lane_mask, floats
+            )
+            partial_x = builder.call(
+                load, [pointer, ir.Constant(ir.IntType(32), 4), present, ir.Constant(floats, [0.0] * WORD)]
+            )
+            partial_block = builder.block
+    x = builder.phi(floats)
+    x.add_incoming(whole_x, whole_block)
+    x.add_incoming(partial_x, partial_block)
+    if _COMPRESS_STORE:
+        negative = builder.bitcast(bits, lane_mask)
+        steps = builder.select(negative, _splat(builder, builder.fneg(alpha), WORD), _splat(builder, alpha, WORD))
+    else:  # without mask registers: flip alpha's sign bit by each lane's bit, in 32-bit lanes
+        i32 = ir.IntType(32)
+        halves = ir.VectorType(i32, 2)
+        pair = builder.insert_element(ir.Constant(halves, ir.Undefined), builder.trunc(bits, i32), ir.Constant(i32, 0))
+        pair = builder.insert_element(
+            pair, builder.trunc(builder.lshr(bits, ir.Constant(i64, 32)), i32), ir.Constant(i32, 1)
+        )
+        ints = ir.VectorType(i32, WORD)
+        words = builder.shuffle_vector(pair, ir.Constant(halves, ir.Undefined), ir.Constant(ints, [0] * 32 + [1] * 32))
+        lane_bits = builder.and_(
+            builder.lshr(words, ir.Constant(ints, list(range(32)) * 2)), ir.Constant(ints, [1] * WORD)
+        )
+        sign = builder.shl(lane_bits, ir.Constant(ints, [31] * WORD))
+        steps = builder.bitcast(builder.xor(_splat(builder, builder.bitcast(alpha, i32), WORD), sign), floats)
     return present, pointer, x, steps
 
 
@@ -122,17 +162,21 @@ def _declare(builder, name, result, *arguments):
 
 
 def _store_word(builder, values, pointer, present):
-    floats = values.type
-    store = _declare(
-        builder,
-        "llvm.masked.store.v64f32.p0",
-        ir.VoidType(),
-        floats,
-        ir.PointerType(floats),
-        ir.IntType(32),
-        present.type,
-    )
-    builder.call(store, [values, pointer, ir.Constant(ir.IntType(32), 4), present])
+    whole = builder.icmp_signed("==", builder.bitcast(present, ir.IntType(WORD)), ir.Constant(ir.IntType(WORD), -1))
+    with builder.if_else(whole) as (whole_word, partial_word):
+        with whole_word:
+            builder.store(values, pointer, align=4)
+        with partial_word:
+            store = _declare(
+                builder,
+                "llvm.masked.store.v64f32.p0",
+                ir.VoidType(),
+                values.type,
+                ir.PointerType(values.type),
+                ir.IntType(32),
+                present.type,
+            )
+            builder.call(store, [values, pointer, ir.Constant(ir.IntType(32), 4), present])
 
 
 @intrinsic
@@ -148,15 +192,52 @@ def _add_word(typingctx, x_address, lanes, bits, alpha):
     return signature, codegen
 
 
+def _moved_and_missed(builder, present, x, steps):
+    """``x + s``, and the present lanes whose way back is not exact: ``(x + s) - s != x``
+    (true for NaN too) or ``x == 0`` (a zero's sign)."""
+    moved = builder.fadd(x, steps)
+    missed = builder.and_(
+        present,
+        builder.or_(
+            builder.fcmp_unordered("!=", builder.fsub(moved, steps), x),
+            builder.fcmp_ordered("==", x, ir.Constant(x.type, [0.0] * WORD)),
+        ),
+    )
+    return moved, missed
+
+
+@intrinsic
+def _missed_word(typingctx, x_address, lanes, bits, alpha):
+    """The bit mask of the lanes `_move_word` would log (bit k: lane k), moving nothing."""
+
+    def codegen(context, builder, signature, args):
+        present, _, x, steps = _word_codegen(builder, *args)
+        _, missed = _moved_and_missed(builder, present, x, steps)
+        return builder.bitcast(missed, ir.IntType(64))
+
+    return types.uint64(types.int64, types.int64, types.uint64, types.float32), codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx, mask):
+    """Index of the lowest set bit of a uint64 (cttz)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
+
+
 @intrinsic
 def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_address, word_start):
     """x[:lanes] += alpha * z, logging the elements whose way back is not exact.
 
     Where ``(x + s) - s != x`` or ``x == 0`` (s = alpha * z), the original value and
-    ``word_start + lane`` (its offset in the item) are compress-stored to ``val``/``off``; returns how many were stored.
-    Straight-line vector code: with AVX-512, masked loads, stores and compress-stores are
-    single instructions (LLVM scalarises them, still correct, elsewhere), so finding the
-    1-2% of elements to log costs no branch and no scratch memory."""
+    ``word_start + lane`` (its offset in the item) are compress-stored to ``val``/``off``;
+    returns how many were stored. With AVX-512 this is straight-line code, a few mask
+    instructions per word, so finding the 1-2% of elements to log costs no branch and no
+    scratch memory. Elsewhere (``not _COMPRESS_STORE``) the kernel logs the lanes of
+    `_missed_word`'s mask one by one instead."""
     signature = types.int64(
         types.int64, types.int64, types.uint64, types.float32, types.int64, types.int64, types.int64
     )
@@ -165,15 +246,8 @@ def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_addres
         x_address, lanes, bits, alpha, off_address, val_address, word_start = args
         present, pointer, x, steps = _word_codegen(builder, x_address, lanes, bits, alpha)
         i32, i64 = ir.IntType(32), ir.IntType(64)
-        floats, ints = x.type, ir.VectorType(i32, WORD)
-        moved = builder.fadd(x, steps)
-        missed = builder.and_(
-            present,
-            builder.or_(
-                builder.fcmp_unordered("!=", builder.fsub(moved, steps), x),  # true for NaN too
-                builder.fcmp_ordered("==", x, ir.Constant(floats, [0.0] * WORD)),  # a zero's sign
-            ),
-        )
+        ints = ir.VectorType(i32, WORD)
+        moved, missed = _moved_and_missed(builder, present, x, steps)
         _store_word(builder, moved, pointer, present)
         offsets = builder.add(
             _splat(builder, builder.trunc(word_start, i32), WORD), ir.Constant(ints, list(range(WORD)))
@@ -238,18 +312,17 @@ def _move(
                 break
             t = item_tensor[i]
             address = addresses[t] + 4 * lo  # raw addresses: no reference counting in the hot loop
+            x = numba.carray(_pointer(address), (n,), np.float32)
             first_word = lo // WORD
             words = (n + WORD - 1) // WORD
             if has_from:  # back to the unperturbed value: subtract, then the logged exceptions
                 for j in range(words):
                     bits = rademacher_word(from_keys[t], first_word + j)
                     _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), bits, -from_alpha)
-                x = numba.carray(_pointer(address), (n,), np.float32)
                 for e in range(rp, rp + old_count[i]):
                     x[old_off[e]] = old_val[e]
                 rp += old_count[i]
             if decay[t] != 1.0:
-                x = numba.carray(_pointer(address), (n,), np.float32)
                 for k in range(n):
                     x[k] = x[k] * decay[t]
             for q in range(term_alpha.shape[0]):
@@ -266,15 +339,20 @@ def _move(
                 written = wp
                 for j in range(words):
                     bits = rademacher_word(to_keys[t], first_word + j)
-                    wp += _move_word(
-                        address + 4 * WORD * j,
-                        min(WORD, n - WORD * j),
-                        bits,
-                        to_alpha,
-                        off_base + 4 * wp,
-                        val_base + 4 * wp,
-                        WORD * j,
-                    )
+                    word_address, lanes = address + 4 * WORD * j, min(WORD, n - WORD * j)
+                    if _COMPRESS_STORE:
+                        wp += _move_word(
+                            word_address, lanes, bits, to_alpha, off_base + 4 * wp, val_base + 4 * wp, WORD * j
+                        )
+                    else:
+                        missed = _missed_word(word_address, lanes, bits, to_alpha)
+                        while missed:
+                            k = WORD * j + np.int64(_trailing_zeros(missed))
+                            new_off[wp] = k
+                            new_val[wp] = x[k]
+                            wp += 1
+                            missed &= missed - np.uint64(1)
+                        _add_word(word_address, lanes, bits, to_alpha)
                 new_count[i] = wp - written
         old_read[th] = rp
         new_write[th] = wp
