@@ -242,7 +242,7 @@ def _fill(out, kind, key, start, scratch):
         else:
             for j in range(lo, hi):
                 g = np.uint64(start + j)
-                bit = (_mix(key, g >> np.uint64(6)) >> (g & np.uint64(63))) & np.uint64(1)
+                bit = (rademacher_word(key, g >> np.uint64(6)) >> (g & np.uint64(63))) & np.uint64(1)
                 out[j] = 1.0 - 2.0 * np.float64(bit)
 
 

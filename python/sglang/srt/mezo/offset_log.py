@@ -146,7 +146,7 @@ def _word_codegen(builder, x_address, lanes, bits, alpha):
         )
         sign = builder.shl(lane_bits, ir.Constant(ints, [31] * WORD))
         steps = builder.bitcast(builder.xor(_splat(builder, builder.bitcast(alpha, i32), WORD), sign), floats)
-    return present, pointer, x, steps
+    return full, present, pointer, x, steps
 
 
 def _splat(builder, value, count):
@@ -161,9 +161,8 @@ def _declare(builder, name, result, *arguments):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
 
 
-def _store_word(builder, values, pointer, present):
-    whole = builder.icmp_signed("==", builder.bitcast(present, ir.IntType(WORD)), ir.Constant(ir.IntType(WORD), -1))
-    with builder.if_else(whole) as (whole_word, partial_word):
+def _store_word(builder, values, pointer, full, present):
+    with builder.if_else(full) as (whole_word, partial_word):
         with whole_word:
             builder.store(values, pointer, align=4)
         with partial_word:
@@ -185,8 +184,8 @@ def _add_word(typingctx, x_address, lanes, bits, alpha):
     signature = types.void(types.int64, types.int64, types.uint64, types.float32)
 
     def codegen(context, builder, signature, args):
-        present, pointer, x, steps = _word_codegen(builder, *args)
-        _store_word(builder, builder.fadd(x, steps), pointer, present)
+        full, present, pointer, x, steps = _word_codegen(builder, *args)
+        _store_word(builder, builder.fadd(x, steps), pointer, full, present)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -211,7 +210,7 @@ def _missed_word(typingctx, x_address, lanes, bits, alpha):
     """The bit mask of the lanes `_move_word` would log (bit k: lane k), moving nothing."""
 
     def codegen(context, builder, signature, args):
-        present, _, x, steps = _word_codegen(builder, *args)
+        _, present, _, x, steps = _word_codegen(builder, *args)
         _, missed = _moved_and_missed(builder, present, x, steps)
         return builder.bitcast(missed, ir.IntType(64))
 
@@ -244,11 +243,11 @@ def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_addres
 
     def codegen(context, builder, signature, args):
         x_address, lanes, bits, alpha, off_address, val_address, word_start = args
-        present, pointer, x, steps = _word_codegen(builder, x_address, lanes, bits, alpha)
+        full, present, pointer, x, steps = _word_codegen(builder, x_address, lanes, bits, alpha)
         i32, i64 = ir.IntType(32), ir.IntType(64)
         ints = ir.VectorType(i32, WORD)
         moved, missed = _moved_and_missed(builder, present, x, steps)
-        _store_word(builder, moved, pointer, present)
+        _store_word(builder, moved, pointer, full, present)
         offsets = builder.add(
             _splat(builder, builder.trunc(word_start, i32), WORD), ir.Constant(ints, list(range(WORD)))
         )
@@ -262,6 +261,14 @@ def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_addres
         return builder.call(popcount, [builder.bitcast(missed, i64)])
 
     return signature, codegen
+
+
+@numba.njit(inline="always")
+def _add_steps(address, n, key, first_word, alpha):
+    """x[:n] += alpha * z for the n float32 elements at `address`, whose signs are the
+    tensor's random words from `first_word` on."""
+    for j in range((n + WORD - 1) // WORD):
+        _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), rademacher_word(key, first_word + j), alpha)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -314,11 +321,8 @@ def _move(
             address = addresses[t] + 4 * lo  # raw addresses: no reference counting in the hot loop
             x = numba.carray(_pointer(address), (n,), np.float32)
             first_word = lo // WORD
-            words = (n + WORD - 1) // WORD
             if has_from:  # back to the unperturbed value: subtract, then the logged exceptions
-                for j in range(words):
-                    bits = rademacher_word(from_keys[t], first_word + j)
-                    _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), bits, -from_alpha)
+                _add_steps(address, n, from_keys[t], first_word, -from_alpha)
                 for e in range(rp, rp + old_count[i]):
                     x[old_off[e]] = old_val[e]
                 rp += old_count[i]
@@ -326,9 +330,7 @@ def _move(
                 for k in range(n):
                     x[k] = x[k] * decay[t]
             for q in range(term_alpha.shape[0]):
-                for j in range(words):
-                    bits = rademacher_word(term_keys[t, q], first_word + j)
-                    _add_word(address + 4 * WORD * j, min(WORD, n - WORD * j), bits, term_alpha[q])
+                _add_steps(address, n, term_keys[t, q], first_word, term_alpha[q])
             if has_to:  # move, logging what subtracting would not give back
                 # Alone in its sweep, the move's loads wait on the log's write position (the
                 # previous word's count): ask for the next item's lines ahead of them.
@@ -337,7 +339,7 @@ def _move(
                     for line in range(0, 4 * (item_stop[i + 1] - item_start[i + 1]), 64):
                         _prefetch(ahead + line)
                 written = wp
-                for j in range(words):
+                for j in range((n + WORD - 1) // WORD):
                     bits = rademacher_word(to_keys[t], first_word + j)
                     word_address, lanes = address + 4 * WORD * j, min(WORD, n - WORD * j)
                     if _COMPRESS_STORE:
