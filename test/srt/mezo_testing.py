@@ -78,6 +78,15 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, **config_overrides) -> LlamaF
     return model.eval()
 
 
+def lm_batch(batch_size=4, length=12, prompt=6, seed=1, vocab=384) -> dict:
+    """Random token rows whose last `length - prompt` tokens carry labels (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch_size, length), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
 def snapshot(model: torch.nn.Module) -> dict:
     """A copy of every parameter, for bit-exact comparisons."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}

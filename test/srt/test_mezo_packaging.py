@@ -14,11 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 class TestOverlayPackaging(unittest.TestCase):
     def test_imports_resolve_to_working_tree_and_upstream(self):
+        """... and importing the config (or the trainer) loads no numba: only a float32 CPU
+        tensor's write does (GPU boxes and SGLang's scheduler processes never pay for it)."""
         code = (
+            "import sys, sglang.srt.mezo.config; print('numba-after-config', 'numba' in sys.modules);"
             "import sglang, sglang.srt.mezo_trainer as t, sglang.srt.entrypoints.engine as e;"
+            "print('numba-after-trainer', 'numba' in sys.modules);"
             "print(t.__file__); print(e.__file__); print(sglang.__file__)"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+        self.assertIn("numba-after-config False", out.stdout)
+        self.assertIn("numba-after-trainer False", out.stdout)
         trainer_file, engine_file, sglang_file = out.stdout.split()[-3:]
         self.assertEqual(Path(trainer_file), REPO / "python" / "sglang" / "srt" / "mezo_trainer.py")
         for upstream in (engine_file, sglang_file):
@@ -39,6 +45,7 @@ class TestOverlayPackaging(unittest.TestCase):
             ]
         self.assertIn("sglang/srt/mezo_trainer.py", names)
         self.assertIn("sglang/srt/mezo/demo_data/train.jsonl", names)
+        self.assertIn("sglang/srt/mezo/kernels/triton_kernels.py", names)
         shipped = {n for n in names if n.endswith(".py")}
         self.assertTrue(
             all(n == "sglang/srt/mezo_trainer.py" or n.startswith("sglang/srt/mezo/") for n in shipped), shipped

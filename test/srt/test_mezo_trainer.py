@@ -25,16 +25,17 @@ from unittest import mock
 import datasets
 import numba
 import torch
-from mezo_testing import assert_bit_identical, snapshot, tiny_llama, tiny_tokenizer
+from mezo_testing import assert_bit_identical, lm_batch, snapshot, tiny_llama, tiny_tokenizer
 from scipy import stats
 from tokenizers import processors
 from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective
 
 from sglang.srt.mezo import perturbation as perturbation_module
 from sglang.srt.mezo.data import DataError, MeZOCollator, MeZODataset, create_dataloader, tokenizer_adds_bos
-from sglang.srt.mezo.directions import axpy_direction_, direction, tensor_key
+from sglang.srt.mezo.kernels import axpy_direction_, direction, tensor_key
+from sglang.srt.mezo.kernels.numba_restore_log import ITEM
 from sglang.srt.mezo.objectives import candidate_scores, positions, row_logprobs
-from sglang.srt.mezo.offset_log import ITEM, LoggedPerturbation
+from sglang.srt.mezo.offset_log import LoggedPerturbation
 from sglang.srt.mezo.perturbation import ModuleScopedPerturbation, WeightVersions, collect_trainable
 from sglang.srt.mezo_trainer import MeZOConfig, MeZOTrainer
 
@@ -62,14 +63,6 @@ def use_mechanism(trainer: MeZOTrainer, mechanism_cls, **kwargs) -> None:
 def z_of(trainer: MeZOTrainer, seed: int, name: str = "theta", shape=None) -> torch.Tensor:
     t = next(t for t in trainer.backend.tensors if t.name == name)
     return direction(trainer.config.perturbation, seed, name, shape or t.param.shape).double()
-
-
-def lm_batch(batch_size=4, length=12, prompt=6, seed=1, vocab=384):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch_size, length), generator=g)
-    labels = ids.clone()
-    labels[:, :prompt] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def candidate_batch(examples=4, candidates=3, seed=0, vocab=384, pad_side="right"):
@@ -318,14 +311,15 @@ class TestMeZOGradientEstimation(unittest.TestCase):
 
     def test_directions_independent_of_chunking_and_reference(self):
         """z(seed, name, offset): chunked draws equal one draw; numba equals the torch reference."""
-        from sglang.srt.mezo import directions as D
+        from sglang.srt.mezo import kernels as D
+        from sglang.srt.mezo.kernels import reference as spec
 
         key = tensor_key(11, "model.layers.0.mlp.up_proj.weight")
         for kind in D.PERTURBATIONS:
             whole = D.direction_chunk(kind, key, 0, 5000)
             parts = torch.cat([D.direction_chunk(kind, key, s, n) for s, n in ((0, 7), (7, 1000), (1007, 3993))])
             self.assertTrue(torch.equal(whole, parts))
-            self.assertTrue(torch.equal(whole, D.direction_chunk_torch(kind, key, 0, 5000)))  # same ops, same bits
+            self.assertTrue(torch.equal(whole, spec.z_chunk(kind, key, 0, 5000)))  # same ops, same bits
             self.assertFalse(torch.equal(whole, D.direction_chunk(kind, tensor_key(12, "x"), 0, 5000)))
         # the global RNG is never consumed
         torch.manual_seed(0)
@@ -338,12 +332,13 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         """The float32 polynomial Box-Muller against the same uniforms in float64 with libm:
         ln (Cephes, ~1 ulp), sqrt (exact) and sin/cos (~1 ulp each, argument rounded once)
         give |z - z64| <= 4 ulp of r = sqrt(-2 ln u1) <= 5.8, i.e. 2^-20 relative to r."""
-        from sglang.srt.mezo import directions as D
+        from sglang.srt.mezo import kernels as D
+        from sglang.srt.mezo.kernels import reference as spec
 
         key = tensor_key(5, "w")
         pairs = 1 << 16
         z = D.direction_chunk("gaussian", key, 0, 2 * pairs).double()
-        h = D._torch_mix(key, torch.arange(pairs))
+        h = spec.mix(key, torch.arange(pairs))
         u1 = (((h >> 40) & 0xFFFFFF) + 1).double() / 2**24
         angle = (h & 0xFFFFFF).double() / 2**24 * 2 * math.pi
         r = torch.sqrt(-2 * torch.log(u1))
@@ -357,7 +352,8 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         and a serial-size tensor, each with a tail that is not a whole 64-element word.
         (Rademacher on float32 rounds alpha to float32 first: then the float64 sum rounds to
         the plain float32 add the kernels do.)"""
-        from sglang.srt.mezo import directions as D
+        from sglang.srt.mezo import kernels as D
+        from sglang.srt.mezo.kernels import reference as spec
 
         key = tensor_key(5, "w")
         for n in (3 * D.CHUNK // 2 + 17, 1000 + 13):
@@ -378,7 +374,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         # the chunked path undoes its partial write when a chunk fails
         w64, backup = torch.randn(3 * D.CHUNK, dtype=torch.float64), torch.empty(3 * D.CHUNK, dtype=torch.float64)
         start = w64.clone()
-        real, calls = D.direction_chunk, {"n": 0}
+        real, calls = spec.z_chunk, {"n": 0}
 
         def fail_second(*args, **kwargs):
             calls["n"] += 1
@@ -386,7 +382,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                 raise MemoryError("injected")
             return real(*args, **kwargs)
 
-        with mock.patch.object(D, "direction_chunk", fail_second), self.assertRaises(MemoryError):
+        with mock.patch.object(spec, "z_chunk", fail_second), self.assertRaises(MemoryError):
             axpy_direction_(w64, w64, "gaussian", key, 1e-3, save=backup)
         self.assertTrue(torch.equal(w64, start))
 
@@ -1528,8 +1524,8 @@ class TestMeZOEdgeCases(unittest.TestCase):
         tests = "special_values or logged_moves_equal or log_overflow_undoes"
         child = (
             "import sys, pytest\n"
-            "from sglang.srt.mezo import offset_log\n"
-            "print('compress-store path:', offset_log._COMPRESS_STORE)\n"
+            "from sglang.srt.mezo.kernels import numba_restore_log\n"
+            "print('compress-store path:', numba_restore_log._COMPRESS_STORE)\n"
             f"sys.exit(pytest.main([{__file__!r}, '-q', '-p', 'no:cacheprovider', '-k', {tests!r}]))\n"
         )
         with tempfile.TemporaryDirectory() as cache:
@@ -1656,7 +1652,9 @@ class TestMeZOEdgeCases(unittest.TestCase):
                 trainer.step(batch)
         assert_bit_identical(self, model, pre)
 
-        real = perturbation_module._momentum_step
+        from sglang.srt.mezo.kernels import reference as spec
+
+        real = spec.update_  # one call per tensor on this path (momentum on the CPU)
         calls = {"n": 0}
 
         def interrupted(*args, **kwargs):
@@ -1666,7 +1664,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
             return real(*args, **kwargs)
 
         trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, momentum=0.9, disable_tqdm=True))
-        with mock.patch.object(perturbation_module, "_momentum_step", interrupted):
+        with mock.patch.object(spec, "update_", interrupted):
             with self.assertRaises(KeyboardInterrupt):
                 trainer.step(batch)
         self.assertGreater(calls["n"], 3)  # the update went on after the signal

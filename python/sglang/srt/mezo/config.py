@@ -6,7 +6,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from sglang.srt.mezo.directions import PERTURBATIONS
+import torch
+
+from sglang.srt.mezo.kernels import PERTURBATIONS
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PEFT_METHODS = ("none", "lora", "prefix")
@@ -44,6 +46,11 @@ class MeZOConfig:
     resume: Optional[str] = _f(None, "Checkpoint directory to resume from.")
     backend: str = _f("transformers", f"Forward backend: one of {BACKENDS}.")
     dtype: str = _f("float32", f"Model dtype: one of {DTYPES}.")
+    device: str = _f(
+        "auto",
+        "Device to train on: auto (cuda when available, else cpu) or any torch device (cpu, cuda, cuda:1, ...). "
+        "A model already spread over devices (accelerate's device_map) stays where it is.",
+    )
     max_length: int = _f(256, "Maximum tokens per example; prompts are cut from the left.")
 
     # --- estimator ----------------------------------------------------------------------
@@ -134,10 +141,21 @@ class MeZOConfig:
         ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                bad("device", f"not a torch device ({error})")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "must be in [0, 1)")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0")
+
+    def torch_device(self) -> torch.device:
+        """The device `device` names now (``auto``: cuda if torch sees a GPU, else cpu)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     @classmethod
     def preset(cls, trainable: str, **overrides) -> "MeZOConfig":

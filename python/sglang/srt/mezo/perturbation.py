@@ -1,17 +1,20 @@
-"""Exact, scoped, in-place perturbation of trainable tensors, and the ZO-SGD update.
+"""Exact, scoped perturbation of trainable tensors, and the ZO-SGD update.
 
 The trainer sees one interface, ``scope(seed, scale)`` / ``holding()`` / ``commit(plan)``,
 with two exact implementations. `ModuleScopedPerturbation` (Gaussian directions, half
-precision, GPUs, the SGLang engine): inside a scope every module that owns trainable tensors is perturbed *just before it runs*
-(``w <- w + scale * z``, written into the parameter's own storage so kernels read the
-perturbed values through unchanged pointers) and restored from a small backup *right
-after*. Restoring by copy, not by subtracting ``scale * z`` again, makes any number of
-lr=0 steps bit-exact in every dtype; only one module's tensors are backed up at a time,
-so the extra memory is the largest module's trainable bytes. Leaving the scope, by
-return or by exception, restores whatever is still perturbed. `offset_log.LoggedPerturbation`
-(Rademacher directions on float32 CPU tensors, where memory traffic is the whole cost)
-moves all weights at once and restores by subtraction plus a log of the elements that
-subtraction would miss.
+precision, GPUs, the SGLang engine): inside a scope every module that owns trainable
+tensors is perturbed *just before it runs* and put back *right after*, so only one
+module's tensors are ever perturbed and the extra memory is the largest module's
+trainable bytes. A parameter's perturbed values ``round(w + scale * z)`` are written into
+a one-module scratch buffer that is swapped in as the parameter's data for the module's
+call (one read of w and one write per pass; w itself is never written, so putting it back
+is exact in every dtype and costs nothing). A tensor that is a view into a larger buffer
+(the SGLang engine's fused and LoRA-pool tensors) cannot be swapped: it is perturbed in
+place, its backup written in the same pass, and restored by copy. Either way any number
+of lr=0 steps is bit-exact. Leaving the scope, by return or by exception, puts back
+whatever is still perturbed. `offset_log.LoggedPerturbation` (Rademacher directions on
+float32 CPU tensors, where memory traffic is the whole cost) moves all weights at once
+and restores by subtraction plus a log of the elements that subtraction would miss.
 
 Every write (perturb, restore, update, load) advances the module's entry in
 `WeightVersions`, which caches key their entries on.
@@ -31,7 +34,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from sglang.srt.mezo.directions import CHUNK, axpy_direction_, direction_chunk, tensor_key
+from sglang.srt.mezo.kernels import UpdateTarget, axpy_direction_, direction_chunk, tensor_key, update_
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +132,9 @@ class ModuleScopedPerturbation:
             for m in t.owners:
                 self._by_module.setdefault(m, []).append(t)
         self._scope: Optional[tuple] = None  # (seed, scale, {name: key})
-        self._active: list = []  # stack of (module, [(tensor, backup)])
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._active: list = []  # stack of (module, [(tensor, how to put it back)])
+        self._perturbed: set = set()  # ids of tensors perturbed now (a tied tensor may have several owners)
+        self._scratch: dict = {}  # device -> uint8 buffer of the largest module's trainable bytes
         self._handles = []
         for module in self._by_module:
             self._handles.append(module.register_forward_pre_hook(self._before))
@@ -180,18 +184,36 @@ class ModuleScopedPerturbation:
         if self._scope is None or any(m is module for m, _ in self._active):
             return
         _, scale, keys = self._scope
-        saved, offset = [], sum(b.numel() * b.element_size() for _, ts in self._active for _, b in ts if b is not None)
+        saved = []
+        offsets = {}  # device -> bytes of scratch taken by the modules active now
+        for _, entries in self._active:
+            for t, _ in entries:
+                offsets[t.param.device] = offsets.get(t.param.device, 0) + _nbytes(t.param)
         try:
             for t in self._by_module[module]:
-                p = t.param.detach()
-                if t.master is not None:
-                    saved.append((t, None))
-                    axpy_direction_(p, t.master, self.kind, keys[t.name], scale)
+                if id(t) in self._perturbed:
                     continue
-                backup = self._backup_buffer(p, offset)
-                offset += p.numel() * p.element_size()
-                axpy_direction_(p, p, self.kind, keys[t.name], scale, save=backup)  # backup in the same pass
-                saved.append((t, backup))  # only now does the backup hold p (if the write fails, p is intact)
+                p = t.param.detach()
+                src = t.master if t.master is not None else p
+                offset = offsets.get(p.device, 0)
+                if t.master is not None:  # written from the float32 master, synced back after: no scratch
+                    axpy_direction_(p, src, self.kind, keys[t.name], scale)
+                    saved.append((t, None))
+                    self._perturbed.add(id(t))
+                    continue
+                if isinstance(t.param, nn.Parameter):  # a perturbed copy swapped in: w is never written
+                    perturbed = self._scratch_view(p, offset)
+                    axpy_direction_(perturbed, src, self.kind, keys[t.name], scale)
+                    original = t.param.data
+                    t.param.data = perturbed
+                    saved.append((t, original))
+                    self._perturbed.add(id(t))
+                else:  # a view into a larger buffer: in place, the backup written in the same pass
+                    backup = self._scratch_view(p, offset)
+                    axpy_direction_(p, p, self.kind, keys[t.name], scale, save=backup)
+                    saved.append((t, backup))  # only now does the backup hold p (if the write fails, p is intact)
+                    self._perturbed.add(id(t))
+                offsets[p.device] = offset + _nbytes(p)
         finally:
             self.versions.bump(module)
             self._active.append((module, saved))
@@ -201,20 +223,32 @@ class ModuleScopedPerturbation:
             self._restore(*self._active.pop())
 
     def _restore(self, module, saved):
-        for t, backup in saved:
-            if backup is None:
+        for t, original in saved:
+            if t.master is not None:
                 t.sync_param()
+            elif isinstance(t.param, nn.Parameter):
+                t.param.data = original
             else:
-                t.param.detach().copy_(backup)
+                t.param.detach().copy_(original)
+            self._perturbed.discard(id(t))
         self.versions.bump(module)
 
-    def _backup_buffer(self, p: torch.Tensor, offset: int) -> torch.Tensor:
-        nbytes = p.numel() * p.element_size()
-        if self._scratch.numel() < offset + nbytes or self._scratch.device != p.device:
-            if offset:  # nested module: a separate buffer keeps outer backups in place
+    def _scratch_view(self, p: torch.Tensor, offset: int) -> torch.Tensor:
+        """`p`-shaped scratch at byte `offset` of its device's buffer (a nested module's
+        tensors come after the outer module's, or get a buffer of their own)."""
+        nbytes = _nbytes(p)
+        scratch = self._scratch.get(p.device)
+        if scratch is None or scratch.numel() < offset + nbytes:
+            if offset:
                 return torch.empty_like(p)
-            self._scratch = torch.empty(max(nbytes, self.backup_bytes()), dtype=torch.uint8, device=p.device)
-        return self._scratch[offset : offset + nbytes].view(p.dtype).view(p.shape)
+            scratch = self._scratch[p.device] = torch.empty(
+                max(nbytes, self.backup_bytes()), dtype=torch.uint8, device=p.device
+            )
+        return scratch[offset : offset + nbytes].view(p.dtype).view(p.shape)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class _DeferredInterrupts:
@@ -269,6 +303,7 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
 
     Without momentum: ``w <- (1 - lr*wd) w - lr * sum_i (g_i / q) z_i``.
     With momentum:    ``m <- mu m + sum_i (g_i / q) z_i + wd w;  w <- w - lr m``.
+    (`kernels.reference` defines the rounding of each step.)
 
     A zero update (lr = 0, or every g_i = 0, without momentum) writes nothing: adding 0 * z
     costs a sweep over the weights and would turn -0.0 into +0.0. Weights, versions and
@@ -276,34 +311,21 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
     """
     if plan.writes_nothing:
         return
+    targets = [
+        UpdateTarget(
+            t.value,
+            t.momentum if plan.momentum > 0 else None,
+            [tensor_key(seed, t.name) for seed, _ in plan.terms],
+            plan.weight_decay if t.decay else 0.0,
+        )
+        for t in tensors
+    ]
     with _DeferredInterrupts():
+        update_(targets, kind, [coef for _, coef in plan.terms], plan.lr, plan.momentum)
         for t in tensors:
-            w = t.value
-            wd = plan.weight_decay if t.decay else 0.0
-            if plan.momentum > 0:
-                _momentum_step(t, plan, kind, wd)
-            else:
-                if wd and plan.lr:
-                    w.mul_(1.0 - plan.lr * wd)
-                for seed, coef in plan.terms:
-                    if coef:
-                        axpy_direction_(w, w, kind, tensor_key(seed, t.name), -plan.lr * coef)
             t.sync_param()
             for m in t.owners:
                 versions.bump(m)
-
-
-def _momentum_step(t: TrainableTensor, plan: UpdatePlan, kind: str, wd: float) -> None:
-    w, m = t.value.view(-1), t.momentum.view(-1)
-    keys = [(tensor_key(seed, t.name), coef) for seed, coef in plan.terms]
-    for start in range(0, w.numel(), CHUNK):
-        n = min(CHUNK, w.numel() - start)
-        mc = m[start : start + n].mul_(plan.momentum)
-        for key, coef in keys:
-            mc.add_(direction_chunk(kind, key, start, n, w.device).to(mc.device), alpha=coef)
-        if wd:
-            mc.add_(w[start : start + n].float(), alpha=wd)
-        w[start : start + n].sub_((mc * plan.lr).to(w.dtype))
 
 
 def vanishing_fraction(
@@ -315,13 +337,15 @@ def vanishing_fraction(
     computed exactly as the perturbation/update would (float64, one rounding to the
     written tensor's dtype: the parameter for a perturbation, the float32 master if there
     is one for an update). Above 0.5 the write is mostly below the dtype's resolution.
+    Counts stay on each tensor's device until the end (one host sync per device).
     """
-    same = total = 0
+    same: dict = {}
+    total = 0
     for t in tensors:
         w = (t.value if update else t.param.detach()).view(-1)[:sample]
         src = t.value.view(-1)[:sample]
-        z = direction_chunk(kind, tensor_key(seed, t.name), 0, w.numel(), w.device).to(w.device, torch.float64)
+        z = direction_chunk(kind, tensor_key(seed, t.name), 0, w.numel(), w.device).to(torch.float64)
         moved = (src.to(torch.float64) + scale * z).to(w.dtype)
-        same += int((moved == w).sum())
+        same[w.device] = same.get(w.device, 0) + (moved == w).sum()
         total += w.numel()
-    return same / max(total, 1)
+    return sum(int(count) for count in same.values()) / max(total, 1)

@@ -1,0 +1,195 @@
+"""MeZO's directions z and the writes built on them, for every device: one dispatch.
+
+* `reference` defines z and every write (torch, readable, any device, chunked);
+* `numba_kernels` (and `numba_restore_log`) serve float32 CPU tensors;
+* `triton_kernels` serve every non-CPU device Triton supports (CUDA/ROCm, XPU).
+
+All three give the same bits for the same (seed, canonical name, element offset), so a
+run trained on a GPU replays bit for bit on a CPU. Neither numba nor triton is imported
+until a tensor needs it: importing `MeZOConfig` (or an SGLang scheduler loading the MeZO
+plugin) never loads numba or changes its settings.
+
+`implementation(tensor)` is the one place that decides which implementation writes a
+tensor; `forced(name)` overrides it within a block (tests run the Triton kernels on CPU
+tensors this way, under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from sglang.srt.mezo.kernels.reference import (
+    CHUNK,
+    GAUSSIAN,
+    PERTURBATIONS,
+    RADEMACHER,
+    check_kind,
+    effective_alpha,
+    tensor_key,
+)
+
+__all__ = [
+    "CHUNK",
+    "GAUSSIAN",
+    "PERTURBATIONS",
+    "RADEMACHER",
+    "IMPLEMENTATIONS",
+    "UpdateTarget",
+    "axpy_direction_",
+    "direction",
+    "direction_chunk",
+    "forced",
+    "implementation",
+    "tensor_key",
+    "update_",
+]
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("numba", "triton", "reference")
+TRITON_DEVICE_TYPES = ("cuda", "xpu")  # torch reports ROCm GPUs as "cuda" too
+_forced: Optional[str] = None
+
+
+@contextlib.contextmanager
+def forced(name: Optional[str]) -> Iterator[None]:
+    """Within this block every tensor is written by implementation `name` (None: the default
+    choice; numba still only where it can: float32 CPU tensors, the reference elsewhere).
+    Triton on CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported."""
+    global _forced
+    if name is not None and name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown kernel implementation {name!r}; expected one of {IMPLEMENTATIONS}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton imports (checked once; without it non-CPU devices use the reference)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        logger.warning("triton is not importable (%s): MeZO's non-CPU writes use the chunked torch reference", error)
+        return False
+    return True
+
+
+def implementation(tensor: torch.Tensor) -> str:
+    """Which implementation writes `tensor`: numba for float32 CPU tensors, Triton on the
+    devices it supports, the torch reference otherwise (or what `forced` says)."""
+    numba_serves = tensor.device.type == "cpu" and tensor.dtype == torch.float32
+    if _forced is not None:
+        return "reference" if _forced == "numba" and not numba_serves else _forced
+    if tensor.device.type == "cpu":
+        return "numba" if numba_serves else "reference"
+    if tensor.device.type in TRITON_DEVICE_TYPES and triton_available():
+        return "triton"
+    return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str):
+    """The module of implementation `name`, imported on first use."""
+    if name == "numba":
+        from sglang.srt.mezo.kernels import numba_kernels
+
+        return numba_kernels
+    if name == "triton":
+        from sglang.srt.mezo.kernels import triton_kernels
+
+        return triton_kernels
+    from sglang.srt.mezo.kernels import reference
+
+    return reference
+
+
+def direction_chunk(kind: str, key: int, start: int, n: int, device="cpu") -> torch.Tensor:
+    """z for elements [start, start + n) of the tensor keyed `key`, float32 on `device`."""
+    check_kind(kind)
+    device = torch.device(device)
+    probe = torch.empty(0, dtype=torch.float32, device=device)
+    name = implementation(probe)
+    if name == "numba":
+        return _module(name).fill(kind, key, start, n)
+    if name == "triton":
+        return _module(name).fill(kind, key, start, n, device)
+    return _module(name).z_chunk(kind, key, start, n, device)
+
+
+def direction(kind: str, seed: int, name: str, shape, device="cpu") -> torch.Tensor:
+    """The whole z of one tensor (tests and small tensors; the trainer never calls this)."""
+    return direction_chunk(kind, tensor_key(seed, name), 0, math.prod(shape), device).reshape(shape)
+
+
+def axpy_direction_(
+    w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save: Optional[torch.Tensor] = None
+) -> None:
+    """``w = round(src + alpha * z)`` elementwise, z of the tensor keyed `key` (see `reference`).
+
+    `src` is `w` itself or another tensor of its shape on its device (a backup, a float32
+    master); `save`, if given, receives src's values in the same pass. All contiguous. If
+    this raises, `w` is as it was (the kernels fail only before writing; the chunked
+    reference undoes itself from `save`).
+    """
+    check_kind(kind)
+    if w.device != src.device or (save is not None and save.device != w.device):
+        raise ValueError(f"axpy_direction_: w on {w.device}, src on {src.device}: one device expected")
+    alpha = effective_alpha(kind, w.dtype, alpha)
+    name = implementation(w)
+    if name == "numba" and not all(t.dtype == torch.float32 for t in (src, *([save] if save is not None else []))):
+        name = "reference"  # e.g. a bfloat16 backup: numba writes float32 only
+    _module(name).axpy_(w, src, kind, key, alpha, save)
+
+
+@dataclass
+class UpdateTarget:
+    """One tensor of a ZO-SGD update: the values updated in place (a float32 master where there
+    is one), its float32 momentum buffer (None without momentum), its key for each term,
+    and its weight decay (0 for bias and norm tensors)."""
+
+    weight: torch.Tensor
+    momentum: Optional[torch.Tensor]
+    keys: list
+    weight_decay: float
+
+
+def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], lr: float, mu: float = 0.0) -> None:
+    """The ZO-SGD update of every target (`reference.update_` defines it), each tensor in one
+    pass where its implementation allows. `coefs[i]` is term i's projected gradient / q;
+    with momentum (mu > 0) every target carries a buffer."""
+    check_kind(kind)
+    if mu == 0:  # adding 0 * z would turn -0.0 into +0.0: zero terms are skipped
+        kept = [i for i, c in enumerate(coefs) if c]
+        coefs = [coefs[i] for i in kept]
+        targets = [UpdateTarget(t.weight, None, [t.keys[i] for i in kept], t.weight_decay) for t in targets]
+    by_implementation: dict = {}
+    for t in targets:
+        by_implementation.setdefault(implementation(t.weight), []).append(t)
+    for name, group in by_implementation.items():
+        if name == "triton":
+            _module(name).update_(group, kind, coefs, lr, mu)
+            continue
+        for t in group:
+            if name == "numba" and t.momentum is None:
+                _numba_update(t, kind, coefs, lr)
+            else:
+                _module("reference").update_(t.weight, kind, t.keys, coefs, lr, t.weight_decay, t.momentum, mu)
+
+
+def _numba_update(t: UpdateTarget, kind: str, coefs: Sequence[float], lr: float) -> None:
+    """Without momentum on float32 CPU: the decay as one float32 multiply, then one fused
+    in-place sweep per term (the reference's values)."""
+    if t.weight_decay and lr:
+        t.weight.mul_(1.0 - lr * t.weight_decay)  # float32 tensor: one float32 multiply
+    for key, coef in zip(t.keys, coefs):
+        _module("numba").axpy_(t.weight, t.weight, kind, key, effective_alpha(kind, t.weight.dtype, -lr * coef))

@@ -1,0 +1,259 @@
+"""The definition of z and of every write MeZO makes to a weight, in plain torch: the specification.
+
+The numba kernels (CPU float32) and the Triton kernels (GPUs) compute exactly these bits;
+the tests compare all three. Everything here is written for readability, op by op in the
+order the fast kernels use, and runs on any device in chunks of `CHUNK` elements.
+
+**z** is a pure function of (step seed, canonical parameter name, element offset in the
+unsharded tensor): a SplitMix64 hash of a per-tensor key (`tensor_key`) and a counter.
+
+* Rademacher: one 64-bit hash per word of 64 elements; element i takes bit i % 64 of its
+  word's hash: +1 where the bit is 0, -1 where it is 1.
+* Gaussian: one 64-bit hash per pair of elements; Box-Muller in float32 on two 24-bit
+  uniforms from it (|z| < 5.8). ln, sin and cos are Cephes-style float32 polynomials, each
+  multiply and add rounded separately (never fused), sqrt correctly rounded; no division.
+
+**Writes** (one rounding to the weight's dtype each, arithmetic wider than the weight):
+
+* perturbation, ``axpy``: ``w = round(src + alpha * z)`` with the product and the sum each
+  rounded in float64. For Rademacher z on float32 weights alpha is first rounded to
+  float32 (`effective_alpha`), which makes the value a plain float32 add.
+* rounding to the weight's dtype (`round_to_dtype`): float64 -> float32 to nearest even,
+  then to bfloat16 / float16 to nearest even (NaN becomes the canonical 0x7FC0 in bf16).
+  Going through float32 is what torch's own double -> half conversion does.
+* ZO-SGD update without momentum (`update_`): the decay ``w = round(w * (1 - lr wd))`` in
+  float32 (float64 for float64 weights), then each term ``w = axpy(w, -lr c_i, z_i)`` in
+  order, each rounded to the dtype. Terms with c_i = 0 are skipped.
+* with momentum mu (buffer m in float32): ``m = f32(((m mu + sum_i c_i z_i) + wd w))`` and
+  ``w = round(w - lr m)``, every op rounded in float64, in that order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from typing import Optional, Sequence
+
+import torch
+
+GAUSSIAN = "gaussian"
+RADEMACHER = "rademacher"
+PERTURBATIONS = (GAUSSIAN, RADEMACHER)
+
+# Elements per chunk for the torch path: 1 Mi float32 scratch = 4 MiB (times a few temporaries).
+CHUNK = 1 << 20
+
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1 = 0xBF58476D1CE4E5B9
+MIX2 = 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+
+
+def f32(value: float) -> float:
+    """`value` rounded to the nearest float32, as a Python float (exactly representable in float32,
+    so no compiler or interpreter rounds the kernels' constants again)."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+# Box-Muller constants (float32 values). ln: Cephes logf around 1, ln 2 split in two parts.
+LN2_HI, LN2_LO = f32(0.693359375), f32(-2.12194440e-4)
+SQRT_HALF = f32(0.70710678118654752440)
+LOG_P = tuple(
+    f32(c)
+    for c in (
+        7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+        -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1,
+    )
+)  # fmt: skip
+SIN_P = (f32(-1.9515295891e-4), f32(8.3321608736e-3), f32(-1.6666654611e-1))
+COS_P = (f32(2.443315711809948e-5), f32(-1.388731625493765e-3), f32(4.166664568298827e-2))
+HALF_PI_2_22 = f32(math.pi / 2 / 2**22)  # a quarter turn over the 22 bits within a quadrant
+
+
+def tensor_key(seed: int, name: str) -> int:
+    """Stable 63-bit key of one tensor's direction for one seed (blake2b, not hash())."""
+    digest = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def effective_alpha(kind: str, dtype: torch.dtype, alpha: float) -> float:
+    """The alpha every implementation uses: rounded to float32 for Rademacher on float32
+    weights (then the float64 sum rounds to exactly a float32 add; it changes alpha by less
+    than 2^-24 relative), unchanged otherwise."""
+    return f32(alpha) if kind == RADEMACHER and dtype == torch.float32 else float(alpha)
+
+
+def check_kind(kind: str) -> None:
+    if kind not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
+
+
+# ----------------------------------------------------------------------------- z
+def mix(key: int, counter: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 of ``key + (counter + 1) * GOLDEN`` on int64 tensors (two's-complement
+    wrap-around; logical shifts emulated by masking)."""
+
+    def shr(x: torch.Tensor, s: int) -> torch.Tensor:
+        return (x >> s) & ((1 << (64 - s)) - 1)
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    x = (counter + 1) * signed(GOLDEN) + signed(key & _MASK64)
+    x = (x ^ shr(x, 30)) * signed(MIX1)
+    x = (x ^ shr(x, 27)) * signed(MIX2)
+    return x ^ shr(x, 31)
+
+
+def _c(value: float, device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def ln_uniform(m: torch.Tensor) -> torch.Tensor:
+    """ln(m / 2^24) in float32 for integers 1 <= m <= 2^24: m = f 2^E with f in [0.5, 1)
+    (exact), then ln f by the Cephes polynomial around 1 and (E - 24) ln 2 in two parts."""
+    dev = m.device
+    f, exponent = torch.frexp(m.to(torch.float32))
+    e = (exponent - 24).to(torch.float32)
+    small = f < _c(SQRT_HALF, dev)
+    e = torch.where(small, e - 1.0, e)
+    x = torch.where(small, (f + f) - 1.0, f - 1.0)
+    z = x * x
+    y = _c(LOG_P[0], dev) * x
+    for c in LOG_P[1:-1]:
+        y = (y + _c(c, dev)) * x
+    y = (y + _c(LOG_P[-1], dev)) * x * z
+    y = y + _c(LN2_LO, dev) * e
+    y = y - _c(0.5, dev) * z
+    return (x + y) + _c(LN2_HI, dev) * e
+
+
+def gaussian_pairs(h: torch.Tensor) -> tuple:
+    """(z0, z1) of each pair from its 64-bit hash: r = sqrt(-2 ln u1) with u1 from the top 24
+    bits, the angle 2 pi u2 from the low 24 bits; sin/cos of the angle within its quadrant,
+    reflected into [0, pi/4]."""
+    dev = h.device
+    # sqrt in float64, then one rounding: correctly rounded (torch's vectorised float32 sqrt is not always)
+    r = torch.sqrt(_c(-2.0, dev) * ln_uniform(((h >> 40) & 0xFFFFFF) + 1).double()).float()
+    angle_bits = h & 0xFFFFFF
+    quadrant = angle_bits >> 22
+    within = angle_bits & 0x3FFFFF
+    reflect = within > 0x200000
+    a = torch.where(reflect, 0x400000 - within, within).to(torch.float32) * _c(HALF_PI_2_22, dev)
+    z = a * a
+    s = ((_c(SIN_P[0], dev) * z + _c(SIN_P[1], dev)) * z + _c(SIN_P[2], dev)) * z * a + a
+    c = ((_c(COS_P[0], dev) * z + _c(COS_P[1], dev)) * z + _c(COS_P[2], dev)) * z * z - _c(0.5, dev) * z + 1.0
+    rs, rc = r * torch.where(reflect, c, s), r * torch.where(reflect, s, c)  # r sin, r cos within the quadrant
+    swap = (quadrant & 1) == 1  # quadrant q turns (cos, sin) by q quarter turns
+    z0, z1 = torch.where(swap, rs, rc), torch.where(swap, rc, rs)
+    z0 = torch.where((quadrant == 1) | (quadrant == 2), -z0, z0)
+    z1 = torch.where(quadrant >= 2, -z1, z1)
+    return z0, z1
+
+
+def z_chunk(kind: str, key: int, start: int, n: int, device="cpu") -> torch.Tensor:
+    """z for elements [start, start + n) of the tensor keyed `key`, float32."""
+    check_kind(kind)
+    idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    if kind == RADEMACHER:
+        bit = (mix(key, idx >> 6) >> (idx & 63)) & 1
+        return 1.0 - 2.0 * bit.to(torch.float32)
+    z0, z1 = gaussian_pairs(mix(key, idx >> 1))
+    return torch.where((idx & 1).bool(), z1, z0)
+
+
+# ----------------------------------------------------------------------------- rounding
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float64 tensor rounded to `dtype`: float64 unchanged; otherwise to float32 (nearest
+    even), then to bfloat16 (nearest even, written out, NaN -> 0x7FC0) or float16 (nearest even)."""
+    if dtype == torch.float64:
+        return x
+    x32 = x.to(torch.float32)
+    if dtype == torch.float32:
+        return x32
+    if dtype == torch.float16:
+        return x32.to(torch.float16)
+    if dtype == torch.bfloat16:
+        bits = x32.view(torch.int32)
+        rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) & 0xFFFF
+        rounded = torch.where(torch.isnan(x32), 0x7FC0, rounded)
+        return rounded.to(torch.int16).view(torch.bfloat16)  # int32 -> int16 keeps the low 16 bits
+    raise TypeError(f"MeZO writes float64, float32, bfloat16 and float16 weights, not {dtype}")
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def decay(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``round(x * factor)``: one multiply in float32 (float64 for float64 weights)."""
+    math_dtype = _opmath(x.dtype)
+    product = x.to(math_dtype) * torch.tensor(factor, dtype=math_dtype, device=x.device)
+    return round_to_dtype(product.to(torch.float64), x.dtype)
+
+
+def axpy_values(src: torch.Tensor, z: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """``round_to_dtype(src + alpha * z)``: product, then sum, each rounded in float64."""
+    return round_to_dtype(src.to(torch.float64) + z.to(torch.float64) * alpha, dtype)
+
+
+# ----------------------------------------------------------------------------- writes
+def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save=None) -> None:
+    """``w = round(src + alpha * z)`` chunk by chunk (`alpha` already `effective_alpha`).
+
+    `save`, if given, receives src first. If a chunk fails (out of memory), the chunks
+    already written are undone from `save` (where w is src) and the error propagates.
+    """
+    check_kind(kind)
+    if save is not None:
+        save.copy_(src)
+    flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
+    try:
+        for start in range(0, flat_w.numel(), CHUNK):
+            n = min(CHUNK, flat_w.numel() - start)
+            z = z_chunk(kind, key, start, n, w.device)
+            flat_w[start : start + n].copy_(axpy_values(flat_src[start : start + n], z, alpha, w.dtype))
+    except BaseException:
+        if save is not None:
+            w.detach().copy_(save)
+        raise
+
+
+def update_(
+    w: torch.Tensor,
+    kind: str,
+    keys: Sequence[int],
+    coefs: Sequence[float],
+    lr: float,
+    weight_decay: float,
+    momentum: Optional[torch.Tensor] = None,
+    mu: float = 0.0,
+) -> None:
+    """One ZO-SGD update of `w` (see the module docstring), chunk by chunk.
+
+    `keys[i]` is the key of term i's z for this tensor and `coefs[i]` its coefficient
+    (projected gradient / q); `weight_decay` is 0 for tensors without decay.
+    """
+    check_kind(kind)
+    flat = w.detach().view(-1)
+    flat_m = momentum.view(-1) if momentum is not None else None
+    for start in range(0, flat.numel(), CHUNK):
+        n = min(CHUNK, flat.numel() - start)
+        x = flat[start : start + n]
+        zs = [z_chunk(kind, key, start, n, w.device) for key in keys]
+        if flat_m is None:
+            value = decay(x, 1.0 - lr * weight_decay) if weight_decay and lr else x
+            for z, coef in zip(zs, coefs):
+                if coef:
+                    value = axpy_values(value, z, effective_alpha(kind, w.dtype, -lr * coef), w.dtype)
+            x.copy_(value)
+            continue
+        m = flat_m[start : start + n]
+        acc = m.to(torch.float64) * mu
+        for z, coef in zip(zs, coefs):
+            acc = acc + z.to(torch.float64) * coef
+        if weight_decay:
+            acc = acc + x.to(torch.float64) * weight_decay
+        m.copy_(acc.to(torch.float32))
+        x.copy_(round_to_dtype(x.to(torch.float64) - m.to(torch.float64) * lr, w.dtype))

@@ -1,0 +1,162 @@
+"""The Triton kernels, run on CPU tensors by Triton's interpreter, against the torch reference.
+
+Needs ``TRITON_INTERPRET=1`` in the environment before triton is first imported, so it runs
+in a process of its own: `test_mezo_triton.py` starts it (the suite's entry point), or::
+
+    TRITON_INTERPRET=1 python -m pytest test/srt/triton_interpreted_checks.py
+
+The interpreter evaluates every operation with numpy (never an FMA, IEEE division and
+sqrt), so bit-identity here checks the kernels' arithmetic, op for op; the same kernels on a
+GPU are bit-identical too only because they ask for exactly these operations (no fp fusion,
+``sqrt_rn``, no division): `benchmark/mezo/gpu_check.py` confirms it on a real GPU.
+
+Canary: a variant whose polynomials contract ``a*b + c`` into an FMA (what a compiler does
+by default) fails the bit-identity test.
+"""
+
+from __future__ import annotations
+
+import unittest
+from unittest import mock
+
+import torch
+import triton
+import triton.language as tl
+from mezo_testing import lm_batch, snapshot, tiny_llama
+
+import sglang.srt.mezo.kernels.reference as spec
+from sglang.srt.mezo import kernels
+from sglang.srt.mezo.kernels import UpdateTarget, numba_kernels, tensor_key, triton_kernels
+from sglang.srt.mezo_trainer import MeZOConfig, MeZOTrainer
+
+
+def setUpModule():
+    if not triton_kernels.INTERPRETED:
+        raise RuntimeError("run with TRITON_INTERPRET=1 set before triton is imported (see the module docstring)")
+
+
+KEY = tensor_key(7, "model.layers.0.mlp.up_proj.weight")
+HALF_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@triton.jit
+def _fused_mul_add(a, b, c):
+    return tl.fma(a, b, c)
+
+
+class TestTritonKernelsInterpreted(unittest.TestCase):
+    def test_z_is_bit_identical_to_reference_and_numba(self):
+        """z from the Triton fill kernel equals the torch reference and numba, bit for bit, for
+        both kinds, over lengths around a 64-element word and a tile, at odd start offsets
+        (a chunk that starts inside a pair or a word), and over one long tensor."""
+        cases = [(0, 1), (0, 63), (0, 64), (0, 65), (1, 64), (63, 65), (131, 5000), (0, (1 << 20) + 3)]
+        for kind in spec.PERTURBATIONS:
+            for start, n in cases:
+                with self.subTest(kind=kind, start=start, n=n):
+                    reference = spec.z_chunk(kind, KEY, start, n)
+                    self.assertTrue(same_bits(triton_kernels.fill(kind, KEY, start, n, "cpu"), reference))
+                    self.assertTrue(same_bits(numba_kernels.fill(kind, KEY, start, n), reference))
+
+    def test_canary_fused_multiply_add_breaks_bit_identity(self):
+        """The Gaussian polynomials contracted into FMAs (one rounding per a*b + c instead of
+        two) give other bits: the identity above rests on never fusing."""
+        n = 1 << 14
+        reference = spec.z_chunk("gaussian", KEY, 0, n)
+        with mock.patch.object(triton_kernels, "_mul_add", _fused_mul_add):
+            fused = triton_kernels.fill("gaussian", KEY, 0, n, "cpu")
+        differing = int((fused != reference).sum())
+        self.assertGreater(differing, 0)  # about 1% of the values move by an ulp or two
+        self.assertLess(float((fused - reference).abs().max()), 1e-5)  # close, not identical
+
+    def test_axpy_matches_reference_in_every_dtype_on_offset_views(self):
+        """w = round(src + alpha z) with the backup in the same pass, on views that start at
+        an odd storage offset and end in a partial tile; in place and out of place."""
+        for dtype in (*HALF_DTYPES, torch.float64):
+            for kind in spec.PERTURBATIONS:
+                with self.subTest(dtype=dtype, kind=kind):
+                    buffer = torch.randn(3 + 70001, dtype=torch.float64).to(dtype)
+                    w, head = buffer[3:], buffer[:3].clone()  # w's data_ptr is not 16-byte aligned
+                    alpha = spec.effective_alpha(kind, dtype, 1e-2)
+                    expected = w.clone()
+                    spec.axpy_(expected, expected, kind, KEY, alpha)
+                    original, backup = w.clone(), torch.empty_like(w)
+                    triton_kernels.axpy_(w, w, kind, KEY, alpha, save=backup)
+                    self.assertTrue(same_bits(w, expected))
+                    self.assertTrue(same_bits(backup, original))
+                    self.assertTrue(same_bits(buffer[:3], head))  # nothing outside the view moved
+                    out = torch.empty_like(w)
+                    triton_kernels.axpy_(out, original, kind, KEY, alpha)
+                    self.assertTrue(same_bits(out, expected))
+                    w.copy_(backup)  # the in-place mechanism's restore
+                    self.assertTrue(same_bits(w, original))
+
+    def test_update_with_momentum_and_weight_decay_matches_reference(self):
+        """One update with q=3 terms (one of them zero), weight decay and momentum, and one
+        without momentum, equal the reference's in every dtype, weights and buffers."""
+        keys = [tensor_key(seed, "w") for seed in (1, 2, 3)]
+        coefs = [0.3, -1.7, 0.0]
+        for dtype in (*HALF_DTYPES, torch.float64):
+            for kind in spec.PERTURBATIONS:
+                with self.subTest(dtype=dtype, kind=kind):
+                    w0 = torch.randn(9000, dtype=torch.float64).to(dtype)
+                    m0 = torch.randn(9000)
+                    w, m = w0.clone(), m0.clone()
+                    triton_kernels.update_([UpdateTarget(w, m, keys, 0.1)], kind, coefs, 1e-2, 0.9)
+                    w_ref, m_ref = w0.clone(), m0.clone()
+                    spec.update_(w_ref, kind, keys, coefs, 1e-2, 0.1, m_ref, 0.9)
+                    self.assertTrue(same_bits(w, w_ref) and same_bits(m, m_ref))
+                    self.assertFalse(same_bits(w, w0))
+                    w = w0.clone()
+                    with kernels.forced("triton"):
+                        kernels.update_([UpdateTarget(w, None, keys, 0.1)], kind, coefs, 1e-2)
+                    w_ref = w0.clone()
+                    spec.update_(w_ref, kind, keys, coefs, 1e-2, 0.1)
+                    self.assertTrue(same_bits(w, w_ref))
+
+    def test_trainer_step_with_triton_forced_equals_numba_path(self):
+        """The whole trainer (perturbation swapped in per module, update) with the Triton
+        kernels forced on CPU tensors: the same StepOutputs and weights as the default
+        path (numba: the restore log for Rademacher, per-module scratch for Gaussian), over
+        2 steps with 2 directions, momentum and weight decay."""
+        for kind in spec.PERTURBATIONS:
+            with self.subTest(kind=kind):
+                runs = []
+                for name in (None, "triton"):
+                    model = tiny_llama(tie_word_embeddings=True)
+                    config = MeZOConfig(
+                        perturbation=kind, learning_rate=1e-2, epsilon=1e-2, weight_decay=0.1, momentum=0.5,
+                        num_directions=2, disable_tqdm=True,
+                    )  # fmt: skip
+                    with kernels.forced(name):
+                        trainer = MeZOTrainer(model, config)
+                        outs = [trainer.step(lm_batch(seed=s)) for s in range(2)]
+                    runs.append(([(o.loss_plus, o.loss_minus, o.projected_grad) for o in outs], snapshot(model)))
+                (numba_out, numba_weights), (triton_out, triton_weights) = runs
+                self.assertEqual(numba_out, triton_out)
+                for name, value in numba_weights.items():
+                    self.assertTrue(same_bits(triton_weights[name], value), name)
+
+    def test_lr0_steps_restore_bit_exactly_in_three_dtypes(self):
+        """lr=0 steps through the Triton kernels leave every weight bit-identical, in float32,
+        bfloat16 and float16 (one layer and two steps keep the interpreter's launches few)."""
+        for dtype in HALF_DTYPES:
+            for kind in spec.PERTURBATIONS:
+                with self.subTest(dtype=dtype, kind=kind):
+                    model = tiny_llama(dtype=dtype, layers=1)
+                    before = snapshot(model)
+                    with kernels.forced("triton"):
+                        trainer = MeZOTrainer(
+                            model, MeZOConfig(perturbation=kind, learning_rate=0.0, epsilon=1e-2, disable_tqdm=True)
+                        )
+                        outs = [trainer.step(lm_batch(seed=s)) for s in range(2)]
+                    self.assertTrue(all(o.loss_plus != o.loss_minus for o in outs))  # z reached the forward
+                    for name, value in snapshot(model).items():
+                        self.assertTrue(same_bits(value, before[name]), name)
+
+
+if __name__ == "__main__":
+    unittest.main()
