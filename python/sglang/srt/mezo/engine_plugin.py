@@ -176,19 +176,28 @@ class EngineMeZO:
                     if key not in names:
                         continue
                     found.add(key)
-                    ref = st.get_tensor(key).to(names[key].param.dtype)
                     checked += 1
-                    if ref.shape != names[key].param.shape or not torch.equal(ref, names[key].param):
+                    if not same_bits(st.get_tensor(key), names[key].param):
                         mismatched.append(key)
         return {"checked": checked, "mismatched": mismatched, "missing": sorted(set(names) - found)}
 
     def checksum(self) -> dict:
-        return {
-            t.name: hashlib.blake2b(
-                t.param.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16
-            ).hexdigest()
-            for t in self.tensors
-        }
+        return {t.name: hashlib.blake2b(host_bytes(t.param), digest_size=16).hexdigest() for t in self.tensors}
+
+
+# The only places engine tensors (on whatever device the engine runs) meet host memory.
+def same_bits(reference: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` holds exactly `reference` (a host tensor, cast to its dtype), bit for
+    bit, compared on `tensor`'s device (NaN payloads and the sign of zero count)."""
+    if tuple(reference.shape) != tuple(tensor.shape):
+        return False
+    expected = reference.to(device=tensor.device, dtype=tensor.dtype).contiguous()
+    return torch.equal(expected.view(torch.uint8), tensor.detach().contiguous().view(torch.uint8))
+
+
+def host_bytes(tensor: torch.Tensor) -> bytes:
+    """The bytes of `tensor`, copied explicitly to the host first (numpy never sees device memory)."""
+    return tensor.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _write(path: str, payload) -> None:
@@ -268,7 +277,7 @@ def mezo_save(self, result_path: str):
     from safetensors.torch import save_file
 
     self._mezo.check_resident()
-    save_file({t.name: t.param.contiguous() for t in self._mezo.tensors}, result_path)
+    save_file({t.name: t.param.detach().to("cpu", copy=True).contiguous() for t in self._mezo.tensors}, result_path)
 
 
 RPC_METHODS = {

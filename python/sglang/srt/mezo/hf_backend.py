@@ -41,12 +41,42 @@ def split_rows(batch: dict, size: int) -> list:
     return [{k: v[c[0] : c[-1] + 1] if torch.is_tensor(v) and v.dim() else v for k, v in batch.items()} for c in chunks]
 
 
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`, unless accelerate already spread it over several devices
+    (``hf_device_map``): then every module stays where it is and MeZO perturbs and updates
+    each tensor on its own device."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    if len(set(placement.values())) > 1:
+        logger.info("the model is spread over %s by its device_map: not moved", sorted(map(str, placement.values())))
+        return model
+    return model.to(device)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a batch must be for `model`'s first layer (the input embedding)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None:
+        return weight.device
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 class TransformersBackend:
-    """Runs MeZO's forward passes on any `AutoModelForCausalLM` (optionally peft-wrapped)."""
+    """Runs MeZO's forward passes on any `AutoModelForCausalLM` (optionally peft-wrapped).
+
+    The model is moved to ``config.device`` (see `place_model`); batches are moved to its
+    input device; per-row results come back to the CPU (a few float64 values per row).
+    """
 
     name = "transformers"
 
     def __init__(self, model: nn.Module, config: MeZOConfig):
+        model = place_model(model, config.torch_device())
         model = apply_peft(model, config)
         names = trainable_names(model, config)
         self.quantized = quantize_frozen_linears(model, names, config.quantize_base)
@@ -66,6 +96,7 @@ class TransformersBackend:
         # (model, batch, perturbing) -> per-row (sums, counts), with exact KV/hidden reuse
         self.row_forward = CachedRowForward(model, self.tensors, self.versions, config)
         self.micro_batch_rows = config.micro_batch_size  # 0: whole batches until memory runs out
+        self.device = input_device(model)
 
     @property
     def cache_stats(self) -> dict:
@@ -74,6 +105,7 @@ class TransformersBackend:
     def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """Per-row completion log-likelihoods under ``w + scale * z(seed)`` (w if seed is None)."""
         self.model.eval()
+        batch = to_device(batch, self.device)
         with torch.no_grad():
             if seed is None:
                 self.perturbation.settle()
@@ -105,7 +137,7 @@ class TransformersBackend:
                 size = max(smallest, size // 2)
                 logger.warning("out of memory in a forward: retrying with micro-batches of %d rows", size)
         self.micro_batch_rows = size if size < rows else self.micro_batch_rows
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
     def _budget_rows(self, batch: dict) -> int:
         """Rows whose activations fit ``memory_budget_mb``: per token the logits (vocab floats,
@@ -123,6 +155,7 @@ class TransformersBackend:
             total, count = objective.reduce(sums, counts, batch)
             return float(total), int(count)
         self.model.eval()
+        batch = to_device(batch, self.device)
         with torch.no_grad():
             if seed is None:
                 self.perturbation.settle()
@@ -167,4 +200,4 @@ class TransformersBackend:
     def load_momentum_state(self, state: dict) -> None:
         for t in self.tensors:
             if t.name in state:
-                t.momentum = state[t.name].clone()
+                t.momentum = state[t.name].to(t.value.device, torch.float32, copy=True)

@@ -267,7 +267,7 @@ class SharedPrefixForward:
             use_cache=True,
             logits_to_keep=keep,
         )
-        last_logits = out.logits[torch.arange(len(prompts)), column].unsqueeze(1)
+        last_logits = out.logits[torch.arange(len(prompts), device=device), column].unsqueeze(1)
         return out.past_key_values, last_logits, pmask
 
 

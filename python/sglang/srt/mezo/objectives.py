@@ -17,10 +17,12 @@ import torch
 
 IGNORE_INDEX = -100
 Objective = Callable[[torch.nn.Module, dict], tuple]
-# log_softmax runs on row blocks of about this many logits (4 MiB in float32): the block's
-# output stays in cache for the gather. On one whole [tokens, vocab] tensor it writes and
-# re-reads hundreds of MiB, ~2.8x slower (SmolLM2 at 16x128); the values are the same bits.
+# log_softmax runs on row blocks of about this many logits. On a CPU, 4 MiB in float32: the
+# block's output stays in cache for the gather (on one whole [tokens, vocab] tensor it writes
+# and re-reads hundreds of MiB, ~2.8x slower at SmolLM2 16x128; the values are the same
+# bits). On a GPU, 64 MiB: few enough launches, a bounded float32 temporary.
 LOGPROB_BLOCK = 1 << 20
+LOGPROB_BLOCK_GPU = 1 << 24
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -28,7 +30,8 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     O(eps) signal; float64 stays float64); targets < 0 give an arbitrary value to mask."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     flat, index = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1).clamp(min=0)
-    rows = max(1, LOGPROB_BLOCK // flat.shape[-1])
+    block = LOGPROB_BLOCK if logits.device.type == "cpu" else LOGPROB_BLOCK_GPU
+    rows = max(1, block // flat.shape[-1])
     picked = [
         torch.log_softmax(flat[i : i + rows].to(dtype), dim=-1).gather(-1, index[i : i + rows])
         for i in range(0, flat.shape[0], rows)
@@ -71,8 +74,8 @@ def row_logprobs(model: torch.nn.Module, batch: dict, forward: Optional[Callable
     target_mask = labels[:, 1:] != IGNORE_INDEX
     keep = target_mask.any(0).nonzero().squeeze(-1)  # logit positions p predicting p+1
     if keep.numel() == 0:
-        zeros = torch.zeros(labels.shape[0], dtype=torch.float64)
-        return zeros, torch.zeros(labels.shape[0], dtype=torch.long)
+        zeros = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
+        return zeros, torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
     if forward is None:
         logits = model(
             input_ids=batch["input_ids"],
