@@ -92,7 +92,7 @@ class TransformersBackend:
         if LoggedPerturbation.supports(self.tensors, config.perturbation):
             self.perturbation = LoggedPerturbation(self.tensors, config.perturbation, self.versions)
         else:
-            self.perturbation = ModuleScopedPerturbation(self.tensors, config.perturbation, self.versions)
+            self.perturbation = ModuleScopedPerturbation(self.tensors, config.perturbation, self.versions, root=model)
         # (model, batch, perturbing) -> per-row (sums, counts), with exact KV/hidden reuse
         self.row_forward = CachedRowForward(model, self.tensors, self.versions, config)
         self.micro_batch_rows = config.micro_batch_size  # 0: whole batches until memory runs out

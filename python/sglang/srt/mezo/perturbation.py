@@ -34,7 +34,14 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from sglang.srt.mezo.kernels import UpdateTarget, axpy_direction_, direction_chunk, tensor_key, update_
+from sglang.srt.mezo.kernels import (
+    PairedWrites,
+    UpdateTarget,
+    axpy_direction_,
+    direction_chunk,
+    tensor_key,
+    update_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,29 +127,82 @@ def largest_module_bytes(tensors: list) -> int:
     return max(sizes, default=0)
 
 
-class ModuleScopedPerturbation:
-    """Perturbs each module's trainable tensors only while that module runs."""
+# Modules whose trainable tensors together stay under this many bytes may share one
+# perturbation unit (a decoder layer, the LoRA tensors of a layer) even when the largest
+# single module is smaller: fewer hooks and kernel launches, a bounded scratch.
+MERGE_MIN_BYTES = 8 << 20
+_SLOT_ALIGN = 256  # scratch slots start on 256-byte boundaries (vector loads on every device)
 
-    def __init__(self, tensors: list, kind: str, versions: WeightVersions):
+
+def perturbation_units(root: Optional[nn.Module], tensors: list, budget: int) -> dict:
+    """{unit module: [tensors]}: where each tensor's perturbation is scoped.
+
+    A tensor is perturbed while a unit that reads it runs. By default a unit is a module that
+    owns the tensor; with `root`, each owner is replaced by its highest ancestor below the
+    root such that the tensors owned within the ancestor total at most `budget` bytes,
+    every module on the way up has a single parent (a module shared by two parents could
+    run outside the ancestor) and the ancestor has a forward of its own (a ModuleList is
+    never called). For a decoder that is a layer: one hook pair and one launch per layer
+    instead of one per linear layer.
+    """
+    owners_of: dict = {}
+    for t in tensors:
+        for m in t.owners:
+            owners_of.setdefault(m, []).append(t)
+    if root is None:
+        return owners_of
+    parents: dict = {}
+    for module in root.modules():
+        for child in module.children():
+            parents.setdefault(id(child), set()).add(id(module))
+    by_id = {id(m): m for m in root.modules()}
+    below: dict = {}  # id(module) -> {id(tensor): bytes} owned within its subtree
+    for owner, owned in owners_of.items():
+        chain, node = [owner], owner
+        while len(parents.get(id(node), ())) == 1:
+            node = by_id[next(iter(parents[id(node)]))]
+            chain.append(node)
+        for module in chain:
+            below.setdefault(id(module), {}).update({id(t): _nbytes(t.param) for t in owned if t.master is None})
+    units: dict = {}
+    for owner, owned in owners_of.items():
+        unit, node = owner, owner
+        while len(parents.get(id(node), ())) == 1:
+            node = by_id[next(iter(parents[id(node)]))]
+            if node is root or sum(below[id(node)].values()) > budget:
+                break
+            if type(node).forward is not nn.Module.forward:
+                unit = node
+        for t in owned:
+            if all(u is not t for u in units.setdefault(unit, [])):
+                units[unit].append(t)
+    return units
+
+
+class ModuleScopedPerturbation:
+    """Perturbs each unit's trainable tensors only while that unit runs (`perturbation_units`).
+
+    Args:
+        root: the model; when given, owner modules are merged into larger units (decoder
+            layers) within the scratch budget. Without it every owner module is a unit.
+    """
+
+    def __init__(self, tensors: list, kind: str, versions: WeightVersions, root: Optional[nn.Module] = None):
         self.tensors = tensors
         self.kind = kind
         self.versions = versions
-        self._by_module: dict[nn.Module, list] = {}
-        for t in tensors:
-            for m in t.owners:
-                self._by_module.setdefault(m, []).append(t)
+        budget = max(largest_module_bytes(tensors), MERGE_MIN_BYTES)
+        self._by_unit = perturbation_units(root, tensors, budget)
+        self._owners = {u: list({id(m): m for t in ts for m in t.owners}.values()) for u, ts in self._by_unit.items()}
         self._scope: Optional[tuple] = None  # (seed, scale, {name: key})
-        self._active: list = []  # stack of (module, [(tensor, how to put it back)])
-        self._perturbed: set = set()  # ids of tensors perturbed now (a tied tensor may have several owners)
-        self._scratch: dict = {}  # device -> uint8 buffer of the largest module's trainable bytes
+        self._active: list = []  # stack of (unit, [(tensor, how to put it back)])
+        self._perturbed: set = set()  # ids of tensors perturbed now (a tied tensor may have several units)
+        self._scratch: dict = {}  # device -> uint8 buffer: one unit's perturbed copies or backups
+        self._writes: dict = {}  # unit -> (PairedWrites into the scratch, its tensors)
         self._handles = []
-        for module in self._by_module:
-            self._handles.append(module.register_forward_pre_hook(self._before))
-            self._handles.append(module.register_forward_hook(self._after, always_call=True))
-
-    @property
-    def modules(self) -> list:
-        return list(self._by_module)
+        for unit in self._by_unit:
+            self._handles.append(unit.register_forward_pre_hook(self._before))
+            self._handles.append(unit.register_forward_hook(self._after, always_call=True))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -150,8 +210,8 @@ class ModuleScopedPerturbation:
         self._handles = []
 
     def backup_bytes(self) -> int:
-        """Bytes of the largest module's trainable tensors: the scratch this mechanism needs."""
-        return largest_module_bytes(self.tensors)
+        """Bytes of scratch per device: the largest unit's perturbed copies (slots aligned)."""
+        return max((_slots(ts)[1] for ts in self._by_unit.values()), default=0)
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
@@ -180,71 +240,107 @@ class ModuleScopedPerturbation:
             self._scope = None
 
     # -- hooks ---------------------------------------------------------------------------
-    def _before(self, module, args):
-        if self._scope is None or any(m is module for m, _ in self._active):
+    def _before(self, unit, args):
+        if self._scope is None or any(u is unit for u, _ in self._active):
             return
         _, scale, keys = self._scope
         saved = []
-        offsets = {}  # device -> bytes of scratch taken by the modules active now
-        for _, entries in self._active:
-            for t, _ in entries:
-                offsets[t.param.device] = offsets.get(t.param.device, 0) + _nbytes(t.param)
         try:
-            for t in self._by_module[module]:
-                if id(t) in self._perturbed:
-                    continue
-                p = t.param.detach()
-                src = t.master if t.master is not None else p
-                offset = offsets.get(p.device, 0)
-                if t.master is not None:  # written from the float32 master, synced back after: no scratch
-                    axpy_direction_(p, src, self.kind, keys[t.name], scale)
-                    saved.append((t, None))
-                    self._perturbed.add(id(t))
-                    continue
-                if isinstance(t.param, nn.Parameter):  # a perturbed copy swapped in: w is never written
-                    perturbed = self._scratch_view(p, offset)
-                    axpy_direction_(perturbed, src, self.kind, keys[t.name], scale)
-                    original = t.param.data
-                    t.param.data = perturbed
-                    saved.append((t, original))
-                    self._perturbed.add(id(t))
-                else:  # a view into a larger buffer: in place, the backup written in the same pass
-                    backup = self._scratch_view(p, offset)
-                    axpy_direction_(p, p, self.kind, keys[t.name], scale, save=backup)
-                    saved.append((t, backup))  # only now does the backup hold p (if the write fails, p is intact)
-                    self._perturbed.add(id(t))
-                offsets[p.device] = offset + _nbytes(p)
+            if self._active:  # a unit inside another: its own buffers, tensor by tensor
+                for t in self._by_unit[unit]:
+                    if id(t) not in self._perturbed:
+                        self._perturb_one(t, keys[t.name], scale, saved)
+            else:
+                self._perturb_unit(unit, keys, scale, saved)
         finally:
-            self.versions.bump(module)
-            self._active.append((module, saved))
+            for m in self._owners[unit]:
+                self.versions.bump(m)
+            self._active.append((unit, saved))
 
-    def _after(self, module, args, output):
-        if self._active and self._active[-1][0] is module:
+    def _after(self, unit, args, output):
+        if self._active and self._active[-1][0] is unit:
             self._restore(*self._active.pop())
 
-    def _restore(self, module, saved):
+    def _perturb_unit(self, unit, keys: dict, scale: float, saved: list) -> None:
+        """The unit's parameters: perturbed copies written into fixed scratch slots in one
+        batch of launches, then swapped in (w itself is never written). Masters and views:
+        one by one."""
+        writes, swapped = self._unit_writes(unit)
+        writes(self.kind, [keys[t.name] for t in swapped], scale)
+        for t, perturbed in zip(swapped, writes.dsts):
+            saved.append((t, t.param.data))
+            t.param.data = perturbed
+            self._perturbed.add(id(t))
+        for t in self._by_unit[unit]:
+            if not _swappable(t):
+                self._perturb_one(t, keys[t.name], scale, saved)
+
+    def _perturb_one(self, t: TrainableTensor, key: int, scale: float, saved: list) -> None:
+        p = t.param.detach()
+        if t.master is not None:  # written from the float32 master, synced back after: no scratch
+            axpy_direction_(p, t.master, self.kind, key, scale)
+            saved.append((t, None))
+        elif _swappable(t):  # a perturbed copy swapped in
+            perturbed = torch.empty_like(p)
+            axpy_direction_(perturbed, p, self.kind, key, scale)
+            saved.append((t, t.param.data))
+            t.param.data = perturbed
+        else:  # a view into a larger buffer: in place, the backup written in the same pass
+            backup = torch.empty_like(p)
+            axpy_direction_(p, p, self.kind, key, scale, save=backup)
+            saved.append((t, backup))  # only now does the backup hold p (if the write fails, p is intact)
+        self._perturbed.add(id(t))
+
+    def _restore(self, unit, saved):
         for t, original in saved:
             if t.master is not None:
                 t.sync_param()
-            elif isinstance(t.param, nn.Parameter):
+            elif _swappable(t):
                 t.param.data = original
             else:
                 t.param.detach().copy_(original)
             self._perturbed.discard(id(t))
-        self.versions.bump(module)
+        for m in self._owners[unit]:
+            self.versions.bump(m)
 
-    def _scratch_view(self, p: torch.Tensor, offset: int) -> torch.Tensor:
-        """`p`-shaped scratch at byte `offset` of its device's buffer (a nested module's
-        tensors come after the outer module's, or get a buffer of their own)."""
-        nbytes = _nbytes(p)
-        scratch = self._scratch.get(p.device)
-        if scratch is None or scratch.numel() < offset + nbytes:
-            if offset:
-                return torch.empty_like(p)
-            scratch = self._scratch[p.device] = torch.empty(
-                max(nbytes, self.backup_bytes()), dtype=torch.uint8, device=p.device
-            )
-        return scratch[offset : offset + nbytes].view(p.dtype).view(p.shape)
+    def _unit_writes(self, unit) -> tuple:
+        """(PairedWrites from the unit's swappable parameters into their scratch slots, those tensors)."""
+        cached = self._writes.get(unit)
+        swapped = [t for t in self._by_unit[unit] if _swappable(t)]
+        if cached is not None and all(d.device in self._scratch for d in cached[0].dsts):
+            return cached
+        offsets, _ = _slots(swapped)
+        dsts = []
+        for t, offset in zip(swapped, offsets):
+            p = t.param.detach()
+            buffer = self._scratch_buffer(p.device)
+            dsts.append(buffer[offset : offset + _nbytes(p)].view(p.dtype).view(p.shape))
+        self._writes[unit] = (PairedWrites(dsts, [t.param for t in swapped]), swapped)
+        return self._writes[unit]
+
+    def _scratch_buffer(self, device: torch.device) -> torch.Tensor:
+        if device not in self._scratch:
+            self._scratch[device] = torch.empty(self.backup_bytes(), dtype=torch.uint8, device=device)
+        return self._scratch[device]
+
+
+def _swappable(t: TrainableTensor) -> bool:
+    """A parameter of its own (not a view into a larger buffer) without a float32 master."""
+    return t.master is None and isinstance(t.param, nn.Parameter)
+
+
+def _slots(tensors: list) -> tuple:
+    """(byte offset of each swappable tensor's scratch slot, bytes of scratch), per device."""
+    offsets, end = [], {}
+    for t in tensors:
+        if not _swappable(t):
+            offsets.append(None)
+            continue
+        device = t.param.device
+        start = -(-end.get(device, 0) // _SLOT_ALIGN) * _SLOT_ALIGN
+        offsets.append(start)
+        end[device] = start + _nbytes(t.param)
+    return offsets, max(end.values(), default=0)
 
 
 def _nbytes(t: torch.Tensor) -> int:

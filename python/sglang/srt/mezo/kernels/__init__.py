@@ -41,6 +41,7 @@ __all__ = [
     "PERTURBATIONS",
     "RADEMACHER",
     "IMPLEMENTATIONS",
+    "PairedWrites",
     "UpdateTarget",
     "axpy_direction_",
     "direction",
@@ -151,6 +152,43 @@ def axpy_direction_(
     _module(name).axpy_(w, src, kind, key, alpha, save)
 
 
+class PairedWrites:
+    """``dst_i = round(src_i + alpha * z_i)`` for a fixed list of (dst, src) pairs, issued
+    together: one launch per device and dtype where the implementation takes groups
+    (Triton), one `axpy_direction_` per pair elsewhere. The perturbation writes a unit's
+    scratch slots this way on every pass; the launch tables are built once."""
+
+    def __init__(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]):
+        self.dsts, self.srcs = list(dsts), list(srcs)
+        self._plans: dict = {}  # forced implementation -> [(triton group or None, [pair index])]
+
+    def __call__(self, kind: str, keys: Sequence[int], alpha: float) -> None:
+        check_kind(kind)
+        for group, indices in self._plan():
+            if group is None:
+                for i in indices:
+                    axpy_direction_(self.dsts[i], self.srcs[i], kind, keys[i], alpha)
+            else:
+                group(kind, [keys[i] for i in indices], effective_alpha(kind, group.dtype, alpha))
+
+    def _plan(self) -> list:
+        if _forced not in self._plans:
+            by_key: dict = {}
+            for i, dst in enumerate(self.dsts):
+                name = implementation(dst)
+                by_key.setdefault((name, dst.device, dst.dtype) if name == "triton" else None, []).append(i)
+            plan = []
+            for key, indices in by_key.items():
+                group = None
+                if key is not None:
+                    group = _module("triton").AxpyGroup(
+                        [self.dsts[i] for i in indices], [self.srcs[i] for i in indices]
+                    )
+                plan.append((group, indices))
+            self._plans[_forced] = plan
+        return self._plans[_forced]
+
+
 @dataclass
 class UpdateTarget:
     """One tensor of a ZO-SGD update: the values updated in place (a float32 master where there
@@ -168,6 +206,8 @@ def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], 
     pass where its implementation allows. `coefs[i]` is term i's projected gradient / q;
     with momentum (mu > 0) every target carries a buffer."""
     check_kind(kind)
+    if any((t.momentum is not None) != (mu > 0) for t in targets):
+        raise ValueError("update_: every target needs a momentum buffer when mu > 0, and none when mu == 0")
     if mu == 0:  # adding 0 * z would turn -0.0 into +0.0: zero terms are skipped
         kept = [i for i, c in enumerate(coefs) if c]
         coefs = [coefs[i] for i in kept]

@@ -15,17 +15,24 @@ unsharded tensor): a SplitMix64 hash of a per-tensor key (`tensor_key`) and a co
 
 **Writes** (one rounding to the weight's dtype each, arithmetic wider than the weight):
 
-* perturbation, ``axpy``: ``w = round(src + alpha * z)`` with the product and the sum each
-  rounded in float64. For Rademacher z on float32 weights alpha is first rounded to
-  float32 (`effective_alpha`), which makes the value a plain float32 add.
-* rounding to the weight's dtype (`round_to_dtype`): float64 -> float32 to nearest even,
-  then to bfloat16 / float16 to nearest even (NaN becomes the canonical 0x7FC0 in bf16).
-  Going through float32 is what torch's own double -> half conversion does.
+* perturbation, ``axpy``: ``w = round(src + alpha * z)``, the product and then the sum each
+  rounded in the write's arithmetic (`math_dtype`): float32 for bfloat16 and float16
+  weights (as torch computes half-precision ops) and for Rademacher z on float32 weights
+  (z = +-1: the float32 add is the exact float64 result rounded once), float64 otherwise.
+  Where the arithmetic is float32, alpha is first rounded to float32 (`effective_alpha`).
+* rounding to the weight's dtype (`round_to_dtype`): to float32 to nearest even, then to
+  bfloat16 / float16 to nearest even (NaN becomes the canonical 0x7FC0 in bf16). Going
+  through float32 is what torch's own double -> half conversion does.
 * ZO-SGD update without momentum (`update_`): the decay ``w = round(w * (1 - lr wd))`` in
   float32 (float64 for float64 weights), then each term ``w = axpy(w, -lr c_i, z_i)`` in
   order, each rounded to the dtype. Terms with c_i = 0 are skipped.
 * with momentum mu (buffer m in float32): ``m = f32(((m mu + sum_i c_i z_i) + wd w))`` and
   ``w = round(w - lr m)``, every op rounded in float64, in that order.
+
+Every non-NaN result is bit-identical on every device. A NaN result (a weight that is
+already NaN or infinite) is NaN everywhere, but its sign and payload are the hardware's:
+x86 keeps an input NaN's payload and makes inf - inf negative, NVIDIA GPUs write a
+canonical NaN.
 """
 
 from __future__ import annotations
@@ -77,11 +84,20 @@ def tensor_key(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def math_dtype(kind: str, dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic of a write to a `dtype` weight: float32 for half-precision weights and for
+    Rademacher z on float32 weights (the float64 sum rounded to float32 is exactly the float32
+    add there: z = +-1 and alpha is a float32), float64 otherwise."""
+    return torch.float32 if dtype in HALF_DTYPES or (kind == RADEMACHER and dtype == torch.float32) else torch.float64
+
+
 def effective_alpha(kind: str, dtype: torch.dtype, alpha: float) -> float:
-    """The alpha every implementation uses: rounded to float32 for Rademacher on float32
-    weights (then the float64 sum rounds to exactly a float32 add; it changes alpha by less
-    than 2^-24 relative), unchanged otherwise."""
-    return f32(alpha) if kind == RADEMACHER and dtype == torch.float32 else float(alpha)
+    """The alpha every implementation uses: rounded to float32 where the arithmetic is float32
+    (it changes alpha by less than 2^-24 relative), unchanged otherwise."""
+    return f32(alpha) if math_dtype(kind, dtype) == torch.float32 else float(alpha)
 
 
 def check_kind(kind: str) -> None:
@@ -165,8 +181,9 @@ def z_chunk(kind: str, key: int, start: int, n: int, device="cpu") -> torch.Tens
 
 # ----------------------------------------------------------------------------- rounding
 def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float64 tensor rounded to `dtype`: float64 unchanged; otherwise to float32 (nearest
-    even), then to bfloat16 (nearest even, written out, NaN -> 0x7FC0) or float16 (nearest even)."""
+    """A float64 or float32 tensor rounded to `dtype`: float64 unchanged; otherwise to float32
+    (nearest even), then to bfloat16 (nearest even, written out, NaN -> 0x7FC0) or float16
+    (nearest even)."""
     if dtype == torch.float64:
         return x
     x32 = x.to(torch.float32)
@@ -193,9 +210,12 @@ def decay(x: torch.Tensor, factor: float) -> torch.Tensor:
     return round_to_dtype(product.to(torch.float64), x.dtype)
 
 
-def axpy_values(src: torch.Tensor, z: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
-    """``round_to_dtype(src + alpha * z)``: product, then sum, each rounded in float64."""
-    return round_to_dtype(src.to(torch.float64) + z.to(torch.float64) * alpha, dtype)
+def axpy_values(src: torch.Tensor, z: torch.Tensor, alpha: float, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """``round_to_dtype(src + alpha * z)``: the product, then the sum, each rounded in the
+    write's `math_dtype` (`alpha` already `effective_alpha`)."""
+    math = math_dtype(kind, dtype)
+    alpha_t = torch.tensor(alpha, dtype=math, device=src.device)
+    return round_to_dtype(src.to(math) + z.to(math) * alpha_t, dtype)
 
 
 # ----------------------------------------------------------------------------- writes
@@ -213,7 +233,7 @@ def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float,
         for start in range(0, flat_w.numel(), CHUNK):
             n = min(CHUNK, flat_w.numel() - start)
             z = z_chunk(kind, key, start, n, w.device)
-            flat_w[start : start + n].copy_(axpy_values(flat_src[start : start + n], z, alpha, w.dtype))
+            flat_w[start : start + n].copy_(axpy_values(flat_src[start : start + n], z, alpha, kind, w.dtype))
     except BaseException:
         if save is not None:
             w.detach().copy_(save)
@@ -246,7 +266,7 @@ def update_(
             value = decay(x, 1.0 - lr * weight_decay) if weight_decay and lr else x
             for z, coef in zip(zs, coefs):
                 if coef:
-                    value = axpy_values(value, z, effective_alpha(kind, w.dtype, -lr * coef), w.dtype)
+                    value = axpy_values(value, z, effective_alpha(kind, w.dtype, -lr * coef), kind, w.dtype)
             x.copy_(value)
             continue
         m = flat_m[start : start + n]

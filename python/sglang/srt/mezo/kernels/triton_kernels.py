@@ -26,7 +26,9 @@ the tests use it to check bit-identity with the reference on a machine without a
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import os
 import struct
 from typing import Sequence
@@ -150,8 +152,9 @@ def _z(key, tile_start, KIND: tl.constexpr, TILE: tl.constexpr):
 
 
 @triton.jit
-def _round_from_f64(x, DTYPE: tl.constexpr):
-    """`reference.round_to_dtype`: float64 -> float32 -> the weight dtype, each to nearest even."""
+def _round(x, DTYPE: tl.constexpr):
+    """`reference.round_to_dtype` of a float64 or float32 value: float64 weights keep it;
+    otherwise to float32, then to the weight's dtype, each to nearest even."""
     if DTYPE == tl.float64:
         return x
     x32 = x.to(tl.float32)
@@ -167,6 +170,16 @@ def _round_from_f64(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _axpy_value(src, z, alpha, KIND: tl.constexpr, DTYPE: tl.constexpr):
+    """`reference.axpy_values`: src + alpha z (alpha float64, already `effective_alpha`) in the
+    write's arithmetic, product then sum, rounded to DTYPE."""
+    if DTYPE == tl.float64 or (DTYPE == tl.float32 and KIND == 0):
+        return _round(src.to(tl.float64) + z.to(tl.float64) * alpha, DTYPE)
+    else:  # half-precision weights, and Rademacher on float32: float32 arithmetic
+        return _round(src.to(tl.float32) + z * alpha.to(tl.float32), DTYPE)
+
+
+@triton.jit
 def _fill_kernel(out_ptr, n, start, key_high, key_low, KIND: tl.constexpr, TILE: tl.constexpr):
     """out[i] = z[start + i] for i < n (float32)."""
     tile_start = (tl.program_id(0).to(tl.int64) + start // TILE) * TILE
@@ -176,59 +189,128 @@ def _fill_kernel(out_ptr, n, start, key_high, key_low, KIND: tl.constexpr, TILE:
 
 
 @triton.jit
+def _axpy_tile(dst, src_ptr, save_ptr, key, alpha, tile_start, n, KIND: tl.constexpr, TILE: tl.constexpr):
+    """One tile of ``dst = round(src + alpha z)`` (and ``save = src`` first unless save_ptr is
+    None); `n` None for a tile that lies wholly inside the tensor (no mask: vector accesses)."""
+    offsets = _offsets(tile_start, KIND, TILE)
+    mask = offsets < n if n is not None else None
+    src = tl.load(src_ptr + offsets, mask=mask)
+    if save_ptr is not None:
+        tl.store(save_ptr + offsets, src, mask=mask)
+    z = _z(key, tile_start, KIND, TILE)
+    tl.store(dst + offsets, _axpy_value(src, z, alpha, KIND, dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _axpy_kernel(
     w_ptr, src_ptr, save_ptr, n, key_high, key_low, alpha_high, alpha_low,
     KIND: tl.constexpr, SAVE: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     """w[i] = round(src[i] + alpha z[i]); save[i] = src[i] first when SAVE (one read, one write)."""
     tile_start = tl.program_id(0).to(tl.int64) * TILE
-    offsets = _offsets(tile_start, KIND, TILE)
-    mask = offsets < n
-    src = tl.load(src_ptr + offsets, mask=mask)
-    if SAVE:
-        tl.store(save_ptr + offsets, src, mask=mask)
-    z = _z(_u64(key_high, key_low), tile_start, KIND, TILE)
+    key = _u64(key_high, key_low)
     alpha = _u64(alpha_high, alpha_low).to(tl.float64, bitcast=True)
-    value = src.to(tl.float64) + z.to(tl.float64) * alpha
-    tl.store(w_ptr + offsets, _round_from_f64(value, w_ptr.dtype.element_ty), mask=mask)
+    save = save_ptr if SAVE else None
+    if tile_start + TILE <= n:
+        _axpy_tile(w_ptr, src_ptr, save, key, alpha, tile_start, None, KIND, TILE)
+    else:
+        _axpy_tile(w_ptr, src_ptr, save, key, alpha, tile_start, n, KIND, TILE)
 
 
 @triton.jit
-def _update_kernel(
-    w_ptr, m_ptr, n, keys_ptr, scalars_ptr, terms,
-    KIND: tl.constexpr, MOMENTUM: tl.constexpr, DECAY: tl.constexpr, TILE: tl.constexpr,
+def _tile(tile_tensor_ptr, first_tile_ptr, TILE: tl.constexpr):
+    """(index of this program's tensor in a group table, the first element of its tile)."""
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor_ptr + pid)
+    tile_start = (pid - tl.load(first_tile_ptr + t)).to(tl.int64) * TILE
+    return t.to(tl.int64), tile_start
+
+
+@triton.jit
+def _pointer(row_ptr, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address in a group table's row as a pointer to DTYPE (16-byte aligned when ALIGNED:
+    the hint lets the compiler use vector accesses, as it does for pointer arguments)."""
+    pointer = tl.load(row_ptr + column).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _axpy_group_kernel(
+    rows_ptr, tile_tensor_ptr, first_tile_ptr, keys_ptr, alpha_high, alpha_low,
+    KIND: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    """`reference.update_` on one tensor in one pass. `keys` holds the tensor's key of each
-    term; `scalars` = [lr, mu, 1 - lr wd, wd, c_0, ..., c_{terms-1}] (float64)."""
-    tile_start = tl.program_id(0).to(tl.int64) * TILE
+    """`_axpy_kernel` (no backup) over several tensors of one dtype in one launch. A row of
+    `rows` is (dst address, src address, numel); `keys` holds each row's key."""
+    t, tile_start = _tile(tile_tensor_ptr, first_tile_ptr, TILE)
+    row = rows_ptr + 3 * t
+    dst = _pointer(row, 0, DTYPE, ALIGNED)
+    src = _pointer(row, 1, DTYPE, ALIGNED)
+    n = tl.load(row + 2)
+    key = tl.load(keys_ptr + t).to(tl.uint64)
+    alpha = _u64(alpha_high, alpha_low).to(tl.float64, bitcast=True)
+    if tile_start + TILE <= n:
+        _axpy_tile(dst, src, None, key, alpha, tile_start, None, KIND, TILE)
+    else:
+        _axpy_tile(dst, src, None, key, alpha, tile_start, n, KIND, TILE)
+
+
+@triton.jit
+def _update_tile(
+    w_ptr, m_ptr, keys_ptr, scalars_ptr, terms, factor, wd, tile_start, n,
+    KIND: tl.constexpr, MOMENTUM: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    """One tile of `reference.update_` (`n` None: a whole tile, no mask)."""
+    DTYPE = w_ptr.dtype.element_ty
     offsets = _offsets(tile_start, KIND, TILE)
-    mask = offsets < n
+    mask = offsets < n if n is not None else None
     w = tl.load(w_ptr + offsets, mask=mask)
     lr = tl.load(scalars_ptr)
     if MOMENTUM:
         acc = tl.load(m_ptr + offsets, mask=mask).to(tl.float64) * tl.load(scalars_ptr + 1)
         for i in range(terms):
             z = _z(tl.load(keys_ptr + i).to(tl.uint64), tile_start, KIND, TILE)
-            acc = acc + z.to(tl.float64) * tl.load(scalars_ptr + 4 + i)
-        if DECAY:
-            acc = acc + w.to(tl.float64) * tl.load(scalars_ptr + 3)
+            acc = acc + z.to(tl.float64) * tl.load(scalars_ptr + 2 + i)
+        if wd != 0.0:
+            acc = acc + w.to(tl.float64) * wd
         m = acc.to(tl.float32)
         tl.store(m_ptr + offsets, m, mask=mask)
-        w = _round_from_f64(w.to(tl.float64) - m.to(tl.float64) * lr, w_ptr.dtype.element_ty)
+        w = _round(w.to(tl.float64) - m.to(tl.float64) * lr, DTYPE)
     else:
-        if DECAY:
-            factor = tl.load(scalars_ptr + 2)
-            if w_ptr.dtype.element_ty == tl.float64:
+        if wd != 0.0:
+            if DTYPE == tl.float64:
                 w = w * factor
             else:
-                w = _round_from_f64((w.to(tl.float32) * factor.to(tl.float32)).to(tl.float64), w_ptr.dtype.element_ty)
+                w = _round(w.to(tl.float32) * factor.to(tl.float32), DTYPE)
         for i in range(terms):
-            alpha = -lr * tl.load(scalars_ptr + 4 + i)
-            if KIND == 1 and w_ptr.dtype.element_ty == tl.float32:
-                alpha = alpha.to(tl.float32).to(tl.float64)  # `reference.effective_alpha`
             z = _z(tl.load(keys_ptr + i).to(tl.uint64), tile_start, KIND, TILE)
-            w = _round_from_f64(w.to(tl.float64) + z.to(tl.float64) * alpha, w_ptr.dtype.element_ty)
+            w = _axpy_value(w, z, -lr * tl.load(scalars_ptr + 2 + i), KIND, DTYPE)
     tl.store(w_ptr + offsets, w, mask=mask)
+
+
+@triton.jit
+def _update_group_kernel(
+    rows_ptr, tile_tensor_ptr, first_tile_ptr, decay_ptr, keys_ptr, scalars_ptr, terms,
+    KIND: tl.constexpr, MOMENTUM: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    """`reference.update_` over several tensors of one dtype in one launch, one pass each.
+
+    A row of `rows` is (weight address, float32 momentum address, numel); `decay` holds each
+    row's (1 - lr wd, wd), wd = 0 where the tensor is not decayed; `keys` each row's key per
+    term; `scalars` = [lr, mu, c_0, ..., c_{terms-1}] (float64)."""
+    t, tile_start = _tile(tile_tensor_ptr, first_tile_ptr, TILE)
+    row = rows_ptr + 3 * t
+    w_ptr = _pointer(row, 0, DTYPE, ALIGNED)
+    m_ptr = _pointer(row, 1, tl.float32, ALIGNED)
+    n = tl.load(row + 2)
+    keys = keys_ptr + t * terms
+    factor = tl.load(decay_ptr + 2 * t)
+    wd = tl.load(decay_ptr + 2 * t + 1)
+    if tile_start + TILE <= n:
+        _update_tile(w_ptr, m_ptr, keys, scalars_ptr, terms, factor, wd, tile_start, None, KIND, MOMENTUM, TILE)
+    else:
+        _update_tile(w_ptr, m_ptr, keys, scalars_ptr, terms, factor, wd, tile_start, n, KIND, MOMENTUM, TILE)
 
 
 def _halves(value: int) -> tuple:
@@ -277,25 +359,100 @@ def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float,
             )  # fmt: skip
 
 
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
+class GroupTables:
+    """Device tables that let one launch cover several tensors of one dtype on one device:
+    a row of addresses per tensor, the tensor of each tile and each tensor's first tile.
+    Built once and reused while the tensors stay where they are (`matches`)."""
+
+    def __init__(self, columns: list, device: torch.device):
+        self.device = device
+        self.signature = self.signature_of(columns)  # addresses and sizes only: no tensor is kept alive
+        numels = [row[0].numel() for row in columns]
+        tiles = [triton.cdiv(n, TILE) for n in numels]
+        self.tiles = sum(tiles)
+        self.aligned = all(a % 16 == 0 for row, _ in self.signature for a in row)
+        rows = [[*addresses, n] for addresses, n in self.signature]
+        self.rows = _upload(torch.tensor(rows, dtype=torch.int64), device)
+        index = torch.repeat_interleave(torch.arange(len(tiles), dtype=torch.int32), torch.tensor(tiles))
+        self.tile_tensor = _upload(index, device)
+        first = [0, *itertools.accumulate(tiles)][:-1]
+        self.first_tile = _upload(torch.tensor(first, dtype=torch.int32), device)
+
+    @staticmethod
+    def signature_of(columns: list) -> tuple:
+        """Per row: the addresses of its tensors (0 for None) and the first one's size."""
+        return tuple((tuple(t.data_ptr() if t is not None else 0 for t in row), row[0].numel()) for row in columns)
+
+    def matches(self, columns: list) -> bool:
+        return self.signature == self.signature_of(columns)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table on `device` without waiting for the device's queued work (pinned,
+    non-blocking; the caching host allocator keeps the buffer until the copy is done)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class AxpyGroup:
+    """``dst_i = round(src_i + alpha z_i)`` for several (dst, src) pairs of one dtype on one device
+    in one launch (the perturbation of a whole module's tensors into its scratch)."""
+
+    def __init__(self, dsts: list, srcs: list):
+        self.dsts, self.srcs = dsts, srcs
+        self.dtype, self.device = dsts[0].dtype, dsts[0].device
+        self._tables = None
+
+    def __call__(self, kind: str, keys: Sequence[int], alpha: float) -> None:
+        columns = [[d, s] for d, s in zip(self.dsts, self.srcs)]
+        if self._tables is None or not self._tables.matches(columns):
+            self._tables = GroupTables(columns, self.device)
+        tables = self._tables
+        if not tables.tiles:
+            return
+        key_table = _upload(torch.tensor(keys, dtype=torch.int64), self.device)
+        with _on(self.device):
+            _axpy_group_kernel[(tables.tiles,)](
+                tables.rows, tables.tile_tensor, tables.first_tile, key_table, *_float_halves(alpha),
+                KIND=_KIND[kind], DTYPE=_TL_DTYPES[self.dtype], ALIGNED=tables.aligned, TILE=TILE,
+                enable_fp_fusion=False,
+            )  # fmt: skip
+
+
+_UPDATE_TABLES: "collections.OrderedDict[tuple, GroupTables]" = collections.OrderedDict()  # a few, by signature
+
+
 def update_(targets: Sequence, kind: str, coefs: Sequence[float], lr: float, mu: float) -> None:
-    """`reference.update_` for each target (`UpdateTarget`), one pass and one launch per tensor;
-    the keys and scalars go to each device once."""
-    by_device: dict = {}
+    """`reference.update_` for each target (`UpdateTarget`): one launch per device and dtype,
+    one pass over each tensor; the per-step keys and scalars go to each device once."""
+    groups: dict = {}
     for target in targets:
-        by_device.setdefault(target.weight.device, []).append(target)
-    for device, group in by_device.items():
-        keys = torch.tensor([t.keys for t in group], dtype=torch.int64).to(device)
-        scalars = {}
+        if target.weight.numel():
+            groups.setdefault((target.weight.device, target.weight.dtype), []).append(target)
+    momentum = mu > 0
+    for (device, dtype), group in groups.items():
+        columns = [[t.weight, t.momentum] for t in group]
+        signature = (device, GroupTables.signature_of(columns))
+        tables = _UPDATE_TABLES.pop(signature, None) or GroupTables(columns, device)
+        _UPDATE_TABLES[signature] = tables  # the most recent last
+        while len(_UPDATE_TABLES) > 4:
+            _UPDATE_TABLES.popitem(last=False)
+        decays = [[1.0 - lr * t.weight_decay, t.weight_decay if (lr or momentum) else 0.0] for t in group]
+        decay = _upload(torch.tensor(decays, dtype=torch.float64), device)
+        keys = _upload(torch.tensor([t.keys for t in group] if coefs else [[0]], dtype=torch.int64), device)
+        scalars = _upload(torch.tensor([lr, mu, *coefs], dtype=torch.float64), device)
         with _on(device):
-            for row, t in enumerate(group):
-                wd = t.weight_decay
-                if wd not in scalars:
-                    values = [lr, mu, 1.0 - lr * wd, wd, *coefs]
-                    scalars[wd] = torch.tensor(values, dtype=torch.float64).to(device)
-                decay = bool(wd and (lr or t.momentum is not None))
-                if t.weight.numel():
-                    _update_kernel[_grid(t.weight.numel())](
-                        t.weight, t.momentum if t.momentum is not None else t.weight, t.weight.numel(), keys[row],
-                        scalars[wd], len(coefs), KIND=_KIND[kind], MOMENTUM=t.momentum is not None, DECAY=decay,
-                        TILE=TILE, enable_fp_fusion=False,
-                    )  # fmt: skip
+            _update_group_kernel[(tables.tiles,)](
+                tables.rows, tables.tile_tensor, tables.first_tile, decay, keys, scalars, len(coefs),
+                KIND=_KIND[kind], MOMENTUM=momentum, DTYPE=_TL_DTYPES[dtype], ALIGNED=tables.aligned, TILE=TILE,
+                enable_fp_fusion=False,
+            )  # fmt: skip
