@@ -149,6 +149,26 @@ class TestSGLangBackendProtocol(unittest.TestCase):
             backend.apply_update([(1, 0.5)], lr=0.1)
 
 
+class TestEnginePluginDeviceHandling(unittest.TestCase):
+    def test_engine_tensors_compare_and_hash_bit_for_bit_through_the_host(self):
+        """The plugin meets engine tensors (on whatever device SGLang runs) only through
+        `same_bits` (compared on the tensor's device) and `host_bytes` (an explicit copy to the
+        host). Canary: torch.equal calls -0.0 and +0.0 equal and a NaN unequal to itself."""
+        from sglang.srt.mezo.engine_plugin import host_bytes, same_bits
+
+        reference = torch.tensor([1.5, -0.0, float("nan"), 3.0])
+        engine = reference.clone().to(torch.bfloat16)[1:]  # a view with a storage offset
+        self.assertTrue(same_bits(reference[1:], engine))
+        flipped = engine.clone()
+        flipped[0] = 0.0
+        self.assertTrue(torch.equal(flipped[:1], engine[:1]))  # the canary: torch.equal sees -0.0 == +0.0
+        self.assertFalse(torch.equal(engine, engine))  # ... and a NaN unequal to itself
+        self.assertFalse(same_bits(reference[1:], flipped))
+        self.assertFalse(same_bits(reference, engine))  # shape
+        self.assertEqual(host_bytes(engine), engine.contiguous().view(torch.uint8).numpy().tobytes())
+        self.assertNotEqual(host_bytes(engine), host_bytes(flipped))
+
+
 class TestSGLangEngine(unittest.TestCase):
     """A real upstream SGLang Engine on CPU serving a tiny Llama built from a config."""
 

@@ -1806,6 +1806,90 @@ class TestMeZOEdgeCases(unittest.TestCase):
         for name, p in model.named_parameters():
             self.assertEqual(torch.equal(p.detach(), ref[name]), name not in trained, name)
 
+    def test_device_is_a_config_field_and_a_spread_model_stays_put(self):
+        """device: auto resolves to what torch sees (cpu here), a bad string is an error naming
+        the field, the backend moves the model there and returns per-row results on the host;
+        a model that accelerate spread over several devices is not moved."""
+        from sglang.srt.mezo.hf_backend import place_model
+
+        self.assertEqual(MeZOConfig().torch_device(), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        with self.assertRaisesRegex(ValueError, r"MeZOConfig.device='gpu0'"):
+            MeZOConfig(device="gpu0")
+        trainer = MeZOTrainer(tiny_llama(), MeZOConfig(device="cpu", disable_tqdm=True))
+        sums, counts = trainer.backend.row_logprobs(lm_batch())
+        self.assertEqual((sums.device.type, counts.device.type), ("cpu", "cpu"))
+        spread = tiny_llama()
+        spread.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "meta"}  # as accelerate records it
+        with mock.patch.object(spread, "to", side_effect=AssertionError("moved")):
+            self.assertIs(place_model(spread, torch.device("cpu")), spread)
+
+    def test_perturbation_units_merge_layers_and_match_per_module_hooks(self):
+        """Owner modules merge into decoder layers (or larger) within the scratch budget, with the
+        same L+, L- and weights as one unit per owner module, over 3 steps with weight decay."""
+        runs = []
+        for root in (True, False):
+            model = tiny_llama(tie_word_embeddings=True)
+            config = MeZOConfig(learning_rate=1e-2, epsilon=1e-2, weight_decay=0.1, disable_tqdm=True)
+            trainer = MeZOTrainer(model, config)
+            old = trainer.backend.perturbation
+            old.remove()
+            trainer.backend.perturbation = ModuleScopedPerturbation(
+                old.tensors, old.kind, old.versions, root=model if root else None
+            )
+            units = trainer.backend.perturbation._by_unit
+            outs = [trainer.step(lm_batch(seed=s)) for s in range(3)]
+            runs.append(([(o.loss_plus, o.loss_minus) for o in outs], snapshot(model), len(units)))
+        (merged, merged_weights, merged_units), (per_owner, owner_weights, owner_units) = runs
+        self.assertLess(merged_units, owner_units)
+        self.assertEqual(merged, per_owner)
+        for name, value in merged_weights.items():
+            self.assertTrue(torch.equal(value, owner_weights[name]), name)
+        with mock.patch.object(perturbation_module, "MERGE_MIN_BYTES", 0):  # budget: the largest module
+            units = ModuleScopedPerturbation(old.tensors, old.kind, old.versions, root=model)._by_unit
+        names = {id(m): n for n, m in model.named_modules()}
+        self.assertIn("model.layers.0", {names[id(u)] for u in units})
+
+    def test_a_module_shared_by_two_parents_is_never_merged_into_one(self):
+        """A linear layer registered under two parents runs in both: it stays its own unit, so L+
+        equals the float64 objective at theta + eps z. Canary: merging it into one parent
+        (ignoring the second) leaves the other call unperturbed and L+ wrong."""
+
+        class TwoParents(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                shared = torch.nn.Linear(6, 6, dtype=torch.float64)
+                self.first = torch.nn.Sequential(shared, torch.nn.Tanh())
+                self.second = torch.nn.Sequential(shared, torch.nn.Sigmoid())
+                self.x = torch.linspace(-1, 1, 6, dtype=torch.float64)
+
+            def forward(self):
+                return self.first(self.x).sum() + self.second(self.x).pow(2).sum()
+
+        def plus_loss(units_fn=None):
+            model = TwoParents()
+            trainer = toy_trainer(model, epsilon=1e-2)
+            if units_fn is not None:
+                old = trainer.backend.perturbation
+                old.remove()
+                with mock.patch.object(perturbation_module, "perturbation_units", units_fn):
+                    trainer.backend.perturbation = ModuleScopedPerturbation(old.tensors, old.kind, old.versions, model)
+            return trainer.step(TOY_BATCH)
+
+        out = plus_loss()
+        reference = TwoParents()
+        with torch.no_grad():
+            for name, p in reference.named_parameters():
+                p.add_(direction("gaussian", out.seed, name, p.shape).double() * 1e-2)
+        with torch.no_grad():
+            expected = float(reference())
+        self.assertEqual(out.loss_plus, expected)
+
+        def merged_into_first(root, tensors, budget):
+            return {root.first: list(tensors)}
+
+        self.assertNotEqual(plus_loss(merged_into_first).loss_plus, expected)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -42,6 +42,7 @@ from sglang.srt.mezo.kernels import (
     tensor_key,
     update_,
 )
+from sglang.srt.mezo.kernels.reference import axpy_values, effective_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -305,10 +306,9 @@ class ModuleScopedPerturbation:
 
     def _unit_writes(self, unit) -> tuple:
         """(PairedWrites from the unit's swappable parameters into their scratch slots, those tensors)."""
-        cached = self._writes.get(unit)
+        if unit in self._writes:
+            return self._writes[unit]
         swapped = [t for t in self._by_unit[unit] if _swappable(t)]
-        if cached is not None and all(d.device in self._scratch for d in cached[0].dsts):
-            return cached
         offsets, _ = _slots(swapped)
         dsts = []
         for t, offset in zip(swapped, offsets):
@@ -430,9 +430,9 @@ def vanishing_fraction(
     """Fraction of sampled elements whose value does not change under ``w + scale * z``.
 
     The sample is the first `sample` elements of every trainable tensor; the write is
-    computed exactly as the perturbation/update would (float64, one rounding to the
-    written tensor's dtype: the parameter for a perturbation, the float32 master if there
-    is one for an update). Above 0.5 the write is mostly below the dtype's resolution.
+    computed exactly as the perturbation/update would (`kernels.reference.axpy_values`,
+    into the parameter for a perturbation, into the float32 master if there is one for an
+    update). Above 0.5 the write is mostly below the dtype's resolution.
     Counts stay on each tensor's device until the end (one host sync per device).
     """
     same: dict = {}
@@ -440,8 +440,8 @@ def vanishing_fraction(
     for t in tensors:
         w = (t.value if update else t.param.detach()).view(-1)[:sample]
         src = t.value.view(-1)[:sample]
-        z = direction_chunk(kind, tensor_key(seed, t.name), 0, w.numel(), w.device).to(torch.float64)
-        moved = (src.to(torch.float64) + scale * z).to(w.dtype)
+        z = direction_chunk(kind, tensor_key(seed, t.name), 0, w.numel(), w.device)
+        moved = axpy_values(src, z, effective_alpha(kind, w.dtype, scale), kind, w.dtype)
         same[w.device] = same.get(w.device, 0) + (moved == w).sum()
         total += w.numel()
     return sum(int(count) for count in same.values()) / max(total, 1)

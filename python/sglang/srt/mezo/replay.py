@@ -28,12 +28,14 @@ def read_log(run_dir: Path, up_to_step: int | None = None) -> list:
     return [r for r in rows if up_to_step is None or r["step"] < up_to_step]
 
 
-def replay(run_dir: str | Path, model=None, tokenizer=None, up_to_step: int | None = None):
-    """A trainer holding the weights the run had after its logged steps."""
+def replay(run_dir: str | Path, model=None, tokenizer=None, up_to_step: int | None = None, device: str = "auto"):
+    """A trainer holding the weights the run had after its logged steps, on `device` (any: z
+    and every write are bit-identical across devices, so a GPU run replays on a CPU)."""
     from sglang.srt.mezo_trainer import MeZOTrainer, load_model_and_tokenizer
 
     run_dir = Path(run_dir)
-    config = MeZOConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    recorded = json.loads((run_dir / "config.json").read_text())
+    config = MeZOConfig.from_dict({**recorded, "device": device})
     if config.momentum > 0:
         raise ValueError("replay rebuilds plain ZO-SGD runs; momentum makes each update depend on all before it")
     torch.manual_seed(config.seed)  # the same LoRA initialisation as the run
@@ -66,10 +68,11 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--output-dir", type=Path, help="save the replayed model here")
     parser.add_argument("--check", action="store_true", help="compare with the run's latest checkpoint")
+    parser.add_argument("--device", default="auto", help="where to replay (auto: cuda when available, else cpu)")
     args = parser.parse_args(argv)
     checkpoint = latest_checkpoint(args.run_dir / "checkpoints") if args.check else None
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else None
-    trainer = replay(args.run_dir, up_to_step=step)
+    trainer = replay(args.run_dir, up_to_step=step, device=args.device)
     print(f"replayed {trainer.global_step} steps; log: {log_bytes_per_step(args.run_dir):.0f} bytes/step")
     if args.output_dir:
         from sglang.srt.mezo_trainer import save_trained

@@ -62,7 +62,7 @@ def lora_engine_args(config: MeZOConfig) -> dict:
         lora_target_modules=split_list(config.lora_target_modules),
         max_loras_per_batch=2,
     )
-    if not torch.cuda.is_available():
+    if config.torch_device().type == "cpu":
         args["lora_backend"] = "torch_native"  # the triton and csgmv LoRA backends need a GPU
     return args
 
@@ -96,8 +96,9 @@ def _children_bootstrap():
         sys.modules["__main__"] = real_main
 
 
-def launch_engine(model_path: str, dtype: str = "float32", **overrides):
-    """Starts an `sglang.Engine` for MeZO; on CPU with the defaults that run there.
+def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto", **overrides):
+    """Starts an `sglang.Engine` for MeZO on `device` (``auto``: cuda when available); on a CPU
+    with the defaults that run there.
 
     A crashing engine process raises `EngineCrashed` in the caller instead of killing it;
     when that happens during start-up, the engine processes left behind are stopped.
@@ -109,8 +110,12 @@ def launch_engine(model_path: str, dtype: str = "float32", **overrides):
 
     cpu_standins.install()
     kwargs = dict(model_path=model_path, dtype=dtype, custom_sigquit_handler=_raise_engine_crashed)
-    if not torch.cuda.is_available():
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cpu":
         kwargs.update(CPU_ENGINE_DEFAULTS)
+    else:
+        kwargs["device"] = torch.device(device).type
     kwargs.update(overrides)
     processes_before = {child.pid for child in psutil.Process().children(recursive=True)}
     contexts_before = {id(c) for c in _zmq_contexts()}

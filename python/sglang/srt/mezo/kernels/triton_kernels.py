@@ -42,7 +42,7 @@ from sglang.srt.mezo.kernels import reference as ref
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program: 4096 on a GPU (a multiple of 64 and 2: tiles hold whole words and
 # pairs); the interpreter runs a program as numpy calls, so there fewer, larger tiles.
-TILE = 1 << 16 if INTERPRETED else 1 << 12
+TILE = 1 << 14 if INTERPRETED else 1 << 12
 _KIND = {ref.GAUSSIAN: 0, ref.RADEMACHER: 1}
 
 _GOLDEN = tl.constexpr(ref.GOLDEN)
@@ -415,6 +415,9 @@ class AxpyGroup:
     def __call__(self, kind: str, keys: Sequence[int], alpha: float) -> None:
         columns = [[d, s] for d, s in zip(self.dsts, self.srcs)]
         if self._tables is None or not self._tables.matches(columns):
+            moved = [s.device for s in self.srcs if s.device != self.device or s.dtype != self.dtype]
+            if moved:
+                raise ValueError(f"grouped write on {self.device} {self.dtype}: a source moved to {moved[0]}")
             self._tables = GroupTables(columns, self.device)
         tables = self._tables
         if not tables.tiles:
