@@ -262,6 +262,41 @@ def check_identity(device: torch.device, shape: str) -> None:
     )
 
 
+def check_checkpoint(device: torch.device, shape: str) -> None:
+    """LoRA (peft) with momentum and weight decay trained here; its checkpoint, written from this
+    device, loads into a CPU trainer with the same bits (adapter and momentum)."""
+    import tempfile
+
+    from sglang.srt.mezo.checkpoint import load_checkpoint, save_checkpoint
+
+    def lora_trainer(model, where):
+        config = MeZOConfig(
+            peft="lora", learning_rate=1e-2, epsilon=1e-2, momentum=0.9, weight_decay=0.1, device=str(where),
+            disable_tqdm=True,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return MeZOTrainer(model, config)
+
+    trainer = lora_trainer(build_model(shape, torch.bfloat16, device), device)
+    batch = make_batch(trainer.model.config.vocab_size, 4, 64, device)
+    for _ in range(2):
+        trainer.step(batch)
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(trainer, directory)
+        on_cpu = lora_trainer(build_model(shape, torch.bfloat16, torch.device("cpu")), torch.device("cpu"))
+        load_checkpoint(on_cpu, directory)
+    here, there = trainer.backend.trainable_state(), on_cpu.backend.trainable_state()
+    momentum_here, momentum_there = trainer.backend.momentum_state(), on_cpu.backend.momentum_state()
+    differ = [n for n in here if not same_bits(here[n], there[n])]
+    differ += [n for n in momentum_here if not same_bits(momentum_here[n], momentum_there[n])]
+    devices = sorted({str(v.device) for v in here.values()})
+    row(
+        "checkpoint to the CPU (LoRA)",
+        f"{len(here)} adapter tensors on {devices}, {len(momentum_here)} momentum buffers: "
+        + ("bit-identical after loading on the CPU" if not differ else f"{len(differ)} DIFFER {differ[:3]}"),
+    )
+
+
 def check_replay(device: torch.device, shape: str) -> None:
     """Three steps trained on this device, replayed on the CPU from (seed, g, lr): same bits."""
     model = build_model(shape, torch.bfloat16, device)
@@ -417,6 +452,7 @@ def main(argv=None) -> int:
     identity_shape = "tiny" if args.tiny else "smollm2-135m"
     guarded("bit-identity", lambda: check_identity(device, identity_shape))
     guarded("replay", lambda: check_replay(device, identity_shape))
+    guarded("checkpoint", lambda: check_checkpoint(device, identity_shape))
     for shape in shapes:
         guarded(shape, lambda shape=shape: check_model(device, shape, rows, length, args.repeats))
     return 0
