@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CORPUS = [
@@ -97,3 +100,54 @@ def assert_bit_identical(testcase, model: torch.nn.Module, reference: dict) -> N
         ref = reference[name]
         same = torch.equal(p.detach().view(torch.uint8), ref.view(torch.uint8))
         testcase.assertTrue(same, f"{name} changed (max |diff| {(p.detach().double() - ref.double()).abs().max():.3g})")
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live and peak bytes of tensor memory allocated inside the block, seen op by op.
+
+    Every torch op (factory, compute, copy) passes through this mode; an output whose
+    storage is new is counted until that storage is freed (storages keep their Python
+    object while alive, so a weak reference to it fires exactly on free). Storages of
+    `baseline` tensors (the model's weights) are not counted, but freeing one counts as
+    negative: the official MeZO pattern replaces each weight by a new tensor, and the old
+    one's memory comes back. Memory that numpy allocates (the numba kernels' scratch) is
+    not a tensor and not seen here.
+    """
+
+    def __init__(self, baseline=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted: set = set()
+        for t in baseline:
+            storage = t.untyped_storage()
+            weakref.finalize(storage, self._add, -storage.nbytes())
+
+    def _add(self, nbytes: int) -> None:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def _forget(self, key: int, nbytes: int) -> None:
+        self._counted.discard(key)
+        self._add(-nbytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in inputs and key not in self._counted:
+                    self._counted.add(key)
+                    self._add(storage.nbytes())
+                    weakref.finalize(storage, self._forget, key, storage.nbytes())
+        return out
+
+
+def peak_bytes(fn, baseline=()) -> int:
+    """Peak tensor bytes allocated while `fn()` runs, above what existed before (`AllocationTracker`)."""
+    tracker = AllocationTracker(baseline)
+    with tracker:
+        fn()
+    return tracker.peak

@@ -7,6 +7,7 @@ docstring; every key property has a canary showing that a broken variant fails i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -25,7 +26,7 @@ from unittest import mock
 import datasets
 import numba
 import torch
-from mezo_testing import assert_bit_identical, lm_batch, snapshot, tiny_llama, tiny_tokenizer
+from mezo_testing import assert_bit_identical, lm_batch, peak_bytes, snapshot, tiny_llama, tiny_tokenizer
 from scipy import stats
 from tokenizers import processors
 from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective
@@ -92,6 +93,23 @@ def candidate_batch(examples=4, candidates=3, seed=0, vocab=384, pad_side="right
         "candidate_id": torch.tensor(c),
         "is_gold": torch.tensor(gold),
         "prompt_length": torch.tensor(plen),
+    }
+
+
+def parity_batch(examples=16, seed=0, vocab=384):
+    """A separable candidate task: one prompt token, answers token 10 or 11 by its parity."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = (torch.randperm(vocab - 20, generator=g)[:examples] + 20).tolist()
+    rows = [(e, p, c) for e, p in enumerate(prompts) for c in (0, 1)]
+    ids = torch.tensor([[1, p, 10 + c] for _, p, c in rows])
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor([[-100, -100, 10 + c] for _, _, c in rows]),
+        "example_id": torch.tensor([e for e, _, _ in rows]),
+        "candidate_id": torch.tensor([c for _, _, c in rows]),
+        "is_gold": torch.tensor([c == p % 2 for _, p, c in rows]),
+        "prompt_length": torch.full((len(rows),), 2),
     }
 
 
@@ -289,12 +307,26 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                     self.assertGreater(float(changes.mean()), 0.0)
 
     def test_n_spsa_update_is_mean_of_estimates_at_same_theta(self):
-        """q directions at the same theta: the update is -lr/q sum g_i z_i (rounding: q ulps)."""
+        """q directions at the same theta: the update is -lr/q sum g_i z_i (rounding: q ulps).
+        Canary: summing the q terms instead of averaging them fails by a factor q."""
         q, lr = 3, 0.05
+        from sglang.srt.mezo import hf_backend
+
+        real = hf_backend.prepare_update
+
+        def summing(tensors, directions, lr_, weight_decay, momentum):
+            return real(tensors, [(s, g * len(directions)) for s, g in directions], lr_, weight_decay, momentum)
+
+        with mock.patch.object(hf_backend, "prepare_update", summing):
+            model = Quadratic(20, seed=7)
+            theta0 = model.theta.detach().clone()
+            toy_trainer(model, num_directions=q, learning_rate=lr).step(TOY_BATCH)
+            summed_move = model.theta.detach() - theta0
         model = Quadratic(20, seed=7)
         theta0 = model.theta.detach().clone()
         trainer = toy_trainer(model, num_directions=q, learning_rate=lr)
         out = trainer.step(TOY_BATCH)
+        torch.testing.assert_close(summed_move, q * (model.theta.detach() - theta0), rtol=1e-12, atol=1e-15)
         self.assertEqual(len(out.per_direction), q)
         self.assertEqual(len({e.seed for e in out.per_direction}), q)
         expected = theta0.clone()
@@ -426,20 +458,195 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         for step, value in enumerate(cosine[2:], start=2):
             self.assertAlmostEqual(value, 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)), places=15)
 
-    def test_weight_decay_skips_norm_and_momentum_accumulates(self):
-        """w <- (1 - lr wd) w - lr g z on matrices; norm weights get no decay. With momentum
-        mu the second update is lr (mu m1 + g2 z2 + wd w)."""
-        lr, wd = 1e-2, 0.1
+    def test_candidate_scores_are_length_normalised(self):
+        """Candidate cross-entropy and accuracy from candidates of 1-3 tokens equal an
+        independent float64 computation from the full logits (score = mean log-prob of the
+        candidate's tokens) to 1e-12 relative (different but exact paths: prefix sharing and
+        kept logits only). Canary: scoring by the sum of log-probs (no normalisation) gives
+        another loss."""
+        from sglang.srt.mezo import objectives
+
         model = tiny_llama(dtype=torch.float64)
-        before = snapshot(model)
-        trainer = MeZOTrainer(model, MeZOConfig(learning_rate=lr, weight_decay=wd, disable_tqdm=True))
-        out = trainer.step(lm_batch())
-        for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
-            w0 = before[name]
-            z = direction("gaussian", out.seed, name, w0.shape).double()
-            decay = wd if "norm" not in name else 0.0
-            expected = w0 * (1 - lr * decay) - lr * out.projected_grad * z
-            torch.testing.assert_close(dict(model.named_parameters())[name].detach(), expected, rtol=0, atol=1e-15)
+        batch = candidate_batch()
+        lengths = (batch["labels"] != -100).sum(-1)
+        self.assertEqual(set(lengths.tolist()), {1, 2, 3})
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits.double(), -1)
+        scores = []
+        for r in range(len(lengths)):
+            positions = (batch["labels"][r] != -100).nonzero().squeeze(-1).tolist()
+            scores.append(sum(float(logp[r, p - 1, batch["input_ids"][r, p]]) for p in positions) / len(positions))
+        losses, correct = [], 0
+        for e in batch["example_id"].unique().tolist():
+            rows = (batch["example_id"] == e).nonzero().squeeze(-1).tolist()
+            s_e = torch.tensor([scores[r] for r in rows], dtype=torch.float64)
+            gold = [i for i, r in enumerate(rows) if batch["is_gold"][r]][0]
+            losses.append(float(torch.logsumexp(s_e, 0) - s_e[gold]))
+            correct += int(int(torch.argmax(s_e)) == gold)
+        expected = sum(losses) / len(losses)
+        trainer = MeZOTrainer(model, MeZOConfig(disable_tqdm=True))
+        result = trainer.evaluate([batch])
+        self.assertAlmostEqual(result["loss"], expected, delta=1e-12 * abs(expected))
+        self.assertEqual(result["accuracy"], correct / len(losses))
+        real = objectives.candidate_scores
+
+        def summed(sums, counts, batch):  # the sum of log-probs: every count taken as 1
+            return real(sums, torch.ones_like(counts), batch)
+
+        with mock.patch.object(objectives, "candidate_scores", summed):
+            unnormalised = trainer.evaluate([batch])["loss"]
+        self.assertGreater(abs(unnormalised - expected), 1e-3)
+
+    def test_learning_rate_schedule_is_what_the_step_applies(self):
+        """The trainer's lr per step is the schedule above, and the weights move by exactly
+        lr_t g_t z_t (Linear, float64: two roundings per element). Canary: an off-by-one
+        warm-up (lr = base * step / warmup, 0 at step 0) fails the schedule check."""
+        from sglang.srt.mezo import trainer as trainer_module
+
+        expected = [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+
+        def run():
+            model = Linear(16, seed=3)
+            trainer = toy_trainer(model, learning_rate=1.0, lr_scheduler="linear", warmup_steps=2, max_steps=6)
+            lrs = []
+            for _ in range(6):
+                theta = model.theta.detach().clone()
+                out = trainer.step(TOY_BATCH)
+                lrs.append(out.lr)
+                moved = theta - out.lr * out.projected_grad * z_of(trainer, out.seed)
+                tol = 4 * U64 * float(moved.abs().max() + theta.abs().max())
+                torch.testing.assert_close(model.theta.detach(), moved, rtol=0, atol=tol)
+            return lrs
+
+        self.assertEqual(run(), expected)
+        real = trainer_module.learning_rate_at
+
+        def off_by_one(config, step):
+            return real(config, step) * step / (step + 1) if step < config.warmup_steps else real(config, step)
+
+        with mock.patch.object(trainer_module, "learning_rate_at", off_by_one):
+            self.assertNotEqual(run(), expected)
+
+    def test_weight_decay_skips_bias_and_norm(self):
+        """On a Qwen2 (q/k/v biases) in float64, one step is w(1 - lr wd) - lr g z on matrices and
+        w - lr g z on biases and norm weights, each within 8 u of the values involved (a
+        multiply and an add, twice). Canary: decaying every tensor fails on the biases."""
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        lr, wd = 1e-2, 0.5
+
+        def deviation(decay_everything: bool) -> tuple:
+            torch.manual_seed(0)
+            config = Qwen2Config(
+                vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+            )  # fmt: skip
+            model = Qwen2ForCausalLM(config).double().eval()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        p.normal_(std=0.02)  # Qwen2 initialises biases to 0, which no decay can move
+            before = snapshot(model)
+            trainer = MeZOTrainer(model, MeZOConfig(learning_rate=lr, weight_decay=wd, disable_tqdm=True))
+            if decay_everything:
+                for t in trainer.backend.tensors:
+                    t.decay = True
+            out = trainer.step(lm_batch())
+            worst = {}
+            for name, w1 in snapshot(model).items():
+                w0 = before[name]
+                z = direction("gaussian", out.seed, name, w0.shape).double()
+                decayed = w0.dim() >= 2 and "norm" not in name
+                expected = w0 * (1 - lr * wd if decayed else 1.0) - lr * out.projected_grad * z
+                tol = 8 * U64 * float((w0.abs() + lr * abs(out.projected_grad) * z.abs()).max())
+                worst[name] = float((w1 - expected).abs().max()) / tol
+            return worst
+
+        correct = deviation(False)
+        self.assertTrue(any(n.endswith("q_proj.bias") for n in correct))
+        self.assertLessEqual(max(correct.values()), 1.0, correct)
+        broken = deviation(True)
+        self.assertGreater(min(v for n, v in broken.items() if n.endswith("bias") or "norm" in n), 1e3)
+
+    def test_momentum_follows_its_float64_recurrence(self):
+        """Three steps with mu = 0.9 and weight decay against m <- mu m + g z + wd w,
+        w <- w - lr m in float64 (one layer, float64 weights). The buffer is float32 by design,
+        so each step's m carries a relative error <= 2^-24 that momentum sums over the steps
+        (<= 3 steps x 2^-24 |m|, times lr on w), plus 8 u of float64 rounding per step.
+        Canary: momentum that forgets the previous buffer (mu treated as 0) fails by orders of
+        magnitude from the second step on, in sign and size."""
+        from sglang.srt.mezo.kernels import reference as spec
+
+        lr, mu, wd = 1e-2, 0.9, 0.1
+
+        def worst_ratio() -> float:
+            model = tiny_llama(dtype=torch.float64, layers=1)
+            trainer = MeZOTrainer(model, MeZOConfig(learning_rate=lr, momentum=mu, weight_decay=wd, disable_tqdm=True))
+            w = {n: p.detach().clone() for n, p in model.named_parameters()}
+            m = {n: torch.zeros_like(v) for n, v in w.items()}
+            worst = 0.0
+            for step in range(3):
+                out = trainer.step(lm_batch(seed=step))
+                for name, p in model.named_parameters():
+                    z = direction("gaussian", out.seed, name, p.shape).double()
+                    decay = wd if p.dim() >= 2 and "norm" not in name else 0.0
+                    m[name] = mu * m[name] + out.projected_grad * z + decay * w[name]
+                    w[name] = w[name] - lr * m[name]
+                    tol = lr * 3 * 2**-24 * float(m[name].abs().max()) + 8 * (step + 1) * U64 * float(
+                        w[name].abs().max()
+                    )
+                    worst = max(worst, float((p.detach() - w[name]).abs().max()) / tol)
+            return worst
+
+        self.assertLessEqual(worst_ratio(), 1.0)
+        real = spec.update_
+
+        def forgetful(w, kind, keys, coefs, lr, weight_decay, momentum=None, mu=0.0):
+            return real(w, kind, keys, coefs, lr, weight_decay, momentum, 0.0)
+
+        with mock.patch.object(spec, "update_", forgetful):
+            self.assertGreater(worst_ratio(), 1e3)
+
+    def test_clipping_applies_and_logs_the_clipped_value(self):
+        """grad_clip c: every direction's g is clipped to [-c, c] in `applied` (what the update
+        uses and metrics.jsonl logs), the estimate itself is reported unclipped, and theta
+        moves by -lr/q sum clip(g_i) z_i (float64, q + 1 roundings per element). Canary: an
+        update that uses the unclipped g while logging the clipped one fails."""
+        q, lr, clip = 2, 0.05, 1e-3
+
+        def run(apply_unclipped: bool):
+            model = Quadratic(20, seed=4)
+            theta0 = model.theta.detach().clone()
+            trainer = toy_trainer(model, learning_rate=lr, num_directions=q, grad_clip=clip)
+            if apply_unclipped:  # the broken variant: logs clip(g), updates with g
+                losses, real_loss, real_update = {}, trainer._loss, trainer.backend.apply_update
+
+                def loss(objective, batch, seed, scale):
+                    losses.setdefault(seed, []).append(real_loss(objective, batch, seed, scale))
+                    return losses[seed][-1]
+
+                def update(directions, lr_):
+                    real_update(
+                        [(s, (losses[s][0] - losses[s][1]) / (2 * trainer.config.epsilon)) for s, _ in directions], lr_
+                    )
+
+                trainer._loss, trainer.backend.apply_update = loss, update
+            out = trainer.step(TOY_BATCH)
+            expected = theta0.clone()
+            for s, g in out.applied:
+                expected -= lr / q * g * z_of(trainer, s)
+            tol = (q + 1) * 2 * U64 * float(theta0.abs().max() + 1)
+            return out, float((model.theta.detach() - expected).abs().max()) / tol
+
+        out, ratio = run(False)
+        self.assertEqual([s for s, _ in out.applied], [e.seed for e in out.per_direction])
+        for (_, applied), e in zip(out.applied, out.per_direction):
+            self.assertGreater(abs(e.projected_grad), clip)  # the clip is active
+            self.assertEqual(applied, math.copysign(clip, e.projected_grad))
+        self.assertEqual(out.projected_grad, sum(e.projected_grad for e in out.per_direction) / q)
+        self.assertLessEqual(ratio, 1.0)
+        _, broken = run(True)
+        self.assertGreater(broken, 1e3)
 
 
 # ----------------------------------------------------------------------------- data path
@@ -548,7 +755,9 @@ class TestMeZODataset(unittest.TestCase):
         return message
 
     # ---------------------------------------------------------------- sources and formats
-    def test_every_format_gives_identical_examples(self):
+    def test_dataset_formats(self):
+        """JSONL, JSON, CSV, Parquet, a saved dataset dir, Dataset, DatasetDict and a list of
+        dicts give identical tokenized examples, plain and with candidates."""
         for records in (PLAIN, CANDIDATES):
             sub = tempfile.mkdtemp(dir=self.dir)
             reference = _examples(self.load(list(records)))
@@ -1078,6 +1287,87 @@ class TestKVCacheOptimization(unittest.TestCase):
             self.assertEqual(store.bytes, entry * len(store))
         self.assertEqual(len(store), int(budget_mb * 2**20) // entry)
 
+    def test_memory_usage_optimized_vs_original(self):
+        """Measured tensor memory (every allocation, op by op: `mezo_testing.AllocationTracker`)
+        of one step above a no-grad forward of the same loss, on an 8-layer Llama of 23 MB:
+
+        * MeZO: one unit's perturbed copies live at a time. By design the step allocates
+          the scratch (the largest unit: at most the largest module's trainable bytes, or
+          `MERGE_MIN_BYTES` = 8 MiB when modules merge into a unit) plus, per the constant
+          C = 256 KiB: slot alignment (< 256 B per tensor of a unit), the per-row sums and
+          counts, and the one-time resolution check's 4096-element samples (~150 KB, freed
+          before the forward starts). Bound: largest module + 8 MiB + C.
+        * The official pattern (seeded torch.normal, out of place): z, scale * z and the
+          new weight coexist, so its extra is at least the largest parameter.
+        * Canary: a mechanism that backs up the whole model at each pass exceeds the bound.
+        Then ten lr=0 steps leave every weight bit-identical."""
+        from sglang.srt.mezo.objectives import CompletionNLL
+        from sglang.srt.mezo.perturbation import MERGE_MIN_BYTES, largest_module_bytes
+
+        def model():
+            return tiny_llama(layers=8, hidden=256, vocab_size=2048)
+
+        batch = lm_batch(batch_size=2, length=16, vocab=2048)
+        config = MeZOConfig(learning_rate=0.0, epsilon=1e-3, disable_tqdm=True)
+        MeZOTrainer(model(), config).step(batch)  # numba compiled, allocator warm
+        net = model()
+        weights = [p for p in net.parameters()]
+        with torch.no_grad():
+            CompletionNLL()(net, batch)  # lazy first-call state outside the measurement
+            forward = peak_bytes(lambda: CompletionNLL()(net, batch), weights)
+        trainer = MeZOTrainer(net, config)
+        extra = peak_bytes(lambda: trainer.step(batch), weights) - forward
+        largest_module = largest_module_bytes(trainer.backend.tensors)
+        largest_parameter = max(p.numel() * p.element_size() for p in weights)
+        whole_model = sum(p.numel() * p.element_size() for p in weights)
+        bound = largest_module + MERGE_MIN_BYTES + (256 << 10)
+        self.assertGreater(whole_model, bound)  # the canary below can fail
+        self.assertLessEqual(extra, bound)
+        self.assertGreater(extra, 0)  # the scratch is allocated inside the measured step
+
+        def official_step(reference, seed=0, eps=1e-3, lr=0.0):
+            """princeton-nlp/MeZO's zo_step + zo_update: four sweeps, a new tensor per weight each."""
+
+            def perturb(scale):
+                torch.manual_seed(seed)
+                for p in reference.parameters():
+                    z = torch.normal(mean=0, std=1, size=p.data.size(), dtype=p.data.dtype)
+                    p.data = p.data + scale * z * eps
+
+            with torch.no_grad():
+                perturb(1)
+                plus = CompletionNLL()(reference, batch)
+                perturb(-2)
+                minus = CompletionNLL()(reference, batch)
+                perturb(1)
+                g = float((plus[0] - minus[0]) / plus[1]) / (2 * eps)
+                torch.manual_seed(seed)
+                for p in reference.parameters():
+                    z = torch.normal(mean=0, std=1, size=p.data.size(), dtype=p.data.dtype)
+                    p.data = p.data - lr * g * z
+
+        original = model()
+        official = peak_bytes(lambda: official_step(original), list(original.parameters())) - forward
+        self.assertGreaterEqual(official, largest_parameter)
+
+        class WholeModelBackup(ModuleScopedPerturbation):
+            @contextlib.contextmanager
+            def scope(self, seed, scale):
+                backup = [t.param.detach().clone() for t in self.tensors]  # noqa: F841 - held for the pass
+                with super().scope(seed, scale):
+                    yield
+
+        canary_model = model()
+        canary = MeZOTrainer(canary_model, config)
+        use_mechanism(canary, WholeModelBackup)
+        canary_extra = peak_bytes(lambda: canary.step(batch), list(canary_model.parameters())) - forward
+        self.assertGreater(canary_extra, bound)
+
+        before = snapshot(net)
+        for seed in range(9):  # ten lr=0 steps with the measured one
+            trainer.step(lm_batch(batch_size=2, length=16, vocab=2048, seed=seed))
+        assert_bit_identical(self, net, before)
+
     def test_unsupported_architecture_falls_back_with_reason(self):
         from sglang.srt.mezo.kv_cache import CachedRowForward
 
@@ -1240,6 +1530,39 @@ class TestMeZOIntegration(unittest.TestCase):
         self.assertEqual(fresh.global_step, 1)
         for name, value in fresh.backend.trainable_state().items():
             self.assertTrue(torch.equal(value, saved_state[name]), name)
+
+    def test_training_on_the_accuracy_objective_raises_accuracy(self):
+        """objective=accuracy (minus the count of examples whose gold candidate scores highest:
+        piecewise constant, so the estimate is nonzero only when a perturbation flips a
+        prediction) on a separable task, training the LM head: 100 steps take the batch's
+        accuracy from chance (0.5) to at least 0.9 (seeded). Canary: the objective with its
+        sign flipped (maximising errors) ends at or below chance."""
+        from sglang.srt.mezo import objectives
+
+        def train() -> tuple:
+            torch.manual_seed(0)
+            batch = parity_batch()
+            config = MeZOConfig(
+                objective="accuracy", epsilon=0.5, learning_rate=0.5, trainable_patterns="lm_head", disable_tqdm=True
+            )
+            trainer = MeZOTrainer(tiny_llama(), config)
+            before = trainer.evaluate([batch])["accuracy"]
+            for _ in range(100):
+                trainer.step(batch)
+            return before, trainer.evaluate([batch])["accuracy"]
+
+        before, after = train()
+        self.assertEqual(before, 0.5)
+        self.assertGreaterEqual(after, 0.9)
+        real = objectives.NegativeAccuracy.reduce
+
+        def flipped(self, sums, counts, batch):
+            loss, examples = real(self, sums, counts, batch)
+            return -loss, examples
+
+        with mock.patch.object(objectives.NegativeAccuracy, "reduce", flipped):
+            _, sabotaged = train()
+        self.assertLessEqual(sabotaged, 0.5)
 
     def test_eval_improves_and_tracks_first_order_sgd(self):
         """Only the LM head trains, so the loss is convex in the trainable weights. Per step,
