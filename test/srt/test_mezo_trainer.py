@@ -458,6 +458,55 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         for step, value in enumerate(cosine[2:], start=2):
             self.assertAlmostEqual(value, 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)), places=15)
 
+    def test_finite_differences_on_a_real_model_converge_at_their_order(self):
+        """Tiny Llama in float64: the central difference (L(t + eps z) - L(t - eps z)) / 2 eps
+        against autograd's z . grad L. Taylor: its error is eps^2/6 L^(3)(z,z,z) + O(eps^4), so
+        halving eps divides it by 4 (1 + O(eps^2)); at eps = 1e-3 and 5e-4 the error is ~4e-3
+        and ~1e-3 while the loss's own noise (transformers computes RMSNorm and RoPE in
+        float32: the difference stops improving near eps = 1e-5, at ~2e-9 in L) adds at most
+        2e-9 / 1e-3 = 2e-6, 0.2%: the ratio lies in [3.6, 4.4]. The StepOutput.projected_grad
+        the trainer reports behaves the same. Canary: the one-sided difference
+        (L(t + eps z) - L(t)) / eps has error eps/2 L''(z,z): a ratio near 2, outside that
+        range."""
+        from sglang.srt.mezo.objectives import CompletionNLL
+
+        batch, eps = lm_batch(), 1e-3
+
+        def trainer(epsilon):
+            config = MeZOConfig(learning_rate=0.0, epsilon=epsilon, seed=5, disable_tqdm=True)
+            return MeZOTrainer(tiny_llama(dtype=torch.float64), config)
+
+        model = tiny_llama(dtype=torch.float64).requires_grad_(True)
+        total, count = CompletionNLL()(model, batch)
+        (total / count).backward()
+
+        def derivative(seed):
+            return sum(
+                float((direction("gaussian", seed, n, p.shape).double() * p.grad).sum())
+                for n, p in model.named_parameters()
+            )
+
+        seed = 12345  # a fixed direction: its first- and second-order terms do not cancel at these eps
+        exact = derivative(seed)
+
+        def central(t, e):
+            return (t._loss(CompletionNLL(), batch, seed, e) - t._loss(CompletionNLL(), batch, seed, -e)) / (2 * e)
+
+        def one_sided(t, e):
+            return (t._loss(CompletionNLL(), batch, seed, e) - t._loss(CompletionNLL(), batch, None, 0.0)) / e
+
+        t = trainer(eps)
+        for estimate in (central, one_sided):
+            errors = [abs(estimate(t, e) - exact) for e in (eps, eps / 2)]
+            ratio = errors[0] / errors[1]
+            if estimate is central:
+                self.assertTrue(3.6 <= ratio <= 4.4, (errors, ratio))
+            else:
+                self.assertTrue(1.6 <= ratio <= 2.4, (errors, ratio))  # the canary: first order
+        outs = [trainer(e).step(batch) for e in (eps, eps / 2)]  # the same run seed: the same direction
+        reported = [abs(out.projected_grad - derivative(out.seed)) for out in outs]
+        self.assertTrue(3.6 <= reported[0] / reported[1] <= 4.4, reported)
+
     def test_candidate_scores_are_length_normalised(self):
         """Candidate cross-entropy and accuracy from candidates of 1-3 tokens equal an
         independent float64 computation from the full logits (score = mean log-prob of the
