@@ -18,7 +18,7 @@ from mezo_testing import tiny_llama, tiny_tokenizer
 from test_mezo_trainer import candidate_batch
 
 from sglang.srt.mezo.config import MeZOConfig
-from sglang.srt.mezo.objectives import CompletionNLL
+from sglang.srt.mezo.objectives import CompletionNLL, make_objective
 from sglang.srt.mezo.sglang_backend import (
     EngineCrashed,
     EngineRPCError,
@@ -194,8 +194,9 @@ class TestSGLangEngine(unittest.TestCase):
         self.reference = MeZOTrainer(hf, self.config)
 
     def test_parity_with_transformers_backend(self):
-        """Per-token log-probs within 2^-20 of transformers; losses of both passes too; the
-        projected gradients then differ by at most (|dL+| + |dL-|) / (2 eps)."""
+        """Per-token log-probs within 2^-20 of transformers; losses of both passes too (the
+        projected gradients then agree to (|dL+| + |dL-|) / (2 eps) by their definition, so
+        that is not checked again), with a gradient signal far above that tolerance."""
         batch = candidate_batch()
         engine_sums, counts = self.backend.row_logprobs(batch)
         hf_sums, hf_counts = self.reference.backend.row_logprobs(batch)
@@ -207,7 +208,6 @@ class TestSGLangEngine(unittest.TestCase):
             self.assertEqual(a.seed, b.seed)
             d_plus, d_minus = abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)
             self.assertLessEqual(max(d_plus, d_minus), LOGPROB_TOL)
-            self.assertLessEqual(abs(a.projected_grad - b.projected_grad), (d_plus + d_minus) / (2 * 1e-3) + 1e-12)
             self.assertGreater(abs(b.projected_grad), 100 * LOGPROB_TOL / 1e-3)  # a real signal, not noise
 
     def test_lr0_steps_leave_engine_weights_bit_identical_and_updates_match(self):
@@ -242,6 +242,44 @@ class TestSGLangEngine(unittest.TestCase):
         self.assertLessEqual(abs(stale.loss_plus - correct.loss_plus), LOGPROB_TOL)
         self.assertGreater(abs(stale.projected_grad - correct.projected_grad), 100 * LOGPROB_TOL / 1e-3)
         self.assertTrue(math.isfinite(stale.projected_grad))
+
+    def test_every_call_order_matches_the_transformers_backend(self):
+        """The radix cache in the orders eval -> step, step -> eval -> step and step -> step on
+        the same prompts (lr > 0, so steps change the engine's weights): every eval loss, L+
+        and L- within the per-token tolerance of the transformers backend on a separate copy
+        that applies the same (seed, g) updates. Canary, each order: without the flush on a
+        weight-version change, some loss is off by far more."""
+        from transformers import AutoModelForCausalLM
+
+        batch = candidate_batch()
+        config = MeZOConfig(learning_rate=1e-1, epsilon=1e-2, seed=6, disable_tqdm=True)
+
+        def mismatch(order: str, flush: bool) -> float:
+            backend = SGLangBackend(self.engine, config, self.model_dir, flush_on_version_change=flush)
+            self.engine.flush_cache()
+            trainer = MeZOTrainer(None, config, backend=backend)
+            reference = MeZOTrainer(AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32), config)
+            worst = 0.0
+            try:
+                for event in order:
+                    if event == "e":
+                        pairs = [(trainer.evaluate([batch])["loss"], reference.evaluate([batch])["loss"])]
+                    else:
+                        out = trainer.step(batch)
+                        objective = make_objective("auto", batch)
+                        pairs = [(out.loss_plus, reference._loss(objective, batch, out.seed, config.epsilon))]
+                        pairs.append((out.loss_minus, reference._loss(objective, batch, out.seed, -config.epsilon)))
+                        reference.backend.apply_update(out.applied, out.lr)
+                    worst = max([worst] + [abs(a - b) for a, b in pairs])
+            finally:
+                backend.load_trainable(str(Path(self.model_dir) / "model.safetensors"))  # the class shares the engine
+                self.engine.flush_cache()
+            return worst
+
+        for order in ("es", "ses", "ss"):
+            with self.subTest(order=order):
+                self.assertLessEqual(mismatch(order, flush=True), LOGPROB_TOL)
+                self.assertGreater(mismatch(order, flush=False), 100 * LOGPROB_TOL)
 
     def test_objective_values_match(self):
         batch = candidate_batch()
@@ -307,7 +345,6 @@ class TestSGLangLoRA(unittest.TestCase):
             self.assertLessEqual(max(d_plus, d_minus), LOGPROB_TOL)
             # z reached the forward (else L+ == L-)
             self.assertGreater(abs(a.loss_plus - a.loss_minus), 100 * LOGPROB_TOL)
-            self.assertLessEqual(abs(a.projected_grad - b.projected_grad), (d_plus + d_minus) / (2 * 1e-3) + 1e-12)
         self.assertEqual(self.backend.checksum(), before)
         assert_same_update(self, self.backend, self.reference, (77, 0.5), lr=1e-1)
         engine_sums, _ = self.backend.row_logprobs(batch)
