@@ -2176,8 +2176,16 @@ class TestMeZOEdgeCases(unittest.TestCase):
             self.assertTrue(torch.equal(wa[name], wb[name]), name)
         self.assertNotEqual(a[0][0], c[0][0])
 
-    def _allocator_limit(self, model, max_rows):
-        """A mocked allocator limit: any forward over `max_rows` rows raises a CPU OOM."""
+    OOM_ERRORS = {
+        "cpu allocator": lambda rows: RuntimeError(
+            f"[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory: {rows} rows"
+        ),
+        # what CUDA raises; the message deliberately lacks the words "out of memory"
+        "torch.OutOfMemoryError": lambda rows: torch.OutOfMemoryError(f"CUDA error: tried to allocate {rows} rows"),
+    }
+
+    def _allocator_limit(self, model, max_rows, error=OOM_ERRORS["cpu allocator"]):
+        """A mocked allocator limit: any forward over `max_rows` rows raises `error(rows)`."""
 
         def check(module, args, kwargs):
             ids = kwargs.get("input_ids")
@@ -2185,32 +2193,48 @@ class TestMeZOEdgeCases(unittest.TestCase):
                 ids = args[0]
             rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
             if rows > max_rows:
-                raise RuntimeError(
-                    f"[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory: {rows} rows"
-                )
+                raise error(rows)
 
         return model.register_forward_pre_hook(check, with_kwargs=True)
 
     def test_out_of_memory_halves_micro_batch_with_the_same_result(self):
-        """OOM above 3 rows: the step retries at 6 -> 3 rows (candidate groups of 3 kept whole)
-        and equals, bit for bit, a run with 3-row micro-batches from the start; the plain
-        whole-batch run agrees to GEMM rounding (1e-6 relative in fp32)."""
+        """OOM above 3 rows, raised as the CPU allocator's RuntimeError or as
+        torch.OutOfMemoryError, over a float base and over an int8 base with LoRA: the step
+        retries at 6 -> 3 rows (candidate groups of 3 kept whole) and equals, bit for bit, a
+        run with 3-row micro-batches from the start; the plain whole-batch run agrees to GEMM
+        rounding (1e-6 relative in fp32). Canary: an error that is not an out-of-memory one
+        is not retried."""
         batch = candidate_batch()  # 4 examples x 3 candidates = 12 rows
-        limited = tiny_llama()
-        trainer = MeZOTrainer(limited, MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
-        handle = self._allocator_limit(limited, 3)
-        out = trainer.step(batch)
-        handle.remove()
-        self.assertEqual(trainer.backend.micro_batch_rows, 3)
-        fixed = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, micro_batch_size=3, disable_tqdm=True))
-        ref = fixed.step(batch)
-        self.assertEqual(
-            (out.loss_plus, out.loss_minus, out.projected_grad), (ref.loss_plus, ref.loss_minus, ref.projected_grad)
-        )
-        for (name, p), q in zip(limited.named_parameters(), fixed.model.parameters()):
-            self.assertTrue(torch.equal(p, q), name)
-        whole = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, disable_tqdm=True)).step(batch)
-        self.assertAlmostEqual(whole.loss_plus, out.loss_plus, delta=1e-6 * abs(out.loss_plus))
+        bases = {
+            "float": (dict(), {}),
+            "int8 + lora": (dict(hidden=64), dict(peft="lora", quantize_base="int8", epsilon=1e-2)),
+        }
+        for base, (model_args, overrides) in bases.items():
+            for error_name, error in self.OOM_ERRORS.items():
+                with self.subTest(base=base, error=error_name):
+                    config = dict(learning_rate=1e-2, disable_tqdm=True, **overrides)
+                    torch.manual_seed(0)
+                    trainer = MeZOTrainer(tiny_llama(**model_args), MeZOConfig(**config))
+                    handle = self._allocator_limit(trainer.model, 3, error)
+                    out = trainer.step(batch)
+                    handle.remove()
+                    self.assertEqual(trainer.backend.micro_batch_rows, 3)
+                    torch.manual_seed(0)
+                    fixed = MeZOTrainer(tiny_llama(**model_args), MeZOConfig(micro_batch_size=3, **config))
+                    ref = fixed.step(batch)
+                    self.assertEqual(
+                        (out.loss_plus, out.loss_minus, out.projected_grad),
+                        (ref.loss_plus, ref.loss_minus, ref.projected_grad),
+                    )
+                    for t, u in zip(trainer.backend.tensors, fixed.backend.tensors):
+                        self.assertTrue(torch.equal(t.value, u.value), t.name)
+                    torch.manual_seed(0)
+                    whole = MeZOTrainer(tiny_llama(**model_args), MeZOConfig(**config)).step(batch)
+                    self.assertAlmostEqual(whole.loss_plus, out.loss_plus, delta=1e-6 * abs(out.loss_plus))
+        trainer = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
+        self._allocator_limit(trainer.model, 3, lambda rows: RuntimeError(f"shape mismatch at {rows} rows"))
+        with self.assertRaisesRegex(RuntimeError, "shape mismatch"):
+            trainer.step(batch)
 
     def test_out_of_memory_when_nothing_fits_is_a_clear_error(self):
         model = tiny_llama()
