@@ -1,8 +1,27 @@
 """Tests of the MeZO trainer: estimator, data path, KV cache, integration, edge cases.
 
 Run as ``pytest test/srt/test_mezo_trainer.py`` (one class: ``::TestMeZODataset``) or as
-``python3 test/srt/test_mezo_trainer.py``. Tolerances are derived in each test's
-docstring; every key property has a canary showing that a broken variant fails it.
+``python3 test/srt/test_mezo_trainer.py``. Numbers are checked against an independent
+reference (theory, or a float64 computation written in the test), tolerances are derived
+in each test's docstring, and every key property has a canary: a broken variant that the
+test shows failing. The canaries, by property:
+
+* estimator: one-sided differences (quadratic: off by eps/2 z'Hz; tiny Llama: error
+  ratio ~2, not 4, when eps halves); one seed reused for all n directions (cos^2 no longer
+  Beta(1/2, (d-1)/2)); n-SPSA terms summed instead of averaged;
+* optimizer: momentum that forgets its buffer; clipping logged but not applied; weight
+  decay on biases and norms (Qwen2); an off-by-one warm-up; the accuracy objective with its
+  sign flipped; candidate scores summed instead of length-normalised;
+* memory: a whole-model backup exceeds the measured bound
+  (`test_memory_usage_optimized_vs_original`);
+* KV cache: a store that ignores weight versions, in every call order (and a frozen
+  boundary one layer too high for frozen-layer reuse); the SGLang radix cache without a
+  flush, in test_mezo_sglang.py;
+* exactness: the restore log's special values and overflow (see those tests), units
+  merged across a module with two parents, a zero update that would still write;
+* out of memory: an error that is not an out-of-memory one is not retried;
+* kernels: an FMA-contracted polynomial breaks z's bit-identity
+  (triton_interpreted_checks.py); torch.equal missing -0.0 vs +0.0 (test_mezo_sglang.py).
 """
 
 from __future__ import annotations
