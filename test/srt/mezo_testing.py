@@ -151,3 +151,23 @@ def peak_bytes(fn, baseline=()) -> int:
     with tracker:
         fn()
     return tracker.peak
+
+
+def follow_in_order(trainer, reference, batch: dict, order: str) -> list:
+    """Runs `order` ("e": evaluate, "s": step) on `trainer` and the same computations on
+    `reference`: each step's L+ and L- at the step's seed, then the step's (seed, g) update
+    applied to `reference` too, so both hold the same weights. Returns (value, reference
+    value) pairs: every eval loss, L+ and L-."""
+    from sglang.srt.mezo.objectives import make_objective
+
+    pairs = []
+    for event in order:
+        if event == "e":
+            pairs.append((trainer.evaluate([batch])["loss"], reference.evaluate([batch])["loss"]))
+            continue
+        out = trainer.step(batch)
+        objective, eps = make_objective("auto", batch), trainer.config.epsilon
+        pairs.append((out.loss_plus, reference._loss(objective, batch, out.seed, eps)))
+        pairs.append((out.loss_minus, reference._loss(objective, batch, out.seed, -eps)))
+        reference.backend.apply_update(out.applied, out.lr)
+    return pairs

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import psutil
 import torch
-from mezo_testing import tiny_llama, tiny_tokenizer
+from mezo_testing import follow_in_order, tiny_llama, tiny_tokenizer
 from test_mezo_trainer import candidate_batch
 
 from sglang.srt.mezo.config import MeZOConfig
-from sglang.srt.mezo.objectives import CompletionNLL, make_objective
+from sglang.srt.mezo.objectives import CompletionNLL
 from sglang.srt.mezo.sglang_backend import (
     EngineCrashed,
     EngineRPCError,
@@ -259,22 +259,11 @@ class TestSGLangEngine(unittest.TestCase):
             self.engine.flush_cache()
             trainer = MeZOTrainer(None, config, backend=backend)
             reference = MeZOTrainer(AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32), config)
-            worst = 0.0
             try:
-                for event in order:
-                    if event == "e":
-                        pairs = [(trainer.evaluate([batch])["loss"], reference.evaluate([batch])["loss"])]
-                    else:
-                        out = trainer.step(batch)
-                        objective = make_objective("auto", batch)
-                        pairs = [(out.loss_plus, reference._loss(objective, batch, out.seed, config.epsilon))]
-                        pairs.append((out.loss_minus, reference._loss(objective, batch, out.seed, -config.epsilon)))
-                        reference.backend.apply_update(out.applied, out.lr)
-                    worst = max([worst] + [abs(a - b) for a, b in pairs])
+                return max(abs(a - b) for a, b in follow_in_order(trainer, reference, batch, order))
             finally:
                 backend.load_trainable(str(Path(self.model_dir) / "model.safetensors"))  # the class shares the engine
                 self.engine.flush_cache()
-            return worst
 
         for order in ("es", "ses", "ss"):
             with self.subTest(order=order):

@@ -45,7 +45,15 @@ from unittest import mock
 import datasets
 import numba
 import torch
-from mezo_testing import assert_bit_identical, lm_batch, peak_bytes, snapshot, tiny_llama, tiny_tokenizer
+from mezo_testing import (
+    assert_bit_identical,
+    follow_in_order,
+    lm_batch,
+    peak_bytes,
+    snapshot,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from scipy import stats
 from tokenizers import processors
 from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective
@@ -54,7 +62,7 @@ from sglang.srt.mezo import perturbation as perturbation_module
 from sglang.srt.mezo.data import DataError, MeZOCollator, MeZODataset, create_dataloader, tokenizer_adds_bos
 from sglang.srt.mezo.kernels import axpy_direction_, direction, tensor_key
 from sglang.srt.mezo.kernels.numba_restore_log import ITEM
-from sglang.srt.mezo.objectives import candidate_scores, make_objective, positions, row_logprobs
+from sglang.srt.mezo.objectives import candidate_scores, positions, row_logprobs
 from sglang.srt.mezo.offset_log import LoggedPerturbation
 from sglang.srt.mezo.perturbation import ModuleScopedPerturbation, WeightVersions, collect_trainable
 from sglang.srt.mezo_trainer import MeZOConfig, MeZOTrainer
@@ -1296,19 +1304,7 @@ class TestKVCacheOptimization(unittest.TestCase):
             cached, plain = self._trainer(**config), self._trainer(mechanisms=False, **config)
             if mechanism is not LoggedPerturbation:
                 use_mechanism(cached, mechanism, root=cached.model)
-            worst = 0.0
-            for event in order:
-                if event == "e":
-                    pairs = [(cached.evaluate([batch])["loss"], plain.evaluate([batch])["loss"])]
-                else:
-                    out = cached.step(batch)
-                    objective = make_objective("auto", batch)
-                    eps = cached.config.epsilon
-                    pairs = [(out.loss_plus, plain._loss(objective, batch, out.seed, eps))]
-                    pairs.append((out.loss_minus, plain._loss(objective, batch, out.seed, -eps)))
-                    plain.backend.apply_update(out.applied, out.lr)
-                worst = max([worst] + [abs(a - b) / abs(b) for a, b in pairs])
-            return worst
+            return max(abs(a - b) / abs(b) for a, b in follow_in_order(cached, plain, batch, order))
 
         real_boundary = kv_cache.first_trainable_layer
 
