@@ -5,7 +5,6 @@ Run as ``pytest test/srt/test_mezo_sglang.py`` or ``python3 test/srt/test_mezo_s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -19,6 +18,7 @@ from test_mezo_trainer import candidate_batch
 
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.objectives import CompletionNLL
+from sglang.srt.mezo.primitives import tensor_digest
 from sglang.srt.mezo.sglang_backend import (
     EngineCrashed,
     EngineRPCError,
@@ -45,15 +45,17 @@ class FakeEngine:
         self.scale = 0.0
         self.mismatched = list(mismatched)
 
-    def collective_rpc(self, method, **kwargs):
+    def collective_rpc(self, method, ack_path, **kwargs):
+        """Records the call and acknowledges it as the plugin does (`engine_plugin._acknowledged`)."""
         self.calls.append((method, kwargs))
+        result = None
         if method == "mezo_setup":
-            report = {"checked": 2, "mismatched": self.mismatched, "missing": [], "tensors": [["w", [2]]]}
-            Path(kwargs["result_path"]).write_text(json.dumps(report))
+            result = {"checked": 2, "mismatched": self.mismatched, "missing": [], "tensors": [["w", [2]]]}
         elif method == "mezo_begin":
             self.scale = kwargs["scale"]
         elif method == "mezo_end":
             self.scale = 0.0
+        Path(ack_path).write_text(json.dumps({"ok": True, "result": result}))
 
     def flush_cache(self):
         self.calls.append(("flush_cache", {}))
@@ -76,10 +78,8 @@ def plain_batch():
 
 
 def digests(state: dict) -> dict:
-    return {
-        name: hashlib.blake2b(t.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
-        for name, t in state.items()
-    }
+    """name -> digest of the tensor's bits, as the engine plugin's checksum computes it."""
+    return {name: tensor_digest(t) for name, t in state.items()}
 
 
 def assert_same_update(testcase, backend, reference, direction: tuple, lr: float) -> None:
@@ -140,7 +140,7 @@ class TestSGLangBackendProtocol(unittest.TestCase):
     def test_failed_rpc_names_the_method(self):
         class FailingEngine(FakeEngine):
             def collective_rpc(self, method, **kwargs):
-                super().collective_rpc(method, **kwargs)
+                super().collective_rpc(method, **kwargs)  # acknowledged: only the assert reports the failure
                 if method == "mezo_update":  # how upstream's Engine.collective_rpc reports failure
                     raise AssertionError("LoRA adapter 'mezo' left pool slot 1")
 
@@ -149,12 +149,33 @@ class TestSGLangBackendProtocol(unittest.TestCase):
             backend.apply_update([(1, 0.5)], lr=0.1)
 
 
+class TestRPCOutcomes(unittest.TestCase):
+    def test_a_failed_rpc_is_an_error_without_upstream_asserts(self):
+        """Under python -O upstream's collective_rpc reports nothing: the method's own
+        acknowledgement carries the failure (and a missing acknowledgement is one too)."""
+
+        class QuietFailure(FakeEngine):
+            def collective_rpc(self, method, ack_path, **kwargs):
+                super().collective_rpc(method, ack_path, **kwargs)
+                if method == "mezo_update":
+                    Path(ack_path).write_text(json.dumps({"ok": False, "error": "RuntimeError: slot 1 lost"}))
+                if method == "mezo_end":
+                    Path(ack_path).unlink()  # never ran it
+
+        backend = SGLangBackend(QuietFailure(), MeZOConfig(disable_tqdm=True), "unused")
+        with self.assertRaisesRegex(EngineRPCError, "mezo_update failed inside the SGLang engine: RuntimeError: slot"):
+            backend.apply_update([(1, 0.5)], lr=0.1)
+        with self.assertRaisesRegex(EngineRPCError, "mezo_end: the SGLang engine did not acknowledge"):
+            backend.row_logprobs(plain_batch(), seed=1, scale=1e-3)
+
+
 class TestEnginePluginDeviceHandling(unittest.TestCase):
     def test_engine_tensors_compare_and_hash_bit_for_bit_through_the_host(self):
         """The plugin meets engine tensors (on whatever device SGLang runs) only through
         `same_bits` (compared on the tensor's device) and `host_bytes` (an explicit copy to the
         host). Canary: torch.equal calls -0.0 and +0.0 equal and a NaN unequal to itself."""
-        from sglang.srt.mezo.engine_plugin import host_bytes, same_bits
+        from sglang.srt.mezo.engine_plugin import same_bits
+        from sglang.srt.mezo.primitives import host_bytes
 
         reference = torch.tensor([1.5, -0.0, float("nan"), 3.0])
         engine = reference.clone().to(torch.bfloat16)[1:]  # a view with a storage offset

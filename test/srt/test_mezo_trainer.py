@@ -2274,6 +2274,37 @@ class TestMeZOEdgeCases(unittest.TestCase):
         for name, p in model.named_parameters():
             self.assertEqual(torch.equal(p.detach(), ref[name]), name not in trained, name)
 
+    def test_weight_decay_rule_is_the_same_on_both_backends_whatever_the_case(self):
+        """Decay applies to matrices whose name has no "norm" in any case: the transformers
+        backend and the engine plugin pick the same tensors (the plugin once matched "norm"
+        case-sensitively and decayed a 2-D "PreNorm" weight)."""
+        from sglang.srt.mezo.engine_plugin import EngineMeZO
+
+        class Mixed(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.PreNorm = torch.nn.Linear(4, 4)  # 2-D, "Norm" in its name
+                self.LayerNorm = torch.nn.LayerNorm(4)
+                self.up_proj = torch.nn.Linear(4, 4)
+
+            def forward(self):
+                return self.up_proj(self.LayerNorm(self.PreNorm(torch.ones(4)))).sum()
+
+        expected = {
+            "PreNorm.weight": False,
+            "PreNorm.bias": False,
+            "LayerNorm.weight": False,
+            "LayerNorm.bias": False,
+            "up_proj.weight": True,
+            "up_proj.bias": False,
+        }
+        model = Mixed()
+        hf = {t.name: t.decay for t in toy_trainer(model).backend.tensors}
+        engine_tensors = [(name, p.detach(), [model]) for name, p in model.named_parameters()]
+        engine = {t.name: t.decay for t in EngineMeZO(engine_tensors, "gaussian", [], []).tensors}
+        self.assertEqual(hf, expected)
+        self.assertEqual(engine, expected)
+
     def test_device_is_a_config_field_and_a_spread_model_stays_put(self):
         """device: auto resolves to what torch sees (cpu here), a bad string is an error naming
         the field, the backend moves the model there and returns per-row results on the host;

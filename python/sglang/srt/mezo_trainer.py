@@ -31,6 +31,7 @@ from sglang.srt.mezo.checkpoint import latest_checkpoint, load_checkpoint, save_
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
 from sglang.srt.mezo.distributed import agreement_callback, assert_ranks_agree, init_distributed, is_main_process
+from sglang.srt.mezo.primitives import write_json_atomically
 from sglang.srt.mezo.trainer import MeZOTrainer, StepOutput
 
 __all__ = [
@@ -90,12 +91,6 @@ def load_model_and_tokenizer(model: str, dtype: str = "float32"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm.eval(), tokenizer
-
-
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
 
 
 def _truncate_metrics(path: Path, before_step: int) -> None:
@@ -207,7 +202,7 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
     out_dir = Path(config.output_dir)
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(out_dir / CONFIG_FILE, config.to_dict())
+        write_json_atomically(out_dir / CONFIG_FILE, config.to_dict(), indent=2)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
     train_set = MeZODataset(config.train_file, tokenizer, max_length=config.max_length)
@@ -234,7 +229,7 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
         results["before"] = trainer.evaluate(eval_loader)
         if main_process:
             print(f"eval before: {_fmt(results['before'])}", flush=True)
-            _write_json(eval_path, results)
+            write_json_atomically(eval_path, results, indent=2)
     check_ranks = agreement_callback(trainer, config.check_ranks_every) if context.world_size > 1 else None
     writer = None
     if config.tensorboard and main_process:
@@ -253,7 +248,7 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
                 results["best"] = {"step": step, "loss": evaluation["loss"]}
                 save_checkpoint(trainer, out_dir / "best", keep=1)
             if main_process:
-                _write_json(eval_path, results)
+                write_json_atomically(eval_path, results, indent=2)
         if not main_process:
             return
         record = {k: v for k, v in out.metrics().items() if k not in ("per_direction", "applied")}
@@ -280,7 +275,7 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
         if "after" in results:
             print(f"eval after:  {_fmt(results['after'])}", flush=True)
         save_checkpoint(trainer, ckpt_dir, keep=config.save_total_limit)
-        _write_json(eval_path, results)
+        write_json_atomically(eval_path, results, indent=2)
         if metrics_path.is_file():
             plot_losses(metrics_path, out_dir / "loss.png")
         save_trained(trainer, tokenizer, out_dir / "model", base_model=model)

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sglang.srt.mezo.primitives import tensor_digest
+
 __all__ = [
     "DistributedContext",
     "agreement_callback",
@@ -174,21 +176,9 @@ def _named_tensors(obj, include_frozen: bool = False) -> dict:
     raise TypeError(f"cannot checksum a {type(obj).__name__}: pass a trainer, a module, a dict or tensors")
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}|{tuple(tensor.shape)}|".encode())
-    if t.numel():
-        h.update(t.view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
 def tensor_digests(obj, include_frozen: bool = False) -> dict:
     """name -> BLAKE2b digest of the tensor's dtype, shape and bytes (bit-exact identity)."""
-    return {name: _digest(t) for name, t in sorted(_named_tensors(obj, include_frozen).items())}
+    return {name: tensor_digest(t) for name, t in sorted(_named_tensors(obj, include_frozen).items())}
 
 
 def weights_checksum(obj, include_frozen: bool = False) -> str:

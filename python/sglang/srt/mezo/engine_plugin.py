@@ -17,15 +17,14 @@ reads it: SGLang copies adapters once into its LoRA memory pool (q/k/v and gate/
 per layer), so the trainable tensors are views into the adapter's pool slot, one per peft
 tensor, owned by the LoRA-wrapped layer that reads them.
 
-``collective_rpc`` returns no value, so results (tensor lists, checksums) are written as
-JSON to a path the caller passes.
+``collective_rpc`` returns no value, so every method writes its outcome (its result, or the
+error it raised) as JSON to a path the caller passes (`_acknowledged`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import functools
 import re
 from pathlib import Path
 
@@ -37,7 +36,9 @@ from sglang.srt.mezo.perturbation import (
     WeightVersions,
     commit_update,
     prepare_update,
+    weight_decay_applies,
 )
+from sglang.srt.mezo.primitives import require_all, tensor_digest, write_json_atomically
 
 # engine tensor suffix -> [(HF tensor suffix, which block of rows)] in row order
 FUSED = {
@@ -148,7 +149,7 @@ class EngineMeZO:
         self.versions = WeightVersions()
         self.kind = kind
         self.tensors = [
-            TrainableTensor(name, view, owners, decay=view.dim() >= 2 and "norm" not in name)
+            TrainableTensor(name, view, owners, decay=weight_decay_applies(name, view))
             for name, view, owners in tensors
         ]
         self.perturbation = ModuleScopedPerturbation(self.tensors, kind, self.versions)
@@ -182,10 +183,11 @@ class EngineMeZO:
         return {"checked": checked, "mismatched": mismatched, "missing": sorted(set(names) - found)}
 
     def checksum(self) -> dict:
-        return {t.name: hashlib.blake2b(host_bytes(t.param), digest_size=16).hexdigest() for t in self.tensors}
+        return {t.name: tensor_digest(t.param) for t in self.tensors}
 
 
-# The only places engine tensors (on whatever device the engine runs) meet host memory.
+# The only places engine tensors (on whatever device the engine runs) meet host memory:
+# `same_bits` here and `primitives.host_bytes`.
 def same_bits(reference: torch.Tensor, tensor: torch.Tensor) -> bool:
     """Whether `tensor` holds exactly `reference` (a host tensor, cast to its dtype), bit for
     bit, compared on `tensor`'s device (NaN payloads and the sign of zero count)."""
@@ -195,20 +197,27 @@ def same_bits(reference: torch.Tensor, tensor: torch.Tensor) -> bool:
     return torch.equal(expected.view(torch.uint8), tensor.detach().contiguous().view(torch.uint8))
 
 
-def host_bytes(tensor: torch.Tensor) -> bytes:
-    """The bytes of `tensor`, copied explicitly to the host first (numpy never sees device memory)."""
-    return tensor.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _write(path: str, payload) -> None:
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------- RPC methods
+def _acknowledged(method):
+    """An RPC method that reports its outcome to the caller: ``{"ok": true, "result": ...}`` or
+    ``{"ok": false, "error": ...}`` as JSON at `ack_path`. Upstream's `collective_rpc` returns
+    nothing and signals a failure only by an ``assert`` (gone under ``python -O``): the
+    caller reads this instead."""
+
+    @functools.wraps(method)
+    def acknowledging(self, ack_path: str, **kwargs):
+        try:
+            result = method(self, **kwargs)
+        except BaseException as error:
+            write_json_atomically(ack_path, {"ok": False, "error": f"{type(error).__name__}: {error}"})
+            raise
+        write_json_atomically(ack_path, {"ok": True, "result": result})
+
+    return acknowledging
+
+
 # Bound to sglang's Scheduler by `register`; `self` is the Scheduler.
-def mezo_setup(self, kind: str, patterns, model_path: str, result_path: str, lora_name=None, adapter_path=None):
+def mezo_setup(self, kind: str, patterns, model_path: str, lora_name=None, adapter_path=None):
     runner = self.tp_worker.model_runner
     hf_config = runner.model_config.hf_config
     if lora_name is None:
@@ -235,7 +244,7 @@ def mezo_setup(self, kind: str, patterns, model_path: str, result_path: str, lor
     self._mezo = state
     report = state.self_test()
     report["tensors"] = [[t.name, list(t.param.shape)] for t in state.tensors]
-    _write(result_path, report)
+    return report
 
 
 def mezo_begin(self, seed: int, scale: float):
@@ -254,8 +263,8 @@ def mezo_update(self, terms, lr: float, weight_decay: float, momentum: float):
     commit_update(state.tensors, plan, state.kind, state.versions)
 
 
-def mezo_checksum(self, result_path: str):
-    _write(result_path, self._mezo.checksum())
+def mezo_checksum(self):
+    return self._mezo.checksum()
 
 
 def mezo_load(self, path: str):
@@ -263,25 +272,26 @@ def mezo_load(self, path: str):
     from safetensors.torch import load_file
 
     weights = load_file(path)
+    require_all([t.name for t in self._mezo.tensors], weights)
     self._mezo.check_resident()
     with torch.no_grad():
         for t in self._mezo.tensors:
-            if t.name in weights:
-                t.param.copy_(weights[t.name])
-                for m in t.owners:
-                    self._mezo.versions.bump(m)
+            t.param.copy_(weights[t.name])
+            for m in t.owners:
+                self._mezo.versions.bump(m)
 
 
-def mezo_save(self, result_path: str):
+def mezo_save(self, output_path: str):
     """Writes the trainable tensors (HF or peft names) to a safetensors file."""
     from safetensors.torch import save_file
 
     self._mezo.check_resident()
-    save_file({t.name: t.param.detach().to("cpu", copy=True).contiguous() for t in self._mezo.tensors}, result_path)
+    save_file({t.name: t.param.detach().to("cpu", copy=True).contiguous() for t in self._mezo.tensors}, output_path)
 
 
 RPC_METHODS = {
-    f.__name__: f for f in (mezo_setup, mezo_begin, mezo_end, mezo_update, mezo_checksum, mezo_load, mezo_save)
+    f.__name__: _acknowledged(f)
+    for f in (mezo_setup, mezo_begin, mezo_end, mezo_update, mezo_checksum, mezo_load, mezo_save)
 }
 
 

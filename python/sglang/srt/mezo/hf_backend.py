@@ -13,6 +13,7 @@ from sglang.srt.mezo.kv_cache import CachedRowForward
 from sglang.srt.mezo.objectives import RowObjective, example_groups
 from sglang.srt.mezo.offset_log import LoggedPerturbation
 from sglang.srt.mezo.perturbation import ModuleScopedPerturbation, WeightVersions, collect_trainable, prepare_update
+from sglang.srt.mezo.primitives import require_all
 from sglang.srt.mezo.trainable import apply_peft, canonical_name, quantize_frozen_linears, trainable_names
 
 logger = logging.getLogger(__name__)
@@ -183,9 +184,7 @@ class TransformersBackend:
 
     def load_trainable_state(self, weights: dict) -> None:
         """Copies `weights` (canonical names) into the trainable tensors; every one is required."""
-        missing = [t.name for t in self.tensors if t.name not in weights]
-        if missing:
-            raise ValueError(f"missing trainable tensors {missing[:5]} (of {len(missing)})")
+        require_all([t.name for t in self.tensors], weights)
         self.perturbation.settle()
         with torch.no_grad():
             for t in self.tensors:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import re
 from collections import OrderedDict
@@ -37,6 +36,7 @@ from torch import nn
 
 from sglang.srt.mezo.objectives import IGNORE_INDEX, positions, row_logprobs, target_logprobs
 from sglang.srt.mezo.perturbation import WeightVersions
+from sglang.srt.mezo.primitives import tensor_digest
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +159,6 @@ class VersionedStore:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def find_decoder(model: nn.Module) -> Optional[nn.Module]:

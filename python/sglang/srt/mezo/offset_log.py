@@ -37,10 +37,10 @@ from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
     UpdatePlan,
     WeightVersions,
-    _DeferredInterrupts,
     commit_update,
     largest_module_bytes,
 )
+from sglang.srt.mezo.primitives import DeferredInterrupts
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class LoggedPerturbation:
         terms = [(seed, coef) for seed, coef in plan.terms if coef]
         keys = np.array([[tensor_key(seed, t.name) for seed, _ in terms] for t in self.tensors], dtype=np.uint64)
         alphas = np.array([-plan.lr * coef for _, coef in terms], dtype=np.float32)
-        with _DeferredInterrupts():
+        with DeferredInterrupts():
             self._move_to(None, update=(decay, keys, alphas))
 
     # -- moves -------------------------------------------------------------------------------

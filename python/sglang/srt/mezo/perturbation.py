@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import signal
-import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
@@ -43,6 +41,7 @@ from sglang.srt.mezo.kernels import (
     update_,
 )
 from sglang.srt.mezo.kernels.reference import axpy_values, effective_alpha
+from sglang.srt.mezo.primitives import DeferredInterrupts
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +90,13 @@ class TrainableTensor:
             self.param.detach().copy_(self.master)
 
 
+def weight_decay_applies(name: str, tensor: torch.Tensor) -> bool:
+    """Weight decay applies to matrices, not to biases and normalisation weights: a tensor of
+    two or more dimensions whose name does not contain "norm" in any case (LayerNorm,
+    layernorm, post_attention_layernorm, RMSNorm)."""
+    return tensor.dim() >= 2 and "norm" not in name.lower()
+
+
 def collect_trainable(model: nn.Module, selected: Iterable[str], fp32_master: bool, canonical=lambda n: n) -> list:
     """TrainableTensors for the selected parameter names (first name of a tied tensor wins).
 
@@ -112,7 +118,7 @@ def collect_trainable(model: nn.Module, selected: Iterable[str], fp32_master: bo
             raise ValueError(
                 f"trainable parameter {name} is {type(p.data).__name__} {p.dtype}: MeZO perturbs plain float tensors"
             )
-        decay = p.dim() >= 2 and "norm" not in name.lower()
+        decay = weight_decay_applies(name, p)
         master = p.detach().float().clone() if fp32_master and p.dtype != torch.float32 else None
         tensors.append(TrainableTensor(canonical(name), p, owners[id(p)], decay, master))
     return tensors
@@ -347,27 +353,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class _DeferredInterrupts:
-    """Holds SIGINT until the block ends, so an update is never cut in half by Ctrl-C."""
-
-    def __enter__(self):
-        self.received = None
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._hold)
-        return self
-
-    def _hold(self, signum, frame):
-        self.received = (signum, frame)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            if self.received is not None and callable(self.previous):
-                self.previous(*self.received)
-        return False
-
-
 @dataclass
 class UpdatePlan:
     """Everything a ZO-SGD update needs, computed and allocated before any weight changes."""
@@ -416,7 +401,7 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
         )
         for t in tensors
     ]
-    with _DeferredInterrupts():
+    with DeferredInterrupts():
         update_(targets, kind, [coef for _, coef in plan.terms], plan.lr, plan.momentum)
         for t in tensors:
             t.sync_param()

@@ -30,6 +30,7 @@ import torch
 from sglang.srt.mezo.config import MeZOConfig, split_list
 from sglang.srt.mezo.kv_cache import CacheStats
 from sglang.srt.mezo.objectives import IGNORE_INDEX, RowObjective, example_groups
+from sglang.srt.mezo.primitives import require_all
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class SGLangBackend:
             self._generate([[0, 0]], [0])  # a first request puts the adapter into the LoRA pool
             lora = dict(lora_name=LORA_NAME, adapter_path=str(self.adapter_path))
         patterns = split_list(config.trainable_patterns)
-        report = self._rpc_result(
+        report = self._rpc(
             "mezo_setup", kind=config.perturbation, patterns=patterns, model_path=str(model_path), **lora
         )
         if report["mismatched"] or report["missing"] or not report["tensors"]:
@@ -216,17 +217,22 @@ class SGLangBackend:
         self.tensors = []  # weights live in the engine; no host-side vanishing check
 
     # -- RPC ---------------------------------------------------------------------------
-    def _rpc(self, method: str, **kwargs) -> None:
+    def _rpc(self, method: str, **kwargs):
+        """Calls `method` in every scheduler process and returns its result (JSON), checking the
+        outcome the method acknowledged (`engine_plugin._acknowledged`): a failure raises
+        `EngineRPCError` naming the method, also under ``python -O``."""
+        ack = Path(self._tmp.name) / f"{method}.ack.json"
+        ack.unlink(missing_ok=True)
         try:
-            self.engine.collective_rpc(method, **kwargs)
-        except AssertionError as error:  # upstream reports a failed RPC with an assert
+            self.engine.collective_rpc(method, ack_path=str(ack), **kwargs)
+        except AssertionError as error:  # upstream's report of a failed RPC (absent under python -O)
             raise EngineRPCError(f"{method} failed inside the SGLang engine: {error}") from error
-
-    def _rpc_result(self, method: str, **kwargs):
-        path = Path(self._tmp.name) / f"{method}.json"
-        path.unlink(missing_ok=True)
-        self._rpc(method, result_path=str(path), **kwargs)
-        return json.loads(path.read_text())
+        if not ack.is_file():
+            raise EngineRPCError(f"{method}: the SGLang engine did not acknowledge the call (did it run it?)")
+        outcome = json.loads(ack.read_text())
+        if not outcome["ok"]:
+            raise EngineRPCError(f"{method} failed inside the SGLang engine: {outcome['error']}")
+        return outcome["result"]
 
     def _weights_changed(self) -> None:
         self.weight_version += 1
@@ -271,7 +277,7 @@ class SGLangBackend:
         self._weights_changed()
 
     def checksum(self) -> dict:
-        return self._rpc_result("mezo_checksum")
+        return self._rpc("mezo_checksum")
 
     def load_trainable(self, safetensors_path: str) -> None:
         self._rpc("mezo_load", path=str(safetensors_path))
@@ -282,12 +288,15 @@ class SGLangBackend:
         from safetensors.torch import load_file
 
         path = Path(self._tmp.name) / "trainable.safetensors"
-        self._rpc("mezo_save", result_path=str(path))
+        self._rpc("mezo_save", output_path=str(path))
         return load_file(str(path))
 
     def load_trainable_state(self, weights: dict) -> None:
+        """Copies `weights` (HF or peft names) into the engine's trainable tensors; every one is
+        required (`primitives.require_all`, checked here and again inside the engine)."""
         from safetensors.torch import save_file
 
+        require_all(self.tensor_names, weights)
         path = Path(self._tmp.name) / "load.safetensors"
         save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
         self.load_trainable(str(path))
@@ -361,7 +370,7 @@ class SGLangBackend:
             raise ValueError("save_adapter needs a LoRA adapter (peft='lora')")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._rpc("mezo_save", result_path=str(directory / "adapter_model.safetensors"))
+        self._rpc("mezo_save", output_path=str(directory / "adapter_model.safetensors"))
         shutil.copyfile(self.adapter_path / "adapter_config.json", directory / "adapter_config.json")
         return directory
 
