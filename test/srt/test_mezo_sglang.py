@@ -16,16 +16,16 @@ import torch
 from mezo_testing import follow_in_order, tiny_llama, tiny_tokenizer
 from test_mezo_trainer import candidate_batch
 
-from sglang.srt.mezo.config import MeZOConfig
-from sglang.srt.mezo.objectives import CompletionNLL
-from sglang.srt.mezo.primitives import tensor_digest
-from sglang.srt.mezo.sglang_backend import (
+from sglang.srt.mezo.backends.sglang_backend import (
     EngineCrashed,
     EngineRPCError,
     SGLangBackend,
     launch_engine,
     lora_engine_args,
 )
+from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.objectives import CompletionNLL
+from sglang.srt.mezo.primitives import tensor_digest
 from sglang.srt.mezo.trainer import MeZOTrainer
 
 # Per-token log-prob agreement between SGLang's CPU forward and transformers' (fp32, vocab
@@ -174,7 +174,7 @@ class TestEnginePluginDeviceHandling(unittest.TestCase):
         """The plugin meets engine tensors (on whatever device SGLang runs) only through
         `same_bits` (compared on the tensor's device) and `host_bytes` (an explicit copy to the
         host). Canary: torch.equal calls -0.0 and +0.0 equal and a NaN unequal to itself."""
-        from sglang.srt.mezo.engine_plugin import same_bits
+        from sglang.srt.mezo.backends.engine_plugin import same_bits
         from sglang.srt.mezo.primitives import host_bytes
 
         reference = torch.tensor([1.5, -0.0, float("nan"), 3.0])

@@ -337,7 +337,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         """q directions at the same theta: the update is -lr/q sum g_i z_i (rounding: q ulps).
         Canary: summing the q terms instead of averaging them fails by a factor q."""
         q, lr = 3, 0.05
-        from sglang.srt.mezo import hf_backend
+        from sglang.srt.mezo.backends import transformers_backend as hf_backend
 
         real = hf_backend.prepare_update
 
@@ -2278,7 +2278,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
         """Decay applies to matrices whose name has no "norm" in any case: the transformers
         backend and the engine plugin pick the same tensors (the plugin once matched "norm"
         case-sensitively and decayed a 2-D "PreNorm" weight)."""
-        from sglang.srt.mezo.engine_plugin import EngineMeZO
+        from sglang.srt.mezo.backends.engine_plugin import EngineMeZO
 
         class Mixed(torch.nn.Module):
             def __init__(self):
@@ -2309,7 +2309,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
         """device: auto resolves to what torch sees (cpu here), a bad string is an error naming
         the field, the backend moves the model there and returns per-row results on the host;
         a model that accelerate spread over several devices is not moved."""
-        from sglang.srt.mezo.hf_backend import place_model
+        from sglang.srt.mezo.backends.transformers_backend import place_model
 
         self.assertEqual(MeZOConfig().torch_device(), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         with self.assertRaisesRegex(ValueError, r"MeZOConfig.device='gpu0'"):

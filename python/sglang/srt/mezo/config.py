@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from sglang.srt.mezo.data.batching import PAD_SIDES
+from sglang.srt.mezo.data.dataset import OVERLONG_POLICIES
 from sglang.srt.mezo.kernels import PERTURBATIONS
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -16,6 +18,7 @@ OBJECTIVES = ("auto", "nll", "candidate_ce", "accuracy")
 BACKENDS = ("transformers", "sglang")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATIONS = ("none", "int8")
+PERTURBATION_MECHANISMS = ("auto", "restore_log", "unit_scoped")
 
 # Hyperparameters of the MeZO paper (Malladi et al. 2023, Table 15) per trainable set.
 PRESETS = {
@@ -53,11 +56,36 @@ class MeZOConfig:
     )
     max_length: int = _f(256, "Maximum tokens per example; prompts are cut from the left.")
 
+    # --- data (see sglang.srt.mezo.data) ----------------------------------------------
+    data_split: Optional[str] = _f(None, "The split to read from a DatasetDict or a saved DatasetDict directory.")
+    prompt_field: str = _f("prompt", "Record field holding the prompt.")
+    completion_field: str = _f("completion", "Record field holding the completion (the gold one with candidates).")
+    candidates_field: str = _f("candidates", "Record field holding the candidate completions (classification).")
+    messages_field: str = _f("messages", "Record field holding a chat (loss on its last assistant turn).")
+    json_field: Optional[str] = _f(None, "Key of a JSON object file's record list (default: auto-detect 'data').")
+    overlong: str = _f("error", f"An example whose completion alone exceeds max_length: one of {OVERLONG_POLICIES}.")
+    add_bos: Optional[bool] = _f(None, "Prepend the BOS token (default: when the tokenizer adds one itself).")
+    add_eos: bool = _f(False, "Append the EOS token to every completion.")
+    data_cache_dir: Optional[str] = _f(None, "Cache of the datasets library for parsed files (default: its own).")
+    group_by_length: bool = _f(False, "Batch examples of similar length together (fewer padded tokens).")
+    drop_last: bool = _f(
+        False, "Data-parallel: drop the examples that do not divide by the world size instead of repeating some."
+    )
+    pad_side: str = _f("right", f"Where rows are padded: one of {PAD_SIDES}.")
+    pad_to_multiple_of: int = _f(0, "Pad rows to a multiple of this many tokens (0 = the longest row).")
+
     # --- estimator ----------------------------------------------------------------------
     learning_rate: float = _f(1e-6, "ZO-SGD learning rate eta.", aliases=["--lr"])
     epsilon: float = _f(1e-3, "Perturbation scale eps of the two-point SPSA estimate.")
     seed: int = _f(0, "Run seed: every direction's seed is derived from it and the step.")
     perturbation: str = _f("gaussian", f"Direction distribution: one of {PERTURBATIONS}.")
+    perturbation_mechanism: str = _f(
+        "auto",
+        f"How perturbations are scoped and undone exactly: one of {PERTURBATION_MECHANISMS}. restore_log moves "
+        "all weights at once and logs what subtraction would not restore (Rademacher, float32 CPU weights); "
+        "unit_scoped swaps a perturbed copy of one unit (a decoder layer) in while it runs; auto picks "
+        "restore_log where it applies.",
+    )
     num_directions: int = _f(1, "n-SPSA: directions q averaged per step at the same weights.")
     objective: str = _f("auto", f"Loss: one of {OBJECTIVES}; auto = candidate_ce with candidates, else nll.")
 
@@ -124,6 +152,9 @@ class MeZOConfig:
             ("backend", BACKENDS),
             ("dtype", DTYPES),
             ("quantize_base", QUANTIZATIONS),
+            ("perturbation_mechanism", PERTURBATION_MECHANISMS),
+            ("overlong", OVERLONG_POLICIES),
+            ("pad_side", PAD_SIDES),
         ):
             if getattr(self, name) not in choices:
                 bad(name, f"expected one of {choices}")
@@ -138,6 +169,7 @@ class MeZOConfig:
             "grad_clip",
             "frozen_store_mb",
             "check_ranks_every",
+            "pad_to_multiple_of",
         ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
@@ -150,6 +182,32 @@ class MeZOConfig:
             bad("momentum", "must be in [0, 1)")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0")
+
+    def dataset_options(self) -> dict:
+        """Keyword arguments of `MeZODataset` from this config."""
+        return dict(
+            split=self.data_split,
+            prompt_field=self.prompt_field,
+            completion_field=self.completion_field,
+            candidates_field=self.candidates_field,
+            messages_field=self.messages_field,
+            json_field=self.json_field,
+            max_length=self.max_length,
+            overlong=self.overlong,
+            add_bos=self.add_bos,
+            add_eos=self.add_eos,
+            cache_dir=self.data_cache_dir,
+        )
+
+    def loader_options(self) -> dict:
+        """Keyword arguments of `create_dataloader` from this config (shuffling is the caller's)."""
+        return dict(
+            seed=self.seed,
+            group_by_length=self.group_by_length,
+            drop_last=self.drop_last,
+            pad_side=self.pad_side,
+            pad_to_multiple_of=self.pad_to_multiple_of or None,
+        )
 
     def torch_device(self) -> torch.device:
         """The device `device` names now (``auto``: cuda if torch sees a GPU, else cpu)."""

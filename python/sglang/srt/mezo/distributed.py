@@ -24,12 +24,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from sglang.srt.mezo.primitives import tensor_digest
 
@@ -154,26 +153,15 @@ def reduce_sum_count(total: float, count: int, group=None) -> tuple:
 
 # ----------------------------------------------------------------------------- checksums
 def _named_tensors(obj, include_frozen: bool = False) -> dict:
-    """name -> tensor for a trainer, a backend, a module, a mapping or an iterable of tensors."""
-    backend = getattr(obj, "backend", None)
-    if backend is not None and hasattr(backend, "trainable_state"):
-        obj = backend  # a MeZOTrainer
-    if hasattr(obj, "trainable_state"):  # a MeZO backend: trainable tensors (float32 masters included)
-        named = dict(obj.trainable_state())
-        model = getattr(obj, "model", None)
-        if include_frozen and isinstance(model, nn.Module):
-            for name, p in model.named_parameters():
-                named.setdefault(f"model:{name}", p)
-        return named
-    if isinstance(obj, nn.Module):
-        return dict(obj.named_parameters())
+    """name -> tensor: a ``{name: tensor}`` mapping as it is, or a trainer's backend's trainable
+    tensors (float32 masters included), with ``include_frozen`` also every other weight it
+    holds in this process (prefixed ``model:``)."""
     if isinstance(obj, Mapping):
         return dict(obj)
-    if isinstance(obj, torch.Tensor):
-        return {"tensor": obj}
-    if isinstance(obj, Iterable):
-        return {f"tensor[{i}]": t for i, t in enumerate(obj)}
-    raise TypeError(f"cannot checksum a {type(obj).__name__}: pass a trainer, a module, a dict or tensors")
+    named = dict(obj.backend.trainable_state())
+    if include_frozen:
+        named.update({f"model:{name}": t for name, t in obj.backend.frozen_state().items()})
+    return named
 
 
 def tensor_digests(obj, include_frozen: bool = False) -> dict:
@@ -193,8 +181,8 @@ def assert_ranks_agree(obj, step: int, *, include_frozen: bool = False, group=No
     """Raises RuntimeError on every rank unless all ranks hold bit-identical tensors at `step`.
 
     obj: a `MeZOTrainer` (its backend's trainable tensors, float32 masters included; with
-    ``include_frozen`` also every model parameter), a backend, an ``nn.Module`` (its
-    parameters), a ``{name: tensor}`` mapping or an iterable of tensors. `step` is the
+    ``include_frozen`` also every other weight in this process) or a ``{name: tensor}``
+    mapping. `step` is the
     caller's step counter: it is compared across ranks too and named in the error.
     Returns the local checksum (also outside a process group, where nothing is compared).
     Costs one hash pass over the tensors (~1 GB/s) and one small all_gather_object.

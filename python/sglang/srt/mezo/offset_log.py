@@ -128,6 +128,13 @@ class LoggedPerturbation:
         self.fallback: Optional[ModuleScopedPerturbation] = None  # after a log overflow
         self.last_log_entries = 0
 
+    @property
+    def name(self) -> str:
+        """``restore_log``; after an overflow, the per-unit mechanism's name and why."""
+        if self.fallback is None:
+            return "restore_log"
+        return f"{self.fallback.name} (the restore log overflowed)"
+
     @staticmethod
     def supports(tensors: list, kind: str) -> bool:
         """Whether these tensors can be moved this way: Rademacher, no masters, and every tensor

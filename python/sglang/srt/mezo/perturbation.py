@@ -189,10 +189,14 @@ def perturbation_units(root: Optional[nn.Module], tensors: list, budget: int) ->
 class ModuleScopedPerturbation:
     """Perturbs each unit's trainable tensors only while that unit runs (`perturbation_units`).
 
+    Its name in `MeZOConfig.perturbation_mechanism` and metrics.jsonl is ``unit_scoped``.
+
     Args:
         root: the model; when given, owner modules are merged into larger units (decoder
             layers) within the scratch budget. Without it every owner module is a unit.
     """
+
+    name = "unit_scoped"
 
     def __init__(self, tensors: list, kind: str, versions: WeightVersions, root: Optional[nn.Module] = None):
         self.tensors = tensors

@@ -31,7 +31,8 @@ def read_log(run_dir: Path, up_to_step: int | None = None) -> list:
 def replay(run_dir: str | Path, model=None, tokenizer=None, up_to_step: int | None = None, device: str = "auto"):
     """A trainer holding the weights the run had after its logged steps, on `device` (any: z
     and every write are bit-identical across devices, so a GPU run replays on a CPU)."""
-    from sglang.srt.mezo_trainer import MeZOTrainer, load_model_and_tokenizer
+    from sglang.srt.mezo.model_io import load_model_and_tokenizer
+    from sglang.srt.mezo.trainer import MeZOTrainer
 
     run_dir = Path(run_dir)
     recorded = json.loads((run_dir / "config.json").read_text())
@@ -75,9 +76,7 @@ def main(argv=None) -> int:
     trainer = replay(args.run_dir, up_to_step=step, device=args.device)
     print(f"replayed {trainer.global_step} steps; log: {log_bytes_per_step(args.run_dir):.0f} bytes/step")
     if args.output_dir:
-        from sglang.srt.mezo_trainer import save_trained
-
-        save_trained(trainer, trainer.tokenizer, args.output_dir)
+        trainer.backend.export(args.output_dir, trainer.tokenizer)
     if checkpoint is not None:
         differ = matches_checkpoint(trainer, checkpoint)
         print(f"{checkpoint}: {'bit-identical' if not differ else f'{len(differ)} tensors differ: {differ[:3]}'}")

@@ -12,10 +12,10 @@ from typing import Callable, Iterable, Optional
 
 from tqdm.auto import tqdm
 
+from sglang.srt.mezo.backends.base import Backend
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.distributed import reduce_sum_count
 from sglang.srt.mezo.objectives import accuracy_counts, has_candidates, make_objective
-from sglang.srt.mezo.perturbation import vanishing_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,16 @@ class MeZOTrainer:
             `TransformersBackend` over `model`.
     """
 
-    def __init__(self, model, config: MeZOConfig, tokenizer=None, objective: Optional[Callable] = None, backend=None):
+    def __init__(
+        self,
+        model,
+        config: MeZOConfig,
+        tokenizer=None,
+        objective: Optional[Callable] = None,
+        backend: Optional[Backend] = None,
+    ):
         if backend is None:
-            from sglang.srt.mezo.hf_backend import TransformersBackend
+            from sglang.srt.mezo.backends.transformers_backend import TransformersBackend
 
             backend = TransformersBackend(model, config)
         self.config = config
@@ -122,7 +129,7 @@ class MeZOTrainer:
     @property
     def cache_stats(self) -> dict:
         """Tokens computed vs reused by each KV/hidden-state mechanism (last pass, cumulative)."""
-        return dict(getattr(self.backend, "cache_stats", {}))
+        return dict(self.backend.cache_stats)
 
     # ------------------------------------------------------------------------- one step
     def step(self, batch: dict) -> StepOutput:
@@ -189,13 +196,14 @@ class MeZOTrainer:
 
     def _warn_if_vanishing(self, what: str, seed: int, scale: float) -> None:
         """Warn (once per kind) when ``w + scale*z`` rounds back to w for most sampled elements."""
-        tensors = getattr(self.backend, "tensors", None)
-        if not tensors or what in self.warnings_issued or scale == 0:
+        if what in self.warnings_issued or scale == 0:
             return
-        fraction = vanishing_fraction(tensors, self.config.perturbation, seed, scale, update=what == "update")
+        sampled = self.backend.vanishing_fraction(seed, scale, update=what == "update")
+        if sampled is None:  # the weights are not in this process
+            return
+        fraction, dtypes = sampled
         if fraction > VANISHING_THRESHOLD:
             self.warnings_issued.add(what)
-            dtypes = sorted({str(t.param.dtype) for t in tensors})
             warnings.warn(
                 f"MeZO {what} below the weights' resolution: {fraction:.0%} of sampled elements "
                 f"({dtypes}) are unchanged by a write of scale {scale:.3g} (criterion: more than "
@@ -252,7 +260,7 @@ class MeZOTrainer:
         for batch in tqdm(dataloader, desc="eval", disable=self.config.disable_tqdm, leave=False):
             objective = self.objective or make_objective(self.config.objective, batch)
             objective_name = getattr(objective, "name", type(objective).__name__)
-            if self.objective is None and hasattr(self.backend, "row_logprobs"):
+            if self.objective is None:
                 sums, counts = self.backend.row_logprobs(batch)
                 t, n = objective.reduce(sums, counts, batch)
                 if has_candidates(batch):

@@ -34,7 +34,7 @@ from sglang.srt.mezo.primitives import require_all
 
 logger = logging.getLogger(__name__)
 
-BOOTSTRAP_MODULE = "sglang.srt.mezo.engine_bootstrap"
+BOOTSTRAP_MODULE = "sglang.srt.mezo.backends.engine_bootstrap"
 
 CPU_ENGINE_DEFAULTS = dict(
     device="cpu",
@@ -107,7 +107,7 @@ def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto",
     import psutil
 
     import sglang
-    from sglang.srt.mezo import cpu_standins
+    from sglang.srt.mezo.backends import cpu_standins
 
     cpu_standins.install()
     kwargs = dict(model_path=model_path, dtype=dtype, custom_sigquit_handler=_raise_engine_crashed)
@@ -166,7 +166,8 @@ class SGLangBackend:
 
     Trains full parameters, a name subset, or (``peft="lora"``) a LoRA adapter served by
     the engine's LoRA path: `adapter_path` is then the initial adapter in peft format, and
-    the engine must have been launched with `lora_engine_args`.
+    the engine must have been launched with `lora_engine_args`. `host_model` is the host
+    copy the engine was started from: `export` writes full-parameter weights through it.
     """
 
     name = "sglang"
@@ -178,9 +179,16 @@ class SGLangBackend:
         model_path: str,
         flush_on_version_change: bool = True,
         adapter_path: Optional[str] = None,
+        host_model=None,
     ):
         if config.peft == "prefix":
             raise NotImplementedError("prefix tuning has no SGLang serving path: use the transformers backend")
+        if config.perturbation_mechanism == "restore_log":
+            raise ValueError(
+                "perturbation_mechanism='restore_log' is a CPU-process mechanism: the SGLang engine "
+                "perturbs unit by unit inside its processes ('unit_scoped' or 'auto')"
+            )
+        self.host_model = host_model
         self.engine = engine
         self.config = config
         self.model = engine
@@ -214,7 +222,7 @@ class SGLangBackend:
                 "internals may have moved (this backend was written against sglang 0.5.23)"
             )
         self.tensor_names = [name for name, _ in report["tensors"]]
-        self.tensors = []  # weights live in the engine; no host-side vanishing check
+        self._stopped = False
 
     # -- RPC ---------------------------------------------------------------------------
     def _rpc(self, method: str, **kwargs):
@@ -244,8 +252,20 @@ class SGLangBackend:
 
     # -- backend interface ---------------------------------------------------------------
     @property
+    def mechanism(self) -> str:
+        return "unit_scoped (inside the engine)"
+
+    @property
     def cache_stats(self) -> dict:
         return self.stats.as_dict()
+
+    def vanishing_fraction(self, seed: int, scale: float, update: bool) -> Optional[tuple]:
+        """None: the weights live in the engine's processes, not sampled from here."""
+        return None
+
+    def frozen_state(self) -> dict:
+        """{}: the engine's frozen weights live in its processes."""
+        return {}
 
     def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         if seed is not None:
@@ -374,8 +394,28 @@ class SGLangBackend:
         shutil.copyfile(self.adapter_path / "adapter_config.json", directory / "adapter_config.json")
         return directory
 
+    def export(self, directory: Path, tokenizer=None) -> Path:
+        """LoRA: the adapter in peft format, written from the engine's pool. Full parameters:
+        the engine's trained tensors copied into `host_model`, saved as an HF model dir."""
+        directory = Path(directory)
+        if self.adapter_path is not None:
+            self.save_adapter(directory)
+        else:
+            if self.host_model is None:
+                raise ValueError("exporting full parameters from the engine needs host_model (the model it serves)")
+            unexpected = self.host_model.load_state_dict(self.trainable_state(), strict=False).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"engine tensors with no host counterpart: {unexpected[:5]}")
+            self.host_model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return directory
+
     def shutdown(self) -> None:
-        """Stops the engine. Upstream's `Engine.shutdown` kills every child process of the
-        caller, so other engines started from this process stop too."""
+        """Stops the engine (once). Upstream's `Engine.shutdown` kills every child process of
+        the caller, so other engines started from this process stop too."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.engine.shutdown()
         self._tmp.cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,7 +13,13 @@ from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.kv_cache import CachedRowForward
 from sglang.srt.mezo.objectives import RowObjective, example_groups
 from sglang.srt.mezo.offset_log import LoggedPerturbation
-from sglang.srt.mezo.perturbation import ModuleScopedPerturbation, WeightVersions, collect_trainable, prepare_update
+from sglang.srt.mezo.perturbation import (
+    ModuleScopedPerturbation,
+    WeightVersions,
+    collect_trainable,
+    prepare_update,
+    vanishing_fraction,
+)
 from sglang.srt.mezo.primitives import require_all
 from sglang.srt.mezo.trainable import apply_peft, canonical_name, quantize_frozen_linears, trainable_names
 
@@ -87,21 +94,40 @@ class TransformersBackend:
         self.config = config
         self.versions = WeightVersions()
         self.tensors = collect_trainable(model, names, config.fp32_trainable, canonical_name)
-        # Rademacher z costs nothing to regenerate, so whole-model moves with an exact-restore
-        # log beat per-module backups; Gaussian z is compute-bound and half precision is
-        # restored from backups (or masters).
-        if LoggedPerturbation.supports(self.tensors, config.perturbation):
-            self.perturbation = LoggedPerturbation(self.tensors, config.perturbation, self.versions)
-        else:
-            self.perturbation = ModuleScopedPerturbation(self.tensors, config.perturbation, self.versions, root=model)
+        self.perturbation = self._mechanism(config.perturbation_mechanism)
         # (model, batch, perturbing) -> per-row (sums, counts), with exact KV/hidden reuse
         self.row_forward = CachedRowForward(model, self.tensors, self.versions, config)
         self.micro_batch_rows = config.micro_batch_size  # 0: whole batches until memory runs out
         self.device = input_device(model)
 
+    def _mechanism(self, requested: str):
+        """The perturbation mechanism: `requested`, or for ``auto`` the restore log where it
+        applies (Rademacher z is free to regenerate, so whole-model moves beat per-unit copies
+        on float32 CPU weights) and per-unit scratch copies elsewhere."""
+        kind = self.config.perturbation
+        logged = LoggedPerturbation.supports(self.tensors, kind)
+        if requested == "restore_log" and not logged:
+            raise ValueError(
+                "perturbation_mechanism='restore_log' needs Rademacher directions over float32 CPU tensors "
+                f"without float32 masters (here: perturbation={kind!r}, "
+                f"dtypes {sorted({str(t.param.dtype) for t in self.tensors})}, devices "
+                f"{sorted({str(t.param.device) for t in self.tensors})}); use 'unit_scoped' or 'auto'"
+            )
+        if requested == "restore_log" or (requested == "auto" and logged):
+            return LoggedPerturbation(self.tensors, kind, self.versions)
+        return ModuleScopedPerturbation(self.tensors, kind, self.versions, root=self.model)
+
+    @property
+    def mechanism(self) -> str:
+        return self.perturbation.name
+
     @property
     def cache_stats(self) -> dict:
         return self.row_forward.stats.as_dict()
+
+    def vanishing_fraction(self, seed: int, scale: float, update: bool) -> Optional[tuple]:
+        fraction = vanishing_fraction(self.tensors, self.config.perturbation, seed, scale, update=update)
+        return fraction, sorted({str(t.param.dtype) for t in self.tensors})
 
     def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """Per-row completion log-likelihoods under ``w + scale * z(seed)`` (w if seed is None)."""
@@ -193,6 +219,10 @@ class TransformersBackend:
                 for m in t.owners:
                     self.versions.bump(m)
 
+    def frozen_state(self) -> dict:
+        trainable = {id(t.param) for t in self.tensors}
+        return {name: p for name, p in self.model.named_parameters() if id(p) not in trainable}
+
     def momentum_state(self) -> dict:
         return {t.name: t.momentum for t in self.tensors if t.momentum is not None}
 
@@ -200,3 +230,19 @@ class TransformersBackend:
         for t in self.tensors:
             if t.name in state:
                 t.momentum = state[t.name].to(t.value.device, torch.float32, copy=True)
+
+    def export(self, directory: Path, tokenizer=None) -> Path:
+        """A peft adapter dir for LoRA / prefix tuning, else an HF model dir (config, weights,
+        tokenizer): written from wherever the model lives, loadable onto any device."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.perturbation.settle()
+        for t in self.tensors:
+            t.sync_param()
+        self.model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return directory
+
+    def shutdown(self) -> None:
+        """Nothing to release: the model lives in this process."""

@@ -6,7 +6,7 @@ so the CPU stand-ins are installed here, first. Pinned host memory (SGLang's LoR
 for it) is made a plain allocation here too, on CPU only and in these processes only.
 """
 
-from sglang.srt.mezo import cpu_standins
+from sglang.srt.mezo.backends import cpu_standins
 
 cpu_standins.install()
 cpu_standins.neutralise_pin_memory()

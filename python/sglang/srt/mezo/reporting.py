@@ -1,0 +1,99 @@
+"""What a run writes besides weights: metrics.jsonl (a line per step), eval results, the loss
+plot and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+CONFIG_FILE = "config.json"
+
+
+class StepLog:
+    """Appends one JSON line per step to ``OUTPUT_DIR/metrics.jsonl`` (and TensorBoard scalars).
+
+    A line holds the step's `StepOutput` fields (means over directions), ``q``,
+    ``directions`` (``[seed, applied projected grad]``: all replay needs), ``seconds`` and
+    the ``cache/*`` token counts; when the perturbation mechanism changes during a run (a
+    restore log that overflowed), that step's line also names the new one.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool, mechanism: str):
+        self.path = out_dir / METRICS_FILE
+        self.mechanism = mechanism
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, out, seconds: float, cache_stats: dict, mechanism: str) -> None:
+        record = {k: v for k, v in out.metrics().items() if k not in ("per_direction", "applied")}
+        record["q"] = len(out.per_direction)
+        record["directions"] = [[seed, grad] for seed, grad in out.applied]
+        record["seconds"] = round(seconds, 4)
+        record.update({f"cache/{k}": v for k, v in cache_stats.items()})
+        if mechanism != self.mechanism:
+            record["perturbation_mechanism"] = self.mechanism = mechanism
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key in ("loss_plus", "loss_minus", "projected_grad", "lr", "seconds"):
+                self.writer.add_scalar(f"mezo/{key}", record[key], out.step)
+
+    def start_over(self, resumed_step: Optional[int]) -> None:
+        """A fresh run starts an empty log; a resumed one drops lines the checkpoint does not contain."""
+        if resumed_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            truncate_metrics(self.path, resumed_step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def truncate_metrics(path: Path, before_step: int) -> None:
+    """On resume, drop lines of steps the checkpoint does not contain (written after it)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Loss curve (mean of L+ and L- per step) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    steps = [r["step"] for r in rows if not r["skipped"]]
+    losses = [(r["loss_plus"] + r["loss_minus"]) / 2 for r in rows if not r["skipped"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="(L+ + L-) / 2")
+    if len(losses) >= 10:
+        window = max(5, len(losses) // 20)
+        smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
+        ax.plot(steps[window - 1 :], smooth, lw=1.6, label=f"moving mean ({window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("MeZO")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def format_eval(result: dict) -> str:
+    """One line of an evaluation: loss, and accuracy over the examples when there is one."""
+    text = f"loss {result['loss']:.4f}"
+    if "accuracy" in result:
+        text += f", accuracy {result['accuracy']:.3f} ({result['examples']} examples)"
+    return text
