@@ -149,6 +149,15 @@ class TestSGLangBackendProtocol(unittest.TestCase):
             backend.apply_update([(1, 0.5)], lr=0.1)
 
 
+class TestSGLangBackendPolicies(unittest.TestCase):
+    def test_missing_tensors_and_host_only_mechanisms_are_errors(self):
+        backend = SGLangBackend(FakeEngine(), MeZOConfig(disable_tqdm=True), "unused")
+        with self.assertRaisesRegex(ValueError, r"missing trainable tensors: \['w'\]"):
+            backend.load_trainable_state({})
+        with self.assertRaisesRegex(ValueError, "restore_log.*unit by unit"):
+            SGLangBackend(FakeEngine(), MeZOConfig(perturbation_mechanism="restore_log"), "unused")
+
+
 class TestRPCOutcomes(unittest.TestCase):
     def test_a_failed_rpc_is_an_error_without_upstream_asserts(self):
         """Under python -O upstream's collective_rpc reports nothing: the method's own

@@ -2197,6 +2197,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
         ),
         # what CUDA raises; the message deliberately lacks the words "out of memory"
         "torch.OutOfMemoryError": lambda rows: torch.OutOfMemoryError(f"CUDA error: tried to allocate {rows} rows"),
+        "MemoryError": lambda rows: MemoryError(f"{rows} rows"),
     }
 
     def _allocator_limit(self, model, max_rows, error=OOM_ERRORS["cpu allocator"]):
@@ -2213,8 +2214,8 @@ class TestMeZOEdgeCases(unittest.TestCase):
         return model.register_forward_pre_hook(check, with_kwargs=True)
 
     def test_out_of_memory_halves_micro_batch_with_the_same_result(self):
-        """OOM above 3 rows, raised as the CPU allocator's RuntimeError or as
-        torch.OutOfMemoryError, over a float base and over an int8 base with LoRA: the step
+        """OOM above 3 rows, raised as the CPU allocator's RuntimeError, as
+        torch.OutOfMemoryError or as MemoryError, over a float base and over an int8 base with LoRA: the step
         retries at 6 -> 3 rows (candidate groups of 3 kept whole) and equals, bit for bit, a
         run with 3-row micro-batches from the start; the plain whole-batch run agrees to GEMM
         rounding (1e-6 relative in fp32). Canary: an error that is not an out-of-memory one
@@ -2273,6 +2274,46 @@ class TestMeZOEdgeCases(unittest.TestCase):
         trainer.step(lm_batch())
         for name, p in model.named_parameters():
             self.assertEqual(torch.equal(p.detach(), ref[name]), name not in trained, name)
+
+    def test_perturbation_mechanism_is_explicit_and_its_fallback_recorded(self):
+        """auto picks the restore log for Rademacher float32 CPU weights and per-unit copies
+        elsewhere; naming one that cannot serve the tensors is an error saying why; a switch
+        during a run (a restore log that overflowed) is named in that step's metrics line,
+        and only there."""
+        from sglang.srt.mezo.reporting import StepLog
+
+        def mechanism(**overrides):
+            config = MeZOConfig(disable_tqdm=True, **overrides)
+            return MeZOTrainer(tiny_llama(), config).backend.mechanism
+
+        self.assertEqual(mechanism(perturbation="rademacher"), "restore_log")
+        self.assertEqual(mechanism(perturbation="gaussian"), "unit_scoped")
+        self.assertEqual(mechanism(perturbation="rademacher", perturbation_mechanism="unit_scoped"), "unit_scoped")
+        with self.assertRaisesRegex(ValueError, "restore_log.*Rademacher.*perturbation='gaussian'"):
+            mechanism(perturbation="gaussian", perturbation_mechanism="restore_log")
+        with self.assertRaisesRegex(ValueError, r"MeZOConfig.perturbation_mechanism='fast'"):
+            MeZOConfig(perturbation_mechanism="fast")
+        trainer = MeZOTrainer(tiny_llama(), MeZOConfig(perturbation="rademacher", disable_tqdm=True))
+        with tempfile.TemporaryDirectory() as out:
+            log = StepLog(Path(out), tensorboard=False, mechanism=trainer.backend.mechanism)
+            for step in range(3):
+                if step == 1:  # what a log overflow does (test_log_overflow_undoes_the_move_...)
+                    trainer.backend.perturbation._fall_back(1.0)
+                log.write(trainer.step(lm_batch(seed=step)), 0.1, trainer.cache_stats, trainer.backend.mechanism)
+            lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        self.assertEqual(
+            [line.get("perturbation_mechanism") for line in lines],
+            [None, "unit_scoped (the restore log overflowed)", None],
+        )
+
+    def test_loading_weights_requires_every_trainable_tensor(self):
+        """One policy on every path: a weights file missing a trainable tensor is an error naming
+        it (the engine used to skip such tensors silently)."""
+        trainer = MeZOTrainer(tiny_llama(), MeZOConfig(disable_tqdm=True))
+        weights = trainer.backend.trainable_state()
+        weights.pop("lm_head.weight")
+        with self.assertRaisesRegex(ValueError, r"missing trainable tensors: \['lm_head.weight'\]"):
+            trainer.backend.load_trainable_state(weights)
 
     def test_weight_decay_rule_is_the_same_on_both_backends_whatever_the_case(self):
         """Decay applies to matrices whose name has no "norm" in any case: the transformers

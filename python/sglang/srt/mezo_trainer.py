@@ -58,8 +58,6 @@ cpu_standins.install()
 
 logger = logging.getLogger("sglang.srt.mezo_trainer")
 
-DEMO_DIR = Path(__file__).resolve().parent / "mezo" / "demo_data"
-
 
 def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTrainer:
     """The trainer on the configured backend (the SGLang engine starts here for --backend sglang)."""

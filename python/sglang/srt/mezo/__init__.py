@@ -1,1 +1,20 @@
-"""Internals of the MeZO trainer; the public API is `sglang.srt.mezo_trainer`."""
+"""Internals of the MeZO trainer; the public API is `sglang.srt.mezo_trainer`.
+
+Where things live (imports run downward only: entry point -> trainer -> backends ->
+perturbation -> kernels; config, data, objectives and primitives are leaves):
+
+* `trainer`: the step (seed, L+, L-, g, update) and the train / evaluate loops;
+* `config`: `MeZOConfig`, one help string and one CLI flag per field;
+* `backends/`: the `Backend` protocol and its two implementations, transformers in this
+  process and an upstream SGLang engine (with the plugin that perturbs inside it);
+* `perturbation`: how a perturbation is scoped and undone exactly (per-unit copies
+  swapped in while a unit runs; the ZO-SGD update), `offset_log` the whole-model restore
+  log for Rademacher on float32 CPU weights;
+* `kernels/`: z and every write made with it: the torch reference (the specification),
+  numba for float32 CPU tensors, Triton for GPUs, one dispatch;
+* `kv_cache`: exact prompt-prefix sharing and frozen-layer reuse, keyed on weight versions;
+* `objectives`: losses as (sum, count); `trainable`: which tensors train (peft, patterns);
+* `data/`: sources, tokenization, the dataset, batching and data-parallel sharding;
+* `checkpoint`, `replay`, `distributed`, `model_io` (loading, GGUF), `reporting`
+  (metrics.jsonl, the loss plot), `primitives` (digests, atomic writes, Ctrl-C guard).
+"""

@@ -45,7 +45,6 @@ __all__ = [
     "launched_by_torchrun",
     "reduce_sum_count",
     "tensor_digests",
-    "weights_checksum",
 ]
 
 
@@ -58,10 +57,6 @@ class DistributedContext:
     local_rank: int = 0
     backend: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def distributed(self) -> bool:
@@ -167,14 +162,6 @@ def _named_tensors(obj, include_frozen: bool = False) -> dict:
 def tensor_digests(obj, include_frozen: bool = False) -> dict:
     """name -> BLAKE2b digest of the tensor's dtype, shape and bytes (bit-exact identity)."""
     return {name: tensor_digest(t) for name, t in sorted(_named_tensors(obj, include_frozen).items())}
-
-
-def weights_checksum(obj, include_frozen: bool = False) -> str:
-    """One digest of all of `obj`'s tensors (see `tensor_digests`); equal iff bit-identical."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, digest in tensor_digests(obj, include_frozen).items():
-        h.update(f"{name}={digest};".encode())
-    return h.hexdigest()
 
 
 def assert_ranks_agree(obj, step: int, *, include_frozen: bool = False, group=None) -> str:

@@ -99,7 +99,7 @@ class VersionedStore:
         self.max_entries = max_entries
         self._entries: "OrderedDict[object, tuple]" = OrderedDict()
         self.bytes = 0
-        self.hits = self.misses = self.stale = 0
+        self.stale = 0  # entries found but computed under other weight versions
         self.about_to_change: set = set()  # modules the current pass will perturb
 
     @contextlib.contextmanager
@@ -123,15 +123,12 @@ class VersionedStore:
     def get(self, key):
         entry = self._entries.get(key)
         if entry is None:
-            self.misses += 1
             return None
         value, deps, nbytes = entry
         if not self.is_valid(deps):
             self.stale += 1
-            self.misses += 1
             self._drop(key)
             return None
-        self.hits += 1
         self._entries.move_to_end(key)
         return value
 

@@ -16,7 +16,6 @@ from typing import Callable, Optional
 import torch
 
 IGNORE_INDEX = -100
-Objective = Callable[[torch.nn.Module, dict], tuple]
 # log_softmax runs on row blocks of about this many logits. On a CPU, 4 MiB in float32: the
 # block's output stays in cache for the gather (on one whole [tokens, vocab] tensor it writes
 # and re-reads hundreds of MiB, ~2.8x slower at SmolLM2 16x128; the values are the same

@@ -145,10 +145,6 @@ class LoggedPerturbation:
             and all(t.master is None and kernels.implementation(t.param) == "numba" for t in tensors)
         )
 
-    @property
-    def modules(self) -> list:
-        return list(self._owners)
-
     def remove(self) -> None:
         if self.fallback is not None:
             self.fallback.remove()

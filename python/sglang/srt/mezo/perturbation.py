@@ -65,9 +65,6 @@ class WeightVersions:
     def get(self, module: nn.Module) -> int:
         return self._versions.get(module, 0)
 
-    def snapshot(self, modules: Iterable[nn.Module]) -> tuple:
-        return tuple(self.get(m) for m in modules)
-
 
 @dataclass
 class TrainableTensor:

@@ -46,7 +46,6 @@ class _StandInModule(types.ModuleType):
     def __init__(self, name: str):
         super().__init__(name)
         self.__path__ = []  # a package, so any submodule imports too
-        self.__mezo_standin__ = True
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -89,10 +88,6 @@ def install() -> list:
     if roots:
         sys.meta_path.append(_StandInFinder(roots))
     return roots
-
-
-def is_standin(module) -> bool:
-    return bool(getattr(module, "__mezo_standin__", False))
 
 
 _PINNING_FACTORIES = ("tensor", "empty", "zeros", "ones", "arange", "full")

@@ -27,11 +27,12 @@ logger = logging.getLogger(__name__)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA OOM, or CPU allocation failures (which surface as RuntimeError)."""
-    if isinstance(error, torch.OutOfMemoryError):
+    """By type: torch.OutOfMemoryError (CUDA and other accelerators) and MemoryError; the CPU
+    allocator's failure, which torch raises as a plain RuntimeError, is the one case told by
+    its text."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    text = str(error).lower()
-    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    return isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 def split_rows(batch: dict, size: int) -> list:
@@ -152,7 +153,7 @@ class TransformersBackend:
             try:
                 parts = [self.row_forward(self.model, part, perturbing) for part in split_rows(batch, size)]
                 break
-            except (torch.OutOfMemoryError, RuntimeError) as error:
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
                 if not is_out_of_memory(error):
                     raise
                 smallest = max(len(g) for g in example_groups(batch))
