@@ -10,12 +10,14 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from sglang.srt.mezo.backends.base import Backend
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.distributed import reduce_sum_count
-from sglang.srt.mezo.objectives import accuracy_counts, has_candidates, make_objective
+from sglang.srt.mezo.objectives import RowObjective, accuracy_counts, has_candidates, make_objective
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ class MeZOTrainer:
         return total / count if count else math.nan
 
     def _check_batch(self, batch: dict) -> None:
-        if not batch or any(getattr(v, "shape", (1,))[:1] == (0,) for v in batch.values()):
+        if not batch or any(torch.is_tensor(v) and v.shape[:1] == (0,) for v in batch.values()):
             raise ValueError("empty batch: no examples to estimate a gradient from")
         if self.objective is not None:
             return  # a custom objective defines its own batch
@@ -227,8 +229,8 @@ class MeZOTrainer:
             dynamic_ncols=True,
         )
         while self.global_step < self.config.max_steps:
-            if hasattr(getattr(dataloader, "sampler", None), "set_epoch"):
-                dataloader.sampler.set_epoch(self.epoch)
+            if isinstance(dataloader, DataLoader) and isinstance(dataloader.sampler, DistributedSampler):
+                dataloader.sampler.set_epoch(self.epoch)  # a new seeded order per epoch
             progressed = False
             for index, batch in enumerate(dataloader):
                 if index < self.batches_seen_in_epoch:
@@ -259,7 +261,7 @@ class MeZOTrainer:
         objective_name = None
         for batch in tqdm(dataloader, desc="eval", disable=self.config.disable_tqdm, leave=False):
             objective = self.objective or make_objective(self.config.objective, batch)
-            objective_name = getattr(objective, "name", type(objective).__name__)
+            objective_name = objective.name if isinstance(objective, RowObjective) else type(objective).__name__
             if self.objective is None:
                 sums, counts = self.backend.row_logprobs(batch)
                 t, n = objective.reduce(sums, counts, batch)
