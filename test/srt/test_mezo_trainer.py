@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 import warnings
 from pathlib import Path
@@ -1615,6 +1616,167 @@ class TestMeZOIntegration(unittest.TestCase):
             self.assertEqual(a.keys(), b.keys())
             for key in a:
                 self.assertTrue(torch.equal(a[key], b[key]), f"{name}:{key}")
+
+    def test_a_second_run_into_the_same_output_dir_is_refused_or_replaces_the_first(self):
+        """The reported sequence: run A (5 steps, seed 1, a checkpoint per step, the last 2
+        kept), then run B (2 steps, seed 2) into the same directory. B is refused, naming
+        what is there, and changes nothing; resuming A's checkpoints with B's seed is refused
+        naming the seed; with --overwrite-output-dir B replaces A whole: every file is B's
+        (written after B started), its checkpoints and 2 metrics lines are all there is."""
+        from sglang.srt.mezo.output_dir import OutputDirError
+
+        out = self.out("twice")
+        self.run_main(out, "--steps", "5", "--seed", "1", "--save-steps", "1")
+        self.assertEqual(sorted(os.listdir(os.path.join(out, "checkpoints"))), ["step-4", "step-5"])
+
+        def files():
+            return {
+                os.path.relpath(os.path.join(d, f), out): Path(d, f).read_bytes()
+                for d, _, names in os.walk(out)
+                for f in names
+            }
+
+        run_a = files()
+        run_b = ["--steps", "2", "--seed", "2", "--save-steps", "1"]
+        with self.assertRaisesRegex(OutputDirError, r"not empty .*metrics\.jsonl.*--overwrite-output-dir"):
+            self.run_main(out, *run_b)
+        self.assertEqual(files(), run_a)
+        with self.assertRaisesRegex(ValueError, r"another run \(seed: 1 -> 2\)"):
+            self.run_main(out, *run_b, "--resume", os.path.join(out, "checkpoints"))
+        self.assertEqual(files(), run_a)
+        started = time.time()
+        self.run_main(out, *run_b, "--overwrite-output-dir")
+        stale = [
+            name for name in files() if os.path.getmtime(os.path.join(out, name)) < started and name != ".mezo.lock"
+        ]
+        self.assertEqual(stale, [])
+        self.assertEqual(sorted(os.listdir(os.path.join(out, "checkpoints"))), ["step-1", "step-2"])
+        self.assertEqual(len(Path(out, "metrics.jsonl").read_text().splitlines()), 2)
+        self.assertEqual(json.loads(Path(out, "config.json").read_text())["seed"], 2)
+
+    def test_resume_refuses_changed_data_and_accepts_resumable_changes(self):
+        """A checkpoint records the training data's SHA-256: the same path with other content
+        is refused, naming train_data_sha256. Fields listed in RESUMABLE_FIELDS (max_steps,
+        save and eval cadence) may change."""
+        data = os.path.join(self.tmp.name, "train-copy.jsonl")
+        shutil.copyfile(self.train_file, data)
+        out = self.out("data-changed")
+        self.run_main(out, "--train-file", data, "--steps", "2")
+        with open(data, "a") as f:
+            f.write(json.dumps({"prompt": "Review: fine. Sentiment:", "completion": " positive"}) + "\n")
+        resume = ["--resume", os.path.join(out, "checkpoints")]
+        with self.assertRaisesRegex(ValueError, r"another run \(train_data_sha256: '[0-9a-f]+' -> '[0-9a-f]+'\)"):
+            self.run_main(out, "--train-file", data, "--steps", "3", *resume)
+        shutil.copyfile(self.train_file, data)
+        results = self.run_main(
+            out, "--train-file", data, "--steps", "3", "--save-steps", "1", "--eval-steps", "1", *resume
+        )
+        self.assertEqual(results["steps"], 3)
+
+    def test_one_writer_per_output_dir(self):
+        """While another process holds the output dir's lock a run fails at once (before
+        loading anything), naming that process; once the holder dies, even by SIGKILL, the
+        kernel has released the lock and the run proceeds."""
+        from sglang.srt import mezo_trainer
+        from sglang.srt.mezo.output_dir import LOCK_FILE, OutputDirError
+
+        out = self.out("locked")
+        os.makedirs(out)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys, time\n"
+                "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(120)\n",
+                os.path.join(out, LOCK_FILE),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline().strip(), "held")
+        with mock.patch.object(mezo_trainer, "load_model_and_tokenizer") as loader:
+            with self.assertRaisesRegex(OutputDirError, f"another MeZO process \\(pid {holder.pid}\\)"):
+                mezo_trainer.mezo_finetune(MeZOConfig(output_dir=out, train_file=self.train_file, max_steps=1))
+        loader.assert_not_called()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        self.assertEqual(self.run_main(out, "--steps", "1")["steps"], 1)
+
+    def test_sigterm_finishes_the_step_checkpoints_and_resumes_bit_identically(self):
+        """SIGTERM arriving inside step 3 (momentum, cosine schedule): the step completes, its
+        checkpoint and 3 metrics lines are written, no final model, and the run exits with
+        128 + 15 telling how to resume; resumed, it ends with the metrics and the weights and
+        momentum of an uninterrupted run, bit for bit."""
+        from safetensors.torch import load_file
+
+        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
+
+        extra = ["--steps", "6", "--lr-scheduler", "cosine", "--momentum", "0.5"]
+        whole = self.out("no-signal")
+        self.run_main(whole, *extra)
+        stopped = self.out("sigterm")
+        real_loss, calls = Trainer._loss, {"n": 0}
+
+        def signal_in_step_three(trainer, *args):
+            calls["n"] += 1
+            if calls["n"] == 5:  # step 3's L+ (two passes per step)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_loss(trainer, *args)
+
+        handler = signal.getsignal(signal.SIGTERM)
+        with mock.patch.object(Trainer, "_loss", signal_in_step_three), self.assertRaises(SystemExit) as exit_:
+            self.run_main(stopped, *extra)
+        self.assertEqual(exit_.exception.code, 128 + signal.SIGTERM)
+        self.assertEqual(os.listdir(os.path.join(stopped, "checkpoints")), ["step-3"])
+        self.assertEqual(len(Path(stopped, "metrics.jsonl").read_text().splitlines()), 3)
+        self.assertFalse(os.path.exists(os.path.join(stopped, "model")))
+        self.assertEqual(signal.getsignal(signal.SIGTERM), handler)  # the process's handler is back
+        self.run_main(stopped, *extra, "--resume", os.path.join(stopped, "checkpoints"))
+
+        def comparable(key):  # timing and the per-process cumulative cache counters differ by design
+            return key != "seconds" and (not key.startswith("cache/") or key.startswith("cache/pass/"))
+
+        def strip(path):
+            return [{k: v for k, v in json.loads(x).items() if comparable(k)} for x in open(path)]
+
+        self.assertEqual(strip(os.path.join(whole, "metrics.jsonl")), strip(os.path.join(stopped, "metrics.jsonl")))
+        for name in ("trainable.safetensors", "optimizer.safetensors"):
+            a = load_file(os.path.join(whole, "checkpoints", "step-6", name))
+            b = load_file(os.path.join(stopped, "checkpoints", "step-6", name))
+            self.assertTrue(all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys(), name)
+
+    def test_rotation_removes_only_older_checkpoints_of_the_same_run(self):
+        """Rotation keeps the checkpoint just written and the newest others of its own run by
+        step; another run's checkpoints are never touched (with the refusal above they cannot
+        share a directory, but rotation does not rely on it). Resumed from step 3 with later
+        ones present, keep=1 still keeps the step just written; resuming drops this run's
+        checkpoints past the resume point (they are written again, bit for bit)."""
+        from sglang.srt.mezo.checkpoint import drop_checkpoints_after, list_checkpoints, run_identity, save_checkpoint
+
+        trainer = MeZOTrainer(tiny_llama(), MeZOConfig(disable_tqdm=True))
+        other = MeZOTrainer(tiny_llama(), MeZOConfig(seed=9, disable_tqdm=True))
+        identity = run_identity(trainer.config)
+        with tempfile.TemporaryDirectory() as root:
+
+            def steps():
+                return [p.name for p in list_checkpoints(root)]
+
+            other.global_step = 9
+            save_checkpoint(other, root, keep=1)
+            for step in range(1, 6):
+                trainer.global_step = step
+                save_checkpoint(trainer, root, keep=2, identity=identity)
+            self.assertEqual(steps(), ["step-4", "step-5", "step-9"])
+            trainer.global_step = 3  # resumed from an older checkpoint: the newest of this run now
+            save_checkpoint(trainer, root, keep=1, identity=identity)
+            self.assertEqual(steps(), ["step-3", "step-9"])
+            for step in (4, 5):
+                trainer.global_step = step
+                save_checkpoint(trainer, root, keep=5, identity=identity)
+            self.assertEqual([p.name for p in drop_checkpoints_after(root, 3, identity)], ["step-4", "step-5"])
+            self.assertEqual(steps(), ["step-3", "step-9"])
 
     def test_replay_rebuilds_trained_weights_bit_identically(self):
         from sglang.srt.mezo import replay

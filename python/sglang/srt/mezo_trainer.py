@@ -32,11 +32,19 @@ from typing import Optional
 import torch
 
 from sglang.srt.mezo.backends import cpu_standins
-from sglang.srt.mezo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sglang.srt.mezo.checkpoint import (
+    check_identity,
+    drop_checkpoints_after,
+    latest_checkpoint,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
 from sglang.srt.mezo.distributed import agreement_callback, assert_ranks_agree, init_distributed, is_main_process
 from sglang.srt.mezo.model_io import engine_model_dir, load_model_and_tokenizer
+from sglang.srt.mezo.output_dir import OutputDirError, OutputDirLock, StopRequests, prepare_output_dir
 from sglang.srt.mezo.primitives import write_json_atomically
 from sglang.srt.mezo.reporting import CONFIG_FILE, EVAL_FILE, StepLog, format_eval, plot_losses
 from sglang.srt.mezo.trainer import MeZOTrainer, StepOutput
@@ -91,20 +99,46 @@ class Run:
     main_process: bool  # rank 0 (or no torchrun): the only writer of the output dir
     world_size: int
     log: Optional[StepLog]
+    identity: dict  # recorded in every checkpoint (`checkpoint.run_identity`)
+    lock: Optional[OutputDirLock]  # held by the writer for the whole run
     results: dict = field(default_factory=dict)  # eval.json
+    stopped_by: Optional[str] = None  # the signal that ended training early, and its number
+    stop_signal: Optional[int] = None
 
     def write_results(self) -> None:
         if self.main_process:
             write_json_atomically(self.out_dir / EVAL_FILE, self.results, indent=2)
 
+    def checkpoint(self, directory: Path, keep: int) -> Path:
+        return save_checkpoint(self.trainer, directory, keep=keep, identity=self.identity)
+
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
         self.trainer.backend.shutdown()
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+
+
+def claim_output_dir(config: MeZOConfig) -> OutputDirLock:
+    """The output dir, locked for this process, refused if it holds another run (unless
+    resuming), emptied of a previous run's artifacts with ``overwrite_output_dir``."""
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = OutputDirLock(out_dir).__enter__()
+    try:
+        prepare_output_dir(out_dir, resume=config.resume is not None, overwrite=config.overwrite_output_dir)
+    except OutputDirError:
+        lock.__exit__(None, None, None)
+        raise
+    return lock
 
 
 def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
-    """Process group, seed, config.json, model, data, backend; resumes from ``config.resume``."""
+    """Process group, seed, output dir, model, data, backend; resumes from ``config.resume``.
+
+    Nothing is written before the output dir is claimed and a resumed checkpoint is known
+    to be of this run."""
     if config.train_file is None:
         raise ValueError("train_file is required (see --train-file)")
     context = init_distributed()
@@ -113,32 +147,54 @@ def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
         config = MeZOConfig.from_dict({**config.to_dict(), "disable_tqdm": True})
     torch.manual_seed(config.seed)
     out_dir = Path(config.output_dir)
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(out_dir / CONFIG_FILE, config.to_dict(), indent=2)
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
-    train_set = MeZODataset(config.train_file, tokenizer, **config.dataset_options())
-    train_loader = create_dataloader(train_set, config.batch_size, shuffle=True, **config.loader_options())
-    eval_loader = None
-    if config.eval_file:
-        eval_set = MeZODataset(config.eval_file, tokenizer, **config.dataset_options())
-        # every rank evaluates the whole eval set: identical results, no gather needed
-        loader = {**config.loader_options(), "group_by_length": False, "drop_last": False}
-        eval_loader = create_dataloader(eval_set, config.batch_size, shuffle=False, distributed=False, **loader)
-    trainer = build_trainer(config, model, tokenizer, out_dir)
+    lock = claim_output_dir(config) if main_process else None  # released by Run.close (or at exit)
+    try:
+        identity = run_identity(config)
+        if config.resume:
+            checkpoint = latest_checkpoint(config.resume)
+            if checkpoint is None:
+                raise FileNotFoundError(f"--resume {config.resume}: no checkpoint found there")
+            check_identity(checkpoint, identity)
+        if main_process:
+            write_json_atomically(out_dir / CONFIG_FILE, config.to_dict(), indent=2)
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
+        train_set = MeZODataset(config.train_file, tokenizer, **config.dataset_options())
+        train_loader = create_dataloader(train_set, config.batch_size, shuffle=True, **config.loader_options())
+        eval_loader = None
+        if config.eval_file:
+            eval_set = MeZODataset(config.eval_file, tokenizer, **config.dataset_options())
+            # every rank evaluates the whole eval set: identical results, no gather needed
+            loader = {**config.loader_options(), "group_by_length": False, "drop_last": False}
+            eval_loader = create_dataloader(eval_set, config.batch_size, shuffle=False, distributed=False, **loader)
+        trainer = build_trainer(config, model, tokenizer, out_dir)
+    except BaseException:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise
     logger.info("perturbation mechanism: %s", trainer.backend.mechanism)
     log = StepLog(out_dir, config.tensorboard, trainer.backend.mechanism) if main_process else None
-    run = Run(config, trainer, tokenizer, train_loader, eval_loader, out_dir, main_process, context.world_size, log)
-    eval_path = out_dir / EVAL_FILE
-    if config.resume:
-        run.results = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-        resumed = load_checkpoint(trainer, config.resume)
-        logger.info("resumed from %s at step %d", resumed, trainer.global_step)
-    if log is not None:
-        log.start_over(trainer.global_step if config.resume else None)
-    if context.world_size > 1:
-        assert_ranks_agree(trainer, trainer.global_step, include_frozen=True)
+    run = Run(
+        config, trainer, tokenizer, train_loader, eval_loader, out_dir, main_process, context.world_size, log,
+        identity, lock,
+    )  # fmt: skip
+    try:
+        eval_path = out_dir / EVAL_FILE
+        if config.resume:
+            run.results = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+            resumed = load_checkpoint(trainer, config.resume, identity=identity)
+            logger.info("resumed from %s at step %d", resumed, trainer.global_step)
+            if main_process:
+                dropped = drop_checkpoints_after(out_dir / "checkpoints", trainer.global_step, identity)
+                if dropped:
+                    logger.info("removed the abandoned continuation's checkpoints %s", [p.name for p in dropped])
+        if log is not None:
+            log.start_over(trainer.global_step if config.resume else None)
+        if context.world_size > 1:
+            assert_ranks_agree(trainer, trainer.global_step, include_frozen=True)
+    except BaseException:
+        run.close()
+        raise
     return run
 
 
@@ -168,16 +224,18 @@ def train(run: Run) -> None:
             run.results.setdefault("during", []).append({"step": step, **evaluation})
             if run.main_process and evaluation["loss"] < run.results.get("best", {}).get("loss", math.inf):
                 run.results["best"] = {"step": step, "loss": evaluation["loss"]}
-                save_checkpoint(trainer, run.out_dir / "best", keep=1)
+                run.checkpoint(run.out_dir / "best", keep=1)
             run.write_results()
         if not run.main_process:
             return
         run.log.write(out, seconds, trainer.cache_stats, trainer.backend.mechanism)
         if config.save_steps and step % config.save_steps == 0:
-            save_checkpoint(trainer, checkpoints, keep=config.save_total_limit)
+            run.checkpoint(checkpoints, keep=config.save_total_limit)
 
     started = time.perf_counter()
-    trainer.train(run.train_loader, on_step=on_step)
+    with StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the step in flight, then stop
+        trainer.train(run.train_loader, on_step=on_step, should_stop=lambda: stop.requested is not None)
+    run.stopped_by, run.stop_signal = stop.requested, stop.signum
     run.results["train_seconds"] = round(time.perf_counter() - started, 2)
     run.results["steps"] = trainer.global_step
     run.results["skipped_steps"] = trainer.skipped_steps
@@ -187,8 +245,10 @@ def save(run: Run) -> None:
     """The final checkpoint, eval.json, the loss plot and the trained weights (``model/``)."""
     if not run.main_process:
         return
-    save_checkpoint(run.trainer, run.out_dir / "checkpoints", keep=run.config.save_total_limit)
+    run.checkpoint(run.out_dir / "checkpoints", keep=run.config.save_total_limit)
     run.write_results()
+    if run.stopped_by is not None:
+        return  # a checkpoint and the metrics so far; no final model of an unfinished run
     if run.log.path.is_file():
         plot_losses(run.log.path, run.out_dir / "loss.png")
     run.trainer.backend.export(run.out_dir / "model", run.tokenizer)
@@ -205,10 +265,19 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
     try:
         evaluate(run, "before")
         train(run)
-        evaluate(run, "after")
+        if run.stopped_by is None:
+            evaluate(run, "after")
         save(run)
     finally:
         run.close()
+    if run.stopped_by is not None:
+        print(
+            f"stopped by {run.stopped_by} after step {run.trainer.global_step}; continue with: the same command and "
+            f"--resume {run.out_dir / 'checkpoints'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(128 + run.stop_signal)
     return run.results
 
 

@@ -1,7 +1,14 @@
-"""Checkpoints that resume bit-identically, written atomically (temp dir + rename)."""
+"""Checkpoints that resume bit-identically, written atomically (temp dir + rename).
+
+Every checkpoint records its run's identity (`run_identity`: the config fields that define
+the trajectory and the training data's SHA-256). Resuming checks it, naming the fields
+that differ, and rotation only ever removes older checkpoints of the same run, never the
+one just written.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -10,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from safetensors.torch import load_file, save_file
+
+from sglang.srt.mezo.config import RESUMABLE_FIELDS
 
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -20,8 +29,41 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = ("global_step", "epoch", "batches_seen_in_epoch", "nonfinite_in_a_row", "skipped_steps")
 
 
-def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2) -> Path:
-    """Writes ``directory/step-N`` atomically and keeps the newest `keep` checkpoints."""
+def data_fingerprint(path: Optional[str]) -> Optional[str]:
+    """SHA-256 of a data file, or of a directory's files (relative names and bytes, sorted);
+    None without a path. Cached per (path, size, mtime): a run hashes its data once."""
+    if path is None:
+        return None
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stamp = (str(root.resolve()), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(str(p.relative_to(root) if root.is_dir() else p.name).encode() + b"\0")
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        _FINGERPRINTS[stamp] = h.hexdigest()
+    return _FINGERPRINTS[stamp]
+
+
+_FINGERPRINTS: dict = {}
+
+
+def run_identity(config) -> dict:
+    """What makes two checkpoints steps of one run: every `MeZOConfig` field except
+    `config.RESUMABLE_FIELDS`, and the training data's SHA-256 (``train_data_sha256``)."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS}
+    identity["train_data_sha256"] = data_fingerprint(config.train_file)
+    return identity
+
+
+def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2, identity: Optional[dict] = None) -> Path:
+    """Writes ``directory/step-N`` atomically, recording the run's `identity` (by default
+    `run_identity` of the trainer's config), then removes the oldest checkpoints of the same
+    run beyond `keep` (never the one just written; other runs' checkpoints are not touched)."""
+    identity = run_identity(trainer.config) if identity is None else identity
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{trainer.global_step}"
@@ -35,6 +77,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2) -> Pat
         save_file(momentum, str(tmp / OPTIMIZER_FILE))
     state = {k: getattr(trainer, k) for k in TRAINER_STATE}
     state["config"] = trainer.config.to_dict()
+    state["identity"] = identity
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     old = None
     if final.exists():  # re-saving the same step: move the old one aside first
@@ -44,9 +87,23 @@ def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2) -> Pat
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old)
-    for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
+    same_run = [p for p in list_checkpoints(root) if p != final and _identity_of(p) == identity]
+    for stale in same_run[: max(0, len(same_run) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(stale)
     return final
+
+
+def drop_checkpoints_after(directory: str | os.PathLike, step: int, identity: dict) -> list:
+    """Removes this run's checkpoints past `step` (a resume from an earlier one abandons that
+    continuation; the run writes them again, bit for bit). Returns the removed paths."""
+    later = [p for p in list_checkpoints(directory) if int(p.name.split("-")[1]) > step and _identity_of(p) == identity]
+    for path in later:
+        shutil.rmtree(path)
+    return later
+
+
+def _identity_of(checkpoint: Path) -> Optional[dict]:
+    return json.loads((checkpoint / STATE_FILE).read_text()).get("identity")
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list:
@@ -67,11 +124,14 @@ def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load_checkpoint(trainer, directory: str | os.PathLike) -> Path:
-    """Restores weights, momentum and loop position into `trainer` from a checkpoint."""
+def load_checkpoint(trainer, directory: str | os.PathLike, identity: Optional[dict] = None) -> Path:
+    """Restores weights, momentum and loop position into `trainer` from a checkpoint; with
+    `identity` (`run_identity` of the resuming run) refuses a checkpoint of another run."""
     path = latest_checkpoint(directory)
     if path is None:
         raise FileNotFoundError(f"no checkpoint (with {STATE_FILE}) in {directory}")
+    if identity is not None:
+        check_identity(path, identity)
     try:
         trainer.backend.load_trainable_state(load_file(str(path / TRAINABLE_FILE)))
     except ValueError as e:
@@ -82,3 +142,18 @@ def load_checkpoint(trainer, directory: str | os.PathLike) -> Path:
     for key in TRAINER_STATE:
         setattr(trainer, key, state[key])
     return path
+
+
+def check_identity(checkpoint: Path, identity: dict) -> None:
+    """Raises ValueError naming every field in which `checkpoint`'s run differs from `identity`."""
+    recorded = _identity_of(checkpoint)
+    if recorded is None:
+        raise ValueError(f"checkpoint {checkpoint} records no run identity: it cannot be matched to this run")
+    differing = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
+    if differing:
+        changes = ", ".join(f"{k}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in differing[:6])
+        raise ValueError(
+            f"checkpoint {checkpoint} belongs to another run ({changes}"
+            f"{f' and {len(differing) - 6} more' if len(differing) > 6 else ''}); only "
+            "config.RESUMABLE_FIELDS may change on --resume"
+        )

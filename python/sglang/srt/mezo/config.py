@@ -20,6 +20,35 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATIONS = ("none", "int8")
 PERTURBATION_MECHANISMS = ("auto", "restore_log", "unit_scoped")
 
+# Fields a resumed run may change: they do not define the trajectory (where to write and
+# log, how often to evaluate and save, how long to run, how memory is used, where to run).
+# Every other field, and the training data's content, is the run's identity, recorded in
+# each checkpoint (`checkpoint.run_identity`). Changing max_steps under a decaying schedule
+# spreads the decay over the new total; micro-batching, the KV mechanisms and the device
+# change results only by floating-point rounding.
+RESUMABLE_FIELDS = (
+    "output_dir",
+    "resume",
+    "overwrite_output_dir",
+    "eval_file",
+    "data_cache_dir",
+    "device",
+    "perturbation_mechanism",
+    "max_steps",
+    "max_nonfinite_steps",
+    "micro_batch_size",
+    "memory_budget_mb",
+    "prefix_sharing",
+    "frozen_layer_reuse",
+    "frozen_store_mb",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "disable_tqdm",
+    "tensorboard",
+    "check_ranks_every",
+)
+
 # Hyperparameters of the MeZO paper (Malladi et al. 2023, Table 15) per trainable set.
 PRESETS = {
     "full": dict(learning_rate=1e-6, epsilon=1e-3),
@@ -46,7 +75,12 @@ class MeZOConfig:
     train_file: Optional[str] = _f(None, "Training data (JSONL/JSON/CSV/Parquet/saved dataset dir).")
     eval_file: Optional[str] = _f(None, "Evaluation data, same formats as --train-file.")
     output_dir: str = _f("mezo_output", "Where metrics, eval results, weights and checkpoints go.")
-    resume: Optional[str] = _f(None, "Checkpoint directory to resume from.")
+    resume: Optional[str] = _f(
+        None, "Checkpoint (or checkpoints dir) to resume from; it must be of this run (see RESUMABLE_FIELDS)."
+    )
+    overwrite_output_dir: bool = _f(
+        False, "Remove a previous run's artifacts from output_dir first (a non-empty output_dir is refused otherwise)."
+    )
     backend: str = _f("transformers", f"Forward backend: one of {BACKENDS}.")
     dtype: str = _f("float32", f"Model dtype: one of {DTYPES}.")
     device: str = _f(

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from sglang.srt.mezo.backends.base import Backend
@@ -215,10 +215,16 @@ class MeZOTrainer:
             )
 
     # ------------------------------------------------------------------------- loops
-    def train(self, dataloader: Iterable, on_step: Optional[Callable[[StepOutput, float], None]] = None) -> list:
+    def train(
+        self,
+        dataloader: Iterable,
+        on_step: Optional[Callable[[StepOutput, float], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+    ) -> list:
         """Runs until ``config.max_steps``, cycling epochs; returns the per-step metrics.
 
-        `on_step(output, seconds)` is called after each step (logging, checkpoints).
+        `on_step(output, seconds)` is called after each step (logging, checkpoints);
+        `should_stop()`, asked after each step, ends the loop early (a signal, say).
         """
         history = []
         bar = tqdm(
@@ -229,8 +235,9 @@ class MeZOTrainer:
             dynamic_ncols=True,
         )
         while self.global_step < self.config.max_steps:
-            if isinstance(dataloader, DataLoader) and isinstance(dataloader.sampler, DistributedSampler):
-                dataloader.sampler.set_epoch(self.epoch)  # a new seeded order per epoch
+            sampler = getattr(dataloader, "sampler", None)  # a DataLoader, or a wrapper that exposes its sampler
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(self.epoch)  # a new seeded order per epoch
             progressed = False
             for index, batch in enumerate(dataloader):
                 if index < self.batches_seen_in_epoch:
@@ -245,13 +252,15 @@ class MeZOTrainer:
                 bar.set_postfix(loss=f"{(out.loss_plus + out.loss_minus) / 2:.4f}", g=f"{out.projected_grad:.3g}")
                 if on_step is not None:
                     on_step(out, seconds)
-                if self.global_step >= self.config.max_steps:
+                if self.global_step >= self.config.max_steps or (should_stop is not None and should_stop()):
                     break
             else:
                 self.epoch += 1
                 self.batches_seen_in_epoch = 0
             if not progressed and self.batches_seen_in_epoch == 0:
                 raise ValueError("the training dataloader yielded no batches")
+            if should_stop is not None and should_stop():
+                break
         bar.close()
         return history
 

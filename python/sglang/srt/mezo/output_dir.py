@@ -1,0 +1,122 @@
+"""One run per output directory: refusal, overwrite, one writer at a time, stopping on a signal.
+
+* A non-empty output directory is refused unless the run resumes (``--resume``) or was
+  told to start over (``--overwrite-output-dir``, which first removes every artifact a
+  previous run wrote: nothing of two runs is ever mixed).
+* `OutputDirLock`: an advisory ``fcntl`` lock on ``OUTPUT_DIR/.mezo.lock`` for the run's
+  whole life; a second process fails at once, naming the holder. The kernel releases it
+  when the holder exits, however it exits.
+* `StopRequests`: SIGINT and SIGTERM ask the training loop to stop after the step in
+  flight (a second SIGINT interrupts at once), so the main job can checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+LOCK_FILE = ".mezo.lock"
+# Everything a run writes into its output directory (and nothing else is ever removed).
+RUN_ARTIFACTS = (
+    "config.json",
+    "metrics.jsonl",
+    "eval.json",
+    "loss.png",
+    "model",
+    "checkpoints",
+    "best",
+    "tensorboard",
+    "engine_model",
+    "initial_adapter",
+)
+
+
+class OutputDirError(RuntimeError):
+    """The output directory holds another run, or another process is writing to it."""
+
+
+def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuses a directory that holds anything (but the lock) unless resuming; with
+    `overwrite`, removes the previous run's artifacts first."""
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_FILE)
+    if not entries or resume:
+        return
+    if not overwrite:
+        raise OutputDirError(
+            f"output directory {out_dir} is not empty (it holds {entries[:8]}"
+            f"{' and more' if len(entries) > 8 else ''}): pass --resume {out_dir / 'checkpoints'} to continue "
+            "that run, --overwrite-output-dir to replace it, or another --output-dir"
+        )
+    for name in RUN_ARTIFACTS:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+class OutputDirLock:
+    """Holds ``OUTPUT_DIR/.mezo.lock`` (fcntl.flock, exclusive, non-blocking) while open."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / LOCK_FILE
+        self._file = None
+
+    def __enter__(self) -> "OutputDirLock":
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise OutputDirError(
+                f"another MeZO process (pid {holder}) is writing to {self.path.parent}: wait for it to finish "
+                "or choose another --output-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        return False
+
+
+class StopRequests:
+    """Within the block, SIGINT and SIGTERM set `requested` (the signal's name) instead of
+    killing the process; a second SIGINT raises KeyboardInterrupt at once. Handlers are
+    restored on exit. Outside the main thread signals cannot be caught: nothing changes."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = signal.Signals(signum).name, signum
+
+    def __exit__(self, *exc) -> bool:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
