@@ -1547,6 +1547,24 @@ class TestMeZOIntegration(unittest.TestCase):
     def out(self, name):
         return os.path.join(self.tmp.name, name)
 
+    def assert_same_training(self, whole, resumed, step):
+        """metrics.jsonl and the step's checkpoint tensors of two runs are equal bit for bit."""
+        from safetensors.torch import load_file
+
+        def comparable(key):  # timing and the per-process cumulative cache counters differ by design
+            return key != "seconds" and (not key.startswith("cache/") or key.startswith("cache/pass/"))
+
+        def strip(path):
+            return [{k: v for k, v in json.loads(x).items() if comparable(k)} for x in open(path)]
+
+        self.assertEqual(strip(os.path.join(whole, "metrics.jsonl")), strip(os.path.join(resumed, "metrics.jsonl")))
+        for name in ("trainable.safetensors", "optimizer.safetensors"):
+            a = load_file(os.path.join(whole, "checkpoints", f"step-{step}", name))
+            b = load_file(os.path.join(resumed, "checkpoints", f"step-{step}", name))
+            self.assertEqual(a.keys(), b.keys())
+            for key in a:
+                self.assertTrue(torch.equal(a[key], b[key]), f"{name}:{key}")
+
     def test_cli_end_to_end_writes_every_artifact(self):
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
@@ -1582,8 +1600,6 @@ class TestMeZOIntegration(unittest.TestCase):
     def test_resume_is_bit_identical_to_uninterrupted(self):
         """Interrupted after step 3 (cosine schedule, momentum), resumed from step-3: same
         weights, momentum and metrics.jsonl (apart from timing) as one uninterrupted run."""
-        from safetensors.torch import load_file
-
         from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
 
         extra = ["--steps", "6", "--save-steps", "3", "--lr-scheduler", "cosine", "--momentum", "0.5"]
@@ -1602,20 +1618,7 @@ class TestMeZOIntegration(unittest.TestCase):
         with mock.patch.object(Trainer, "step", crash_on_fourth), self.assertRaises(KeyboardInterrupt):
             self.run_main(broken, *extra)
         self.run_main(broken, *extra, "--resume", os.path.join(broken, "checkpoints"))
-
-        def comparable(key):  # timing and the per-process cumulative cache counters differ by design
-            return key != "seconds" and (not key.startswith("cache/") or key.startswith("cache/pass/"))
-
-        def strip(path):
-            return [{k: v for k, v in json.loads(x).items() if comparable(k)} for x in open(path)]
-
-        self.assertEqual(strip(os.path.join(whole, "metrics.jsonl")), strip(os.path.join(broken, "metrics.jsonl")))
-        for name in ("trainable.safetensors", "optimizer.safetensors"):
-            a = load_file(os.path.join(whole, "checkpoints", "step-6", name))
-            b = load_file(os.path.join(broken, "checkpoints", "step-6", name))
-            self.assertEqual(a.keys(), b.keys())
-            for key in a:
-                self.assertTrue(torch.equal(a[key], b[key]), f"{name}:{key}")
+        self.assert_same_training(whole, broken, step=6)
 
     def test_a_second_run_into_the_same_output_dir_is_refused_or_replaces_the_first(self):
         """The reported sequence: run A (5 steps, seed 1, a checkpoint per step, the last 2
@@ -1709,8 +1712,6 @@ class TestMeZOIntegration(unittest.TestCase):
         checkpoint and 3 metrics lines are written, no final model, and the run exits with
         128 + 15 telling how to resume; resumed, it ends with the metrics and the weights and
         momentum of an uninterrupted run, bit for bit."""
-        from safetensors.torch import load_file
-
         from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
 
         extra = ["--steps", "6", "--lr-scheduler", "cosine", "--momentum", "0.5"]
@@ -1734,18 +1735,7 @@ class TestMeZOIntegration(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(stopped, "model")))
         self.assertEqual(signal.getsignal(signal.SIGTERM), handler)  # the process's handler is back
         self.run_main(stopped, *extra, "--resume", os.path.join(stopped, "checkpoints"))
-
-        def comparable(key):  # timing and the per-process cumulative cache counters differ by design
-            return key != "seconds" and (not key.startswith("cache/") or key.startswith("cache/pass/"))
-
-        def strip(path):
-            return [{k: v for k, v in json.loads(x).items() if comparable(k)} for x in open(path)]
-
-        self.assertEqual(strip(os.path.join(whole, "metrics.jsonl")), strip(os.path.join(stopped, "metrics.jsonl")))
-        for name in ("trainable.safetensors", "optimizer.safetensors"):
-            a = load_file(os.path.join(whole, "checkpoints", "step-6", name))
-            b = load_file(os.path.join(stopped, "checkpoints", "step-6", name))
-            self.assertTrue(all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys(), name)
+        self.assert_same_training(whole, stopped, step=6)
 
     def test_rotation_removes_only_older_checkpoints_of_the_same_run(self):
         """Rotation keeps the checkpoint just written and the newest others of its own run by
