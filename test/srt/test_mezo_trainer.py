@@ -678,8 +678,8 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         self.assertLessEqual(worst_ratio(), 1.0)
         real = spec.update_
 
-        def forgetful(w, kind, keys, coefs, lr, weight_decay, momentum=None, mu=0.0):
-            return real(w, kind, keys, coefs, lr, weight_decay, momentum, 0.0)
+        def forgetful(w, kind, keys, coefs, lr, weight_decay, momentum=None, mu=0.0, layout=None):
+            return real(w, kind, keys, coefs, lr, weight_decay, momentum, 0.0, layout)
 
         with mock.patch.object(spec, "update_", forgetful):
             self.assertGreater(worst_ratio(), 1e3)

@@ -1,7 +1,7 @@
 """Internals of the MeZO trainer; the public API is `sglang.srt.mezo_trainer`.
 
 Where things live (imports run downward only: entry point -> trainer -> backends ->
-perturbation -> kernels; config, data, objectives and primitives are leaves):
+perturbation -> kernels; config, data, objectives, sharding and primitives are leaves):
 
 * `trainer`: the step (seed, L+, L-, g, update) and the train / evaluate loops;
 * `config`: `MeZOConfig`, one help string and one CLI flag per field;
@@ -12,6 +12,8 @@ perturbation -> kernels; config, data, objectives and primitives are leaves):
   log for Rademacher on float32 CPU weights;
 * `kernels/`: z and every write made with it: the torch reference (the specification),
   numba for float32 CPU tensors, Triton for GPUs, one dispatch;
+* `sharding`: where a tensor-parallel shard's elements sit in the unsharded tensor (z is
+  drawn there), and gathering shards back;
 * `kv_cache`: exact prompt-prefix sharing and frozen-layer reuse, keyed on weight versions;
 * `objectives`: losses as (sum, count); `trainable`: which tensors train (peft, patterns);
 * `data/`: sources, tokenization, the dataset, batching and data-parallel sharding;

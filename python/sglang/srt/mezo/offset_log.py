@@ -41,6 +41,7 @@ from sglang.srt.mezo.perturbation import (
     largest_module_bytes,
 )
 from sglang.srt.mezo.primitives import DeferredInterrupts
+from sglang.srt.mezo.sharding import is_shard
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ class LoggedPerturbation:
 
     def __init__(self, tensors: list, kind: str, versions: WeightVersions, log_bytes: Optional[int] = None):
         if not self.supports(tensors, kind):
-            raise ValueError("LoggedPerturbation needs Rademacher directions over float32 CPU tensors (no masters)")
+            raise ValueError(
+                "LoggedPerturbation needs Rademacher directions over whole float32 CPU tensors (no masters, no shards)"
+            )
         from sglang.srt.mezo.kernels import numba_restore_log  # numba: only for CPU float32 runs
 
         self._kernel = numba_restore_log
@@ -138,11 +141,15 @@ class LoggedPerturbation:
     @staticmethod
     def supports(tensors: list, kind: str) -> bool:
         """Whether these tensors can be moved this way: Rademacher, no masters, and every tensor
-        one the numba kernels serve (float32 on the CPU, unless another implementation is forced)."""
+        a whole one the numba kernels serve (float32 on the CPU, unless another implementation
+        is forced; not a tensor-parallel shard)."""
         return (
             kind == RADEMACHER
             and bool(tensors)
-            and all(t.master is None and kernels.implementation(t.param) == "numba" for t in tensors)
+            and all(
+                t.master is None and not is_shard(t.layout) and kernels.implementation(t.param) == "numba"
+                for t in tensors
+            )
         )
 
     def remove(self) -> None:

@@ -42,6 +42,7 @@ from sglang.srt.mezo.kernels import (
 )
 from sglang.srt.mezo.kernels.reference import axpy_values, effective_alpha
 from sglang.srt.mezo.primitives import DeferredInterrupts
+from sglang.srt.mezo.sharding import ShardLayout, is_shard
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class WeightVersions:
 
 @dataclass
 class TrainableTensor:
-    """One trainable tensor: its canonical (HF) name keys its direction z."""
+    """One trainable tensor: its canonical (HF) name keys its direction z; a tensor-parallel
+    shard's `layout` places it in the unsharded tensor (z at the unsharded offsets)."""
 
     name: str
     param: nn.Parameter
@@ -76,6 +78,7 @@ class TrainableTensor:
     decay: bool  # weight decay applies (not bias / norm)
     master: Optional[torch.Tensor] = None  # float32 master copy over a half-precision param
     momentum: Optional[torch.Tensor] = field(default=None, repr=False)
+    layout: Optional[ShardLayout] = None  # None: a whole tensor
 
     @property
     def value(self) -> torch.Tensor:
@@ -286,16 +289,16 @@ class ModuleScopedPerturbation:
     def _perturb_one(self, t: TrainableTensor, key: int, scale: float, saved: list) -> None:
         p = t.param.detach()
         if t.master is not None:  # written from the float32 master, synced back after: no scratch
-            axpy_direction_(p, t.master, self.kind, key, scale)
+            axpy_direction_(p, t.master, self.kind, key, scale, layout=t.layout)
             saved.append((t, None))
         elif _swappable(t):  # a perturbed copy swapped in
             perturbed = torch.empty_like(p)
-            axpy_direction_(perturbed, p, self.kind, key, scale)
+            axpy_direction_(perturbed, p, self.kind, key, scale, layout=t.layout)
             saved.append((t, t.param.data))
             t.param.data = perturbed
         else:  # a view into a larger buffer: in place, the backup written in the same pass
             backup = torch.empty_like(p)
-            axpy_direction_(p, p, self.kind, key, scale, save=backup)
+            axpy_direction_(p, p, self.kind, key, scale, save=backup, layout=t.layout)
             saved.append((t, backup))  # only now does the backup hold p (if the write fails, p is intact)
         self._perturbed.add(id(t))
 
@@ -332,8 +335,9 @@ class ModuleScopedPerturbation:
 
 
 def _swappable(t: TrainableTensor) -> bool:
-    """A parameter of its own (not a view into a larger buffer) without a float32 master."""
-    return t.master is None and isinstance(t.param, nn.Parameter)
+    """A whole parameter of its own (not a view into a larger buffer, not a shard) without a
+    float32 master."""
+    return t.master is None and isinstance(t.param, nn.Parameter) and not is_shard(t.layout)
 
 
 def _slots(tensors: list) -> tuple:
@@ -399,6 +403,7 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
             t.momentum if plan.momentum > 0 else None,
             [tensor_key(seed, t.name) for seed, _ in plan.terms],
             plan.weight_decay if t.decay else 0.0,
+            t.layout,
         )
         for t in tensors
     ]
@@ -426,7 +431,7 @@ def vanishing_fraction(
     for t in tensors:
         w = (t.value if update else t.param.detach()).view(-1)[:sample]
         src = t.value.view(-1)[:sample]
-        z = direction_chunk(kind, tensor_key(seed, t.name), 0, w.numel(), w.device)
+        z = direction_chunk(kind, tensor_key(seed, t.name), 0, w.numel(), w.device, t.layout)
         moved = axpy_values(src, z, effective_alpha(kind, w.dtype, scale), kind, w.dtype)
         same[w.device] = same.get(w.device, 0) + (moved == w).sum()
         total += w.numel()

@@ -11,7 +11,10 @@ plugin) never loads numba or changes its settings.
 
 `implementation(tensor)` is the one place that decides which implementation writes a
 tensor; `forced(name)` overrides it within a block (tests run the Triton kernels on CPU
-tensors this way, under ``TRITON_INTERPRET=1``).
+tensors this way, under ``TRITON_INTERPRET=1``). A tensor-parallel shard (a
+`sharding.ShardLayout` that is not the whole tensor) is written by the reference, which
+draws z at the elements' offsets in the unsharded tensor; the fast kernels take whole
+tensors.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from sglang.srt.mezo.kernels.reference import (
     effective_alpha,
     tensor_key,
 )
+from sglang.srt.mezo.sharding import ShardLayout, is_shard
 
 __all__ = [
     "CHUNK",
@@ -114,10 +118,15 @@ def _module(name: str):
     return reference
 
 
-def direction_chunk(kind: str, key: int, start: int, n: int, device="cpu") -> torch.Tensor:
-    """z for elements [start, start + n) of the tensor keyed `key`, float32 on `device`."""
+def direction_chunk(
+    kind: str, key: int, start: int, n: int, device="cpu", layout: Optional[ShardLayout] = None
+) -> torch.Tensor:
+    """z for elements [start, start + n) of the tensor keyed `key` (a shard if `layout` says
+    so), float32 on `device`."""
     check_kind(kind)
     device = torch.device(device)
+    if is_shard(layout):
+        return _module("reference").z_chunk(kind, key, start, n, device, layout)
     probe = torch.empty(0, dtype=torch.float32, device=device)
     name = implementation(probe)
     if name == "numba":
@@ -133,9 +142,16 @@ def direction(kind: str, seed: int, name: str, shape, device="cpu") -> torch.Ten
 
 
 def axpy_direction_(
-    w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save: Optional[torch.Tensor] = None
+    w: torch.Tensor,
+    src: torch.Tensor,
+    kind: str,
+    key: int,
+    alpha: float,
+    save: Optional[torch.Tensor] = None,
+    layout: Optional[ShardLayout] = None,
 ) -> None:
-    """``w = round(src + alpha * z)`` elementwise, z of the tensor keyed `key` (see `reference`).
+    """``w = round(src + alpha * z)`` elementwise, z of the tensor keyed `key` (see `reference`;
+    of the shard `layout` places, if given).
 
     `src` is `w` itself or another tensor of its shape on its device (a backup, a float32
     master); `save`, if given, receives src's values in the same pass. All contiguous. If
@@ -146,6 +162,9 @@ def axpy_direction_(
     if w.device != src.device or (save is not None and save.device != w.device):
         raise ValueError(f"axpy_direction_: w on {w.device}, src on {src.device}: one device expected")
     alpha = effective_alpha(kind, w.dtype, alpha)
+    if is_shard(layout):
+        _module("reference").axpy_(w, src, kind, key, alpha, save, layout)
+        return
     name = implementation(w)
     if name == "numba" and not all(t.dtype == torch.float32 for t in (src, *([save] if save is not None else []))):
         name = "reference"  # e.g. a bfloat16 backup: numba writes float32 only
@@ -193,12 +212,14 @@ class PairedWrites:
 class UpdateTarget:
     """One tensor of a ZO-SGD update: the values updated in place (a float32 master where there
     is one), its float32 momentum buffer (None without momentum), its key for each term,
-    and its weight decay (0 for bias and norm tensors)."""
+    its weight decay (0 for bias and norm tensors) and, for a tensor-parallel shard, its
+    place in the unsharded tensor."""
 
     weight: torch.Tensor
     momentum: Optional[torch.Tensor]
     keys: list
     weight_decay: float
+    layout: Optional[ShardLayout] = None
 
 
 def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], lr: float, mu: float = 0.0) -> None:
@@ -211,10 +232,10 @@ def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], 
     if mu == 0:  # adding 0 * z would turn -0.0 into +0.0: zero terms are skipped
         kept = [i for i, c in enumerate(coefs) if c]
         coefs = [coefs[i] for i in kept]
-        targets = [UpdateTarget(t.weight, None, [t.keys[i] for i in kept], t.weight_decay) for t in targets]
+        targets = [UpdateTarget(t.weight, None, [t.keys[i] for i in kept], t.weight_decay, t.layout) for t in targets]
     by_implementation: dict = {}
     for t in targets:
-        by_implementation.setdefault(implementation(t.weight), []).append(t)
+        by_implementation.setdefault("reference" if is_shard(t.layout) else implementation(t.weight), []).append(t)
     for name, group in by_implementation.items():
         if name == "triton":
             _module(name).update_(group, kind, coefs, lr, mu)
@@ -223,7 +244,9 @@ def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], 
             if name == "numba" and t.momentum is None:
                 _numba_update(t, kind, coefs, lr)
             else:
-                _module("reference").update_(t.weight, kind, t.keys, coefs, lr, t.weight_decay, t.momentum, mu)
+                _module("reference").update_(
+                    t.weight, kind, t.keys, coefs, lr, t.weight_decay, t.momentum, mu, t.layout
+                )
 
 
 def _numba_update(t: UpdateTarget, kind: str, coefs: Sequence[float], lr: float) -> None:

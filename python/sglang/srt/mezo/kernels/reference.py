@@ -44,6 +44,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from sglang.srt.mezo.sharding import ShardLayout
+
 GAUSSIAN = "gaussian"
 RADEMACHER = "rademacher"
 PERTURBATIONS = (GAUSSIAN, RADEMACHER)
@@ -168,10 +170,16 @@ def gaussian_pairs(h: torch.Tensor) -> tuple:
     return z0, z1
 
 
-def z_chunk(kind: str, key: int, start: int, n: int, device="cpu") -> torch.Tensor:
-    """z for elements [start, start + n) of the tensor keyed `key`, float32."""
+def z_chunk(
+    kind: str, key: int, start: int, n: int, device="cpu", layout: Optional[ShardLayout] = None
+) -> torch.Tensor:
+    """z for elements [start, start + n) of the tensor keyed `key`, float32. With `layout`
+    the tensor is a shard and its elements take the z of their offsets in the unsharded
+    tensor."""
     check_kind(kind)
     idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    if layout is not None:
+        idx = layout.global_index(idx)
     if kind == RADEMACHER:
         bit = (mix(key, idx >> 6) >> (idx & 63)) & 1
         return 1.0 - 2.0 * bit.to(torch.float32)
@@ -219,8 +227,17 @@ def axpy_values(src: torch.Tensor, z: torch.Tensor, alpha: float, kind: str, dty
 
 
 # ----------------------------------------------------------------------------- writes
-def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save=None) -> None:
-    """``w = round(src + alpha * z)`` chunk by chunk (`alpha` already `effective_alpha`).
+def axpy_(
+    w: torch.Tensor,
+    src: torch.Tensor,
+    kind: str,
+    key: int,
+    alpha: float,
+    save=None,
+    layout: Optional[ShardLayout] = None,
+) -> None:
+    """``w = round(src + alpha * z)`` chunk by chunk (`alpha` already `effective_alpha`; z of
+    the shard `layout`, if given).
 
     `save`, if given, receives src first. If a chunk fails (out of memory), the chunks
     already written are undone from `save` (where w is src) and the error propagates.
@@ -232,7 +249,7 @@ def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float,
     try:
         for start in range(0, flat_w.numel(), CHUNK):
             n = min(CHUNK, flat_w.numel() - start)
-            z = z_chunk(kind, key, start, n, w.device)
+            z = z_chunk(kind, key, start, n, w.device, layout)
             flat_w[start : start + n].copy_(axpy_values(flat_src[start : start + n], z, alpha, kind, w.dtype))
     except BaseException:
         if save is not None:
@@ -249,11 +266,13 @@ def update_(
     weight_decay: float,
     momentum: Optional[torch.Tensor] = None,
     mu: float = 0.0,
+    layout: Optional[ShardLayout] = None,
 ) -> None:
     """One ZO-SGD update of `w` (see the module docstring), chunk by chunk.
 
     `keys[i]` is the key of term i's z for this tensor and `coefs[i]` its coefficient
-    (projected gradient / q); `weight_decay` is 0 for tensors without decay.
+    (projected gradient / q); `weight_decay` is 0 for tensors without decay; `layout`, if
+    given, places a shard in its unsharded tensor (its z).
     """
     check_kind(kind)
     flat = w.detach().view(-1)
@@ -261,7 +280,7 @@ def update_(
     for start in range(0, flat.numel(), CHUNK):
         n = min(CHUNK, flat.numel() - start)
         x = flat[start : start + n]
-        zs = [z_chunk(kind, key, start, n, w.device) for key in keys]
+        zs = [z_chunk(kind, key, start, n, w.device, layout) for key in keys]
         if flat_m is None:
             value = decay(x, 1.0 - lr * weight_decay) if weight_decay and lr else x
             for z, coef in zip(zs, coefs):
