@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -171,3 +172,49 @@ def follow_in_order(trainer, reference, batch: dict, order: str) -> list:
         pairs.append((out.loss_minus, reference._loss(objective, batch, out.seed, -eps)))
         reference.backend.apply_update(out.applied, out.lr)
     return pairs
+
+
+# Upstream model classes for the tiny test models (by HF architecture).
+SGLANG_MODEL_MODULES = {"LlamaForCausalLM": "sglang.srt.models.llama", "Qwen2ForCausalLM": "sglang.srt.models.qwen2"}
+
+
+@contextlib.contextmanager
+def sglang_rank(rank: int, size: int):
+    """Within this block, upstream SGLang's layers are built and run as tensor-parallel rank
+    `rank` of `size`, in this process (no engine, no process group).
+
+    SGLang 0.5.23 builds its layers from a published parallel context: a ServerArgs with the
+    tp size, and this rank's place in it. Its linear layers read the rank from the TP
+    group's ``rank_in_group``/``world_size``; the logits processor only stores the group's
+    communicators (none here: nothing is communicated), and the model asks for a pipeline
+    group of one stage.
+    """
+    import types
+
+    from sglang.srt.mezo.backends import cpu_standins
+
+    cpu_standins.install()
+    from sglang.srt.runtime_context import get_context, get_parallel
+
+    tp_group = types.SimpleNamespace(world_size=size, rank_in_group=rank, cpu_group=None, device_group=None)
+    pipeline = types.SimpleNamespace(is_first_rank=True, is_last_rank=True, world_size=1, rank_in_group=0)
+    with get_context().override_server_args(tp_size=size, device="cpu"), get_parallel().override(
+        tp_rank=rank, attn_tp_rank=rank, tp_group=tp_group, attn_tp_group=None, moe_tp_group=None,
+        pp_group=pipeline, pp_rank=0,
+    ):  # fmt: skip
+        yield
+
+
+def sglang_model_on_rank(hf_model: torch.nn.Module, rank: int, size: int) -> torch.nn.Module:
+    """Upstream SGLang's model of `hf_model` as tensor-parallel rank `rank` of `size` holds it
+    (`sglang_rank`), with the weights loaded by upstream's own loaders: the ground truth for
+    the engine plugin's shard maps, for any tensor-parallel shape (also ones the CPU engine
+    cannot start, such as KV heads replicated across ranks)."""
+    import importlib
+
+    architecture = type(hf_model).__name__
+    with sglang_rank(rank, size):
+        model_class = getattr(importlib.import_module(SGLANG_MODEL_MODULES[architecture]), architecture)
+        model = model_class(config=hf_model.config)
+        model.load_weights(list(hf_model.state_dict().items()))
+    return model

@@ -1,4 +1,5 @@
-"""MeZO on an upstream SGLang Engine: a mocked engine for the protocol, a real one on CPU.
+"""MeZO on an upstream SGLang Engine: a mocked engine for the protocol, real ones on CPU
+(tp_size 1 and 2, shared by the classes: `SharedEngines`).
 
 Run as ``pytest test/srt/test_mezo_sglang.py`` or ``python3 test/srt/test_mezo_sglang.py``.
 """
@@ -8,16 +9,16 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import types
 import unittest
 from pathlib import Path
 
-import psutil
 import torch
 from mezo_testing import follow_in_order, tiny_llama, tiny_tokenizer
 from test_mezo_trainer import candidate_batch
 
+from sglang.srt.mezo.backends.engine_plugin import ack_file
 from sglang.srt.mezo.backends.sglang_backend import (
-    EngineCrashed,
     EngineRPCError,
     SGLangBackend,
     launch_engine,
@@ -29,7 +30,8 @@ from sglang.srt.mezo.primitives import tensor_digest
 from sglang.srt.mezo.trainer import MeZOTrainer
 
 # Per-token log-prob agreement between SGLang's CPU forward and transformers' (fp32, vocab
-# 384 so |log p| < 8): one float32 ulp at magnitude 8 (2^-20). Observed: 4.8e-7.
+# 400 so |log p| < 8): one float32 ulp at magnitude 8 (2^-20). Observed: 4.8e-7, also
+# between tensor-parallel ranks' all-reduced forward and a single process's.
 LOGPROB_TOL = 2.0**-20
 
 
@@ -40,22 +42,24 @@ class FakeEngine:
     last ``mezo_begin`` set, so L+ - L- reveals what was sent.
     """
 
+    server_args = types.SimpleNamespace(tp_size=1, dp_size=1, enable_dp_attention=False, pp_size=1, nnodes=1)
+
     def __init__(self, mismatched=()):
         self.calls = []
         self.scale = 0.0
         self.mismatched = list(mismatched)
 
-    def collective_rpc(self, method, ack_path, **kwargs):
-        """Records the call and acknowledges it as the plugin does (`engine_plugin._acknowledged`)."""
+    def collective_rpc(self, method, ack_dir, owner, **kwargs):
+        """Records the call and acknowledges it as the plugin's one rank does (`engine_plugin._acknowledged`)."""
         self.calls.append((method, kwargs))
         result = None
         if method == "mezo_setup":
-            result = {"checked": 2, "mismatched": self.mismatched, "missing": [], "tensors": [["w", [2]]]}
+            result = {"checked": 2, "mismatched": self.mismatched, "missing": [], "tensors": [["w", [2]]], "tp": [0, 1]}
         elif method == "mezo_begin":
             self.scale = kwargs["scale"]
         elif method == "mezo_end":
             self.scale = 0.0
-        Path(ack_path).write_text(json.dumps({"ok": True, "result": result}))
+        ack_file(ack_dir, 0).write_text(json.dumps({"ok": True, "result": result}))
 
     def flush_cache(self):
         self.calls.append(("flush_cache", {}))
@@ -164,17 +168,21 @@ class TestRPCOutcomes(unittest.TestCase):
         acknowledgement carries the failure (and a missing acknowledgement is one too)."""
 
         class QuietFailure(FakeEngine):
-            def collective_rpc(self, method, ack_path, **kwargs):
-                super().collective_rpc(method, ack_path, **kwargs)
+            def collective_rpc(self, method, ack_dir, owner, **kwargs):
+                super().collective_rpc(method, ack_dir, owner, **kwargs)
                 if method == "mezo_update":
-                    Path(ack_path).write_text(json.dumps({"ok": False, "error": "RuntimeError: slot 1 lost"}))
+                    ack_file(ack_dir, 0).write_text(json.dumps({"ok": False, "error": "RuntimeError: slot 1 lost"}))
                 if method == "mezo_end":
-                    Path(ack_path).unlink()  # never ran it
+                    ack_file(ack_dir, 0).unlink()  # never ran it
 
         backend = SGLangBackend(QuietFailure(), MeZOConfig(disable_tqdm=True), "unused")
-        with self.assertRaisesRegex(EngineRPCError, "mezo_update failed inside the SGLang engine: RuntimeError: slot"):
+        with self.assertRaisesRegex(
+            EngineRPCError, r"mezo_update failed inside the SGLang engine \(rank 0\): RuntimeError: slot"
+        ):
             backend.apply_update([(1, 0.5)], lr=0.1)
-        with self.assertRaisesRegex(EngineRPCError, "mezo_end: the SGLang engine did not acknowledge"):
+        with self.assertRaisesRegex(
+            EngineRPCError, "mezo_end: tensor-parallel rank 0 of the SGLang engine did not acknowledge"
+        ):
             backend.row_logprobs(plain_batch(), seed=1, scale=1e-3)
 
 
@@ -199,21 +207,95 @@ class TestEnginePluginDeviceHandling(unittest.TestCase):
         self.assertNotEqual(host_bytes(engine), host_bytes(flipped))
 
 
+# ----------------------------------------------------------------------------- real engines
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+class SharedEngines:
+    """This module's real engines on one tiny Llama (4 query and 2 KV heads; a vocabulary of
+    400, which SGLang pads to 448 rows), one per tensor-parallel size, started on first use
+    and stopped together when the module ends: upstream's Engine.shutdown stops every
+    engine process of its caller, so no class can stop its engine without stopping the
+    others. Each serves LoRA adapters on every projection, and the base model to requests
+    without one."""
+
+    LORA = MeZOConfig(peft="lora", lora_rank=4, lora_target_modules=ALL_PROJECTIONS)
+
+    def __init__(self):
+        self._tmp = None
+        self._engines: dict = {}
+
+    @property
+    def model_dir(self) -> str:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mezo-engines-")
+            tiny_llama(hidden=64, vocab_size=400, attn_implementation="sdpa").save_pretrained(self._tmp.name)
+            tiny_tokenizer().save_pretrained(self._tmp.name)
+        return self._tmp.name
+
+    def engine(self, tp_size: int = 1):
+        if tp_size not in self._engines:
+            lora = {**lora_engine_args(self.LORA), "max_loras_per_batch": 4}  # room for a second adapter
+            self._engines[tp_size] = launch_engine(self.model_dir, tp_size=tp_size, **lora)
+        return self._engines[tp_size]
+
+    def stop(self) -> None:
+        for engine in self._engines.values():
+            engine.shutdown()
+        self._engines.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+ENGINES = SharedEngines()
+
+
+def tearDownModule():
+    ENGINES.stop()
+
+
+def served_row_logprobs(engine, batch: dict, lora_name: str) -> torch.Tensor:
+    """Each row's completion log-likelihood as SGLang's own serving path gives it for adapter
+    `lora_name` (plain ``Engine.generate``, no MeZO code)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    requests = [ids[r][mask[r]].tolist() for r in range(ids.shape[0])]
+    starts = [int(batch["prompt_length"][r]) - 1 for r in range(ids.shape[0])]
+    outputs = engine.generate(
+        input_ids=requests,
+        sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+        return_logprob=True,
+        logprob_start_len=starts,
+        lora_path=[lora_name] * len(requests),
+    )
+    return torch.tensor(
+        [sum(e[0] for e in out["meta_info"]["input_token_logprobs"][1:]) for out in outputs], dtype=torch.float64
+    )
+
+
+def lora_reference(config: MeZOConfig, model_dir: str, adapter_dir: Path) -> MeZOTrainer:
+    """The transformers-backend trainer of `config`'s adapter, with B drawn at random (peft
+    starts B at zero: a random B makes the adapter matter from step 0), saved to `adapter_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    reference = MeZOTrainer(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), config)
+    with torch.no_grad():
+        for t in reference.backend.tensors:
+            if ".lora_B." in t.name:
+                t.param.normal_(0.0, 0.2)
+    reference.model.save_pretrained(adapter_dir)
+    return reference
+
+
 class TestSGLangEngine(unittest.TestCase):
-    """A real upstream SGLang Engine on CPU serving a tiny Llama built from a config."""
+    """A real upstream SGLang Engine on CPU serving a tiny Llama built from a config
+    (`SharedEngines`; full-parameter MeZO on the base model)."""
 
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory(prefix="mezo-engine-")
-        cls.model_dir = str(Path(cls.tmp.name) / "tiny-llama")
-        tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(cls.model_dir)
-        tiny_tokenizer().save_pretrained(cls.model_dir)
-        cls.engine = launch_engine(cls.model_dir)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.engine.shutdown()
-        cls.tmp.cleanup()
+        cls.model_dir = ENGINES.model_dir
+        cls.engine = ENGINES.engine(tp_size=1)
 
     def setUp(self):
         self.config = MeZOConfig(learning_rate=0.0, epsilon=1e-3, seed=4, disable_tqdm=True)
@@ -241,13 +323,15 @@ class TestSGLangEngine(unittest.TestCase):
             self.assertGreater(abs(b.projected_grad), 100 * LOGPROB_TOL / 1e-3)  # a real signal, not noise
 
     def test_lr0_steps_leave_engine_weights_bit_identical_and_updates_match(self):
+        checkpoint = str(Path(self.model_dir) / "model.safetensors")
+        self.addCleanup(self.backend.load_trainable, checkpoint)  # the module shares the engine, failing or not
         before = self.backend.checksum()
         trainer = MeZOTrainer(None, self.config, backend=self.backend)
         for _ in range(2):
             trainer.step(candidate_batch())
         self.assertEqual(self.backend.checksum(), before)
         assert_same_update(self, self.backend, self.reference, (123, 0.5), lr=1e-2)
-        self.backend.load_trainable(str(Path(self.model_dir) / "model.safetensors"))  # back to the checkpoint
+        self.backend.load_trainable(checkpoint)
         self.assertEqual(self.backend.checksum(), before)
 
     def test_radix_cache_shares_prompts_within_a_pass(self):
@@ -300,6 +384,14 @@ class TestSGLangEngine(unittest.TestCase):
                 self.assertLessEqual(mismatch(order, flush=True), LOGPROB_TOL)
                 self.assertGreater(mismatch(order, flush=False), 100 * LOGPROB_TOL)
 
+    def test_a_second_backend_takes_the_engine_over(self):
+        """One MeZO backend per engine: once another is set up, the first one's calls are
+        refused (they would move the second one's tensors)."""
+        second = SGLangBackend(self.engine, self.config, self.model_dir)
+        with self.assertRaisesRegex(EngineRPCError, "another SGLangBackend was set up on this engine"):
+            self.backend.row_logprobs(candidate_batch(), seed=1, scale=1e-3)
+        second.row_logprobs(candidate_batch(), seed=1, scale=1e-3)
+
     def test_objective_values_match(self):
         batch = candidate_batch()
         total, count = self.backend.loss_sum(CompletionNLL(), batch)
@@ -313,31 +405,18 @@ class TestSGLangLoRA(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from transformers import AutoModelForCausalLM
-
         cls.tmp = tempfile.TemporaryDirectory(prefix="mezo-engine-lora-")
-        root = Path(cls.tmp.name)
-        cls.model_dir = str(root / "tiny-llama")
-        tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(cls.model_dir)
-        tiny_tokenizer().save_pretrained(cls.model_dir)
+        cls.model_dir = ENGINES.model_dir
         cls.config = MeZOConfig(
             peft="lora", lora_rank=4, lora_alpha=8, learning_rate=0.0, epsilon=1e-3, seed=4, disable_tqdm=True
         )
-        torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_pretrained(cls.model_dir, dtype=torch.float32)
-        cls.reference = MeZOTrainer(hf, cls.config)
-        with torch.no_grad():  # peft starts B at zero; a random B makes the adapter matter from step 0
-            for t in cls.reference.backend.tensors:
-                if ".lora_B." in t.name:
-                    t.param.normal_(0.0, 0.2)
-        cls.adapter_dir = root / "initial-adapter"
-        cls.reference.model.save_pretrained(cls.adapter_dir)
-        cls.engine = launch_engine(cls.model_dir, **lora_engine_args(cls.config))
+        cls.adapter_dir = Path(cls.tmp.name) / "initial-adapter"
+        cls.reference = lora_reference(cls.config, cls.model_dir, cls.adapter_dir)
+        cls.engine = ENGINES.engine(tp_size=1)
         cls.backend = SGLangBackend(cls.engine, cls.config, cls.model_dir, adapter_path=str(cls.adapter_dir))
 
     @classmethod
     def tearDownClass(cls):
-        cls.engine.shutdown()
         cls.tmp.cleanup()
 
     def test_perturbations_reach_the_pool_and_match_transformers(self):
@@ -370,10 +449,10 @@ class TestSGLangLoRA(unittest.TestCase):
         hf_sums, _ = self.reference.backend.row_logprobs(batch)
         self.assertLessEqual(float(((engine_sums - hf_sums).abs() / counts).max()), LOGPROB_TOL)
 
-    def test_trained_adapter_serves_in_a_fresh_engine(self):
-        """Saved in peft format, the trained adapter loads into a new Engine with
-        `load_lora_adapter` and gives the trainer's log-probs; peft reloads it too. Runs
-        last in its class (it shuts the class's engine down)."""
+    def test_trained_adapter_serves_through_sglangs_own_loader(self):
+        """Saved in peft format, the trained adapter loads with ``load_lora_adapter`` (a slot
+        of its own, SGLang's loader, no MeZO code) and gives the trainer's log-probs; peft
+        reloads it too; loading weights (a checkpoint resume) writes the pool slot."""
         from peft import PeftModel
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
@@ -382,116 +461,123 @@ class TestSGLangLoRA(unittest.TestCase):
         batch = candidate_batch(seed=3)
         trained_sums, counts = self.backend.row_logprobs(batch)
         saved = self.backend.save_adapter(Path(self.tmp.name) / "trained-adapter")
-        # loading weights (a checkpoint resume) writes the pool slot too
         initial = load_file(str(self.adapter_dir / "adapter_model.safetensors"))
         self.backend.load_trainable_state(initial)
         self.assertEqual(self.backend.checksum(), digests(initial))
-        # upstream's Engine.shutdown kills every child process of the caller: one engine at a time
-        self.engine.shutdown()
-        fresh = launch_engine(self.model_dir, **lora_engine_args(self.config))
+        self.assertTrue(self.engine.load_lora_adapter("trained", str(saved)).success)
         try:
-            self.assertTrue(fresh.load_lora_adapter("trained", str(saved)).success)
-            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-            requests = [ids[r][mask[r]].tolist() for r in range(ids.shape[0])]
-            starts = [int(batch["prompt_length"][r]) - 1 for r in range(ids.shape[0])]
-            outputs = fresh.generate(
-                input_ids=requests,
-                sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-                return_logprob=True,
-                logprob_start_len=starts,
-                lora_path=["trained"] * len(requests),
-            )
+            served = served_row_logprobs(self.engine, batch, "trained")
         finally:
-            fresh.shutdown()
-        fresh_sums = torch.tensor(
-            [sum(e[0] for e in out["meta_info"]["input_token_logprobs"][1:]) for out in outputs], dtype=torch.float64
-        )
-        self.assertLessEqual(float(((fresh_sums - trained_sums).abs() / counts).max()), LOGPROB_TOL)
+            self.engine.unload_lora_adapter("trained")
+        self.assertLessEqual(float(((served - trained_sums).abs() / counts).max()), LOGPROB_TOL)
         base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         reloaded = MeZOTrainer(PeftModel.from_pretrained(base, str(saved)), MeZOConfig(disable_tqdm=True))
         peft_sums, _ = reloaded.backend.row_logprobs(batch)
         self.assertLessEqual(float(((peft_sums - trained_sums).abs() / counts).max()), LOGPROB_TOL)
 
 
-class TestSGLangEngineCrash(unittest.TestCase):
-    def test_a_crashing_engine_raises_instead_of_killing_the_caller(self):
-        """The scheduler process dies loading a truncated checkpoint: the caller gets
-        `EngineCrashed` (upstream would SIGQUIT, i.e. kill, its parent) and goes on."""
-        with tempfile.TemporaryDirectory(prefix="mezo-engine-crash-") as root:
-            tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(root)
-            tiny_tokenizer().save_pretrained(root)
-            weights = Path(root) / "model.safetensors"
-            weights.write_bytes(weights.read_bytes()[:4096])
-            with self.assertRaises(EngineCrashed):
-                launch_engine(root)
-        engine_processes = [c for c in psutil.Process().children(recursive=True) if c.name().startswith("sglang::")]
-        self.assertEqual(engine_processes, [])  # none left running, none left a zombie
+class TestTensorParallelEngine(unittest.TestCase):
+    """A tensor-parallel engine (tp_size=2, one core per rank) against the tp_size=1 engine and
+    the transformers backend on the same weights: every rank perturbs and updates its own
+    shards with z drawn at the unsharded offsets (`ShardLayout`). The shard maps of other
+    shapes (KV heads replicated, tp 4, biases, tied embeddings) are checked against
+    upstream's loaders in `test_mezo_tensor_parallel`; upstream's CPU engine cannot start
+    those."""
 
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory(prefix="mezo-engine-tp-")
+        cls.model_dir = ENGINES.model_dir
+        cls.config = MeZOConfig(learning_rate=0.0, epsilon=1e-3, seed=4, disable_tqdm=True)
+        cls.single_engine = ENGINES.engine(tp_size=1)
+        cls.tp2_engine = ENGINES.engine(tp_size=2)
 
-class TestSGLangMainJob(unittest.TestCase):
-    """``--backend sglang`` end to end: the engine trains, the saved HF dir holds its weights."""
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
 
-    def run_cli(self, root: Path, *extra) -> tuple:
-        from sglang.srt.mezo_trainer import main
-
-        model_dir = str(root / "tiny")
-        tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(model_dir)
-        tiny_tokenizer().save_pretrained(model_dir)
-        data = root / "train.jsonl"
-        records = [
-            {"prompt": f"Review: {w}", "completion": c, "candidates": [" yes", " no"]}
-            for w, c in (("great", " yes"), ("dull", " no"), ("good", " yes"), ("cold", " no"))
-        ]
-        data.write_text("".join(json.dumps(r) + "\n" for r in records))
-        out = root / "out"
-        results = main(
-            ["--backend", "sglang", "--model", model_dir, "--train-file", str(data), "--eval-file", str(data)]
-            + ["--steps", "3", "--epsilon", "1e-2", "--batch-size", "2", "--output-dir", str(out)]
-            + ["--disable-tqdm", *extra]
-        )
-        self.assertEqual(results["steps"], 3)
-        self.assertEqual(results["before"]["examples"], 4)
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        self.assertEqual(len(rows), 3)
-        self.assertGreater(sum(r["cache/pass/radix_cache/tokens_reused"] for r in rows), 0)
-        return model_dir, out
-
-    def test_cli_on_the_engine(self):
-        from safetensors.torch import load_file
+    def setUp(self):  # an engine serves the last backend set up on it
         from transformers import AutoModelForCausalLM
 
-        with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-") as root:
-            model_dir, out = self.run_cli(Path(root), "--lr", "1e-1")
-            trained = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).state_dict()
-            final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
-            start = load_file(str(Path(model_dir) / "model.safetensors"))
-            changed = [name for name in final if not torch.equal(final[name], start[name])]
-            self.assertTrue(changed)
-            for name, value in final.items():
-                self.assertTrue(torch.equal(trained[name], value), name)
+        self.single = SGLangBackend(self.single_engine, self.config, self.model_dir)
+        self.backend = SGLangBackend(self.tp2_engine, self.config, self.model_dir)
+        hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.reference = MeZOTrainer(hf, self.config)
 
-    def test_cli_lora_on_the_engine(self):
-        """``--peft lora --backend sglang``: the engine trains the adapter; ``model/`` is a
-        peft adapter holding the last checkpoint's weights, and peft loads it."""
+    def test_passes_equal_the_single_rank_engine_and_transformers(self):
+        """Per-token log-probs, L+ and L- of two steps within 2^-20 of the tp_size=1 engine's
+        and of transformers', with a gradient signal far above that."""
+        batch = candidate_batch()
+        sums, counts = self.backend.row_logprobs(batch)
+        for other in (self.single, self.reference.backend):
+            other_sums, other_counts = other.row_logprobs(batch)
+            self.assertTrue(torch.equal(counts, other_counts))
+            self.assertLessEqual(float(((sums - other_sums).abs() / counts).max()), LOGPROB_TOL)
+        trainers = [MeZOTrainer(None, self.config, backend=b) for b in (self.backend, self.single)]
+        for _ in range(2):
+            tp2, tp1, hf = (t.step(batch) for t in (*trainers, self.reference))
+            self.assertEqual({tp2.seed, tp1.seed}, {hf.seed})
+            for other in (tp1, hf):
+                d_plus, d_minus = abs(tp2.loss_plus - other.loss_plus), abs(tp2.loss_minus - other.loss_minus)
+                self.assertLessEqual(max(d_plus, d_minus), LOGPROB_TOL)
+            self.assertGreater(abs(hf.projected_grad), 100 * LOGPROB_TOL / 1e-3)
+
+    def test_lr0_steps_keep_every_shard_and_an_update_gathers_to_transformers(self):
+        """Ten lr=0 steps leave the gathered weights bit-identical (gathering also requires
+        every replicated element to have the same bits on both ranks, so every shard is
+        unchanged); one update gathers to the transformers backend's bits, including the
+        vocabulary rows beside rank 1's padding."""
+        checkpoint = str(Path(self.model_dir) / "model.safetensors")
+        self.addCleanup(self.backend.load_trainable, checkpoint)  # the module shares the engine, failing or not
+        before = self.backend.checksum()
+        self.assertEqual(before, digests(self.reference.backend.trainable_state()))
+        trainer = MeZOTrainer(None, self.config, backend=self.backend)
+        for _ in range(10):
+            trainer.step(candidate_batch())
+        self.assertEqual(self.backend.checksum(), before)
+        assert_same_update(self, self.backend, self.reference, (123, 0.5), lr=1e-2)
+        self.backend.load_trainable(checkpoint)
+        self.assertEqual(self.backend.checksum(), before)
+
+    def test_lora_adapter_round_trip(self):
+        """An adapter on every projection (B split by output rows on q/k/v/gate/up, A by input
+        columns on o/down): perturbed passes equal peft's, lr=0 steps leave it bit-identical,
+        an update gathers to the transformers backend's bits; saved from the tp_size=2
+        engine, it serves in the tp_size=1 engine and in peft with the trainer's log-probs."""
         from peft import PeftModel
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-lora-") as root:
-            model_dir, out = self.run_cli(Path(root), "--peft", "lora", "--lora-rank", "4", "--lr", "1.0")
-            saved = load_file(str(out / "model" / "adapter_model.safetensors"))
-            final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
-            initial = load_file(str(out / "initial_adapter" / "adapter_model.safetensors"))
-            self.assertEqual(sorted(saved), sorted(initial))
-            self.assertTrue(any(not torch.equal(saved[n], initial[n]) for n in saved))
-            for name, value in final.items():
-                self.assertTrue(torch.equal(saved[name], value), name)
-            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-            reloaded = PeftModel.from_pretrained(base, str(out / "model"))
-            for name, p in reloaded.named_parameters():
-                if ".lora_" in name:
-                    key = name.replace(".default", "")
-                    self.assertTrue(torch.equal(p.detach(), saved[key]), key)
+        config = MeZOConfig(
+            peft="lora", lora_rank=4, lora_alpha=8, lora_target_modules=ALL_PROJECTIONS,
+            learning_rate=0.0, epsilon=1e-3, seed=5, disable_tqdm=True,
+        )  # fmt: skip
+        adapter_dir = Path(self.tmp.name) / "initial-adapter"
+        reference = lora_reference(config, self.model_dir, adapter_dir)
+        backend = SGLangBackend(self.tp2_engine, config, self.model_dir, adapter_path=str(adapter_dir))
+        self.assertEqual(sorted(backend.tensor_names), sorted(t.name for t in reference.backend.tensors))
+        before = backend.checksum()
+        self.assertEqual(before, digests(reference.backend.trainable_state()))
+        batch = candidate_batch()
+        trainer = MeZOTrainer(None, config, backend=backend)
+        for _ in range(2):
+            a, b = trainer.step(batch), reference.step(batch)
+            self.assertLessEqual(max(abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)), LOGPROB_TOL)
+            self.assertGreater(abs(a.loss_plus - a.loss_minus), 100 * LOGPROB_TOL)
+        self.assertEqual(backend.checksum(), before)
+        assert_same_update(self, backend, reference, (78, 0.5), lr=1e-1)
+        trained_sums, counts = backend.row_logprobs(batch)
+        saved = backend.save_adapter(Path(self.tmp.name) / "trained-adapter")
+        single = self.single_engine
+        self.assertTrue(single.load_lora_adapter("trained-tp2", str(saved)).success)
+        try:
+            served = served_row_logprobs(single, batch, "trained-tp2")
+        finally:
+            single.unload_lora_adapter("trained-tp2")
+        self.assertLessEqual(float(((served - trained_sums).abs() / counts).max()), LOGPROB_TOL)
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        reloaded = MeZOTrainer(PeftModel.from_pretrained(base, str(saved)), MeZOConfig(disable_tqdm=True))
+        peft_sums, _ = reloaded.backend.row_logprobs(batch)
+        self.assertLessEqual(float(((peft_sums - trained_sums).abs() / counts).max()), LOGPROB_TOL)
 
 
 if __name__ == "__main__":

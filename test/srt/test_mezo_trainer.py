@@ -1996,6 +1996,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
             dict(perturbation="uniform"),
             dict(num_directions=0),
             dict(momentum=1.0),
+            dict(backend="sglang", quantize_base="int8"),
         ):
             with self.subTest(**kwargs), self.assertRaises(ValueError) as ctx:
                 MeZOConfig(**kwargs)
@@ -2471,7 +2472,8 @@ class TestMeZOEdgeCases(unittest.TestCase):
         """Decay applies to matrices whose name has no "norm" in any case: the transformers
         backend and the engine plugin pick the same tensors (the plugin once matched "norm"
         case-sensitively and decayed a 2-D "PreNorm" weight)."""
-        from sglang.srt.mezo.backends.engine_plugin import EngineMeZO
+        from sglang.srt.mezo.backends.engine_plugin import EngineMeZO, EngineTensor
+        from sglang.srt.mezo.sharding import ShardLayout
 
         class Mixed(torch.nn.Module):
             def __init__(self):
@@ -2493,7 +2495,9 @@ class TestMeZOEdgeCases(unittest.TestCase):
         }
         model = Mixed()
         hf = {t.name: t.decay for t in toy_trainer(model).backend.tensors}
-        engine_tensors = [(name, p.detach(), [model]) for name, p in model.named_parameters()]
+        engine_tensors = [
+            EngineTensor(name, p.detach(), [model], ShardLayout.whole(p.shape)) for name, p in model.named_parameters()
+        ]
         engine = {t.name: t.decay for t in EngineMeZO(engine_tensors, "gaussian", [], []).tensors}
         self.assertEqual(hf, expected)
         self.assertEqual(engine, expected)

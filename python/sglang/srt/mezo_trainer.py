@@ -81,7 +81,9 @@ def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTr
         # then served by the engine's LoRA path; the host copy is not used afterwards
         adapter_dir = out_dir / "initial_adapter"
         apply_peft(model, config).save_pretrained(adapter_dir)
-    engine = launch_engine(model_dir, dtype=config.dtype, device=config.device, **lora_engine_args(config))
+    engine = launch_engine(
+        model_dir, dtype=config.dtype, device=config.device, tp_size=config.tp_size, **lora_engine_args(config)
+    )
     backend = SGLangBackend(engine, config, model_dir, adapter_path=adapter_dir, host_model=model)
     return MeZOTrainer(None, config, tokenizer=tokenizer, backend=backend)
 

@@ -24,8 +24,8 @@ PERTURBATION_MECHANISMS = ("auto", "restore_log", "unit_scoped")
 # log, how often to evaluate and save, how long to run, how memory is used, where to run).
 # Every other field, and the training data's content, is the run's identity, recorded in
 # each checkpoint (`checkpoint.run_identity`). Changing max_steps under a decaying schedule
-# spreads the decay over the new total; micro-batching, the KV mechanisms and the device
-# change results only by floating-point rounding.
+# spreads the decay over the new total; micro-batching, the KV mechanisms, the device and
+# the tensor-parallel size change results only by floating-point rounding.
 RESUMABLE_FIELDS = (
     "output_dir",
     "resume",
@@ -33,6 +33,7 @@ RESUMABLE_FIELDS = (
     "eval_file",
     "data_cache_dir",
     "device",
+    "tp_size",
     "perturbation_mechanism",
     "max_steps",
     "max_nonfinite_steps",
@@ -87,6 +88,12 @@ class MeZOConfig:
         "auto",
         "Device to train on: auto (cuda when available, else cpu) or any torch device (cpu, cuda, cuda:1, ...). "
         "A model already spread over devices (accelerate's device_map) stays where it is.",
+    )
+    tp_size: int = _f(
+        1,
+        "Tensor-parallel ranks of the SGLang engine (--backend sglang): the model is sharded over this many "
+        "GPUs, or CPU core sets (SGLANG_CPU_OMP_THREADS_BIND, set to an even split of this process's cores "
+        "unless already set). Each rank perturbs and updates its own shards; only seeds cross processes.",
     )
     max_length: int = _f(256, "Maximum tokens per example; prompts are cut from the left.")
 
@@ -192,7 +199,7 @@ class MeZOConfig:
         ):
             if getattr(self, name) not in choices:
                 bad(name, f"expected one of {choices}")
-        for name in ("num_directions", "batch_size", "max_length", "max_nonfinite_steps"):
+        for name in ("num_directions", "batch_size", "max_length", "max_nonfinite_steps", "tp_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in (
@@ -212,6 +219,12 @@ class MeZOConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as error:
                 bad("device", f"not a torch device ({error})")
+        if self.quantize_base != "none" and self.backend != "transformers":
+            bad(
+                "quantize_base", "quantizes the host model of the transformers backend; the SGLang engine loads its own"
+            )
+        if self.tp_size > 1 and self.backend != "sglang":
+            bad("tp_size", "tensor parallelism runs on the SGLang engine: use backend='sglang' (--backend sglang)")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "must be in [0, 1)")
         if self.weight_decay < 0:

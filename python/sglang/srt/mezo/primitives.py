@@ -14,7 +14,7 @@ import json
 import signal
 import threading
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Container, Iterable
 
 import torch
 
@@ -43,8 +43,8 @@ def write_json_atomically(path, payload, indent=None) -> None:
     tmp.replace(path)
 
 
-def require_all(expected: Iterable[str], weights: Mapping, what: str = "trainable tensors") -> None:
-    """Raises ValueError naming the `expected` names missing from `weights`."""
+def require_all(expected: Iterable[str], weights: Container, what: str = "trainable tensors") -> None:
+    """Raises ValueError naming the `expected` names missing from `weights` (a mapping or set of names)."""
     missing = [name for name in expected if name not in weights]
     if missing:
         raise ValueError(f"missing {what}: {missing[:5]} ({len(missing)} of them)")

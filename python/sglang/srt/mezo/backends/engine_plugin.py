@@ -12,21 +12,31 @@ restored from a backup right after, so weights are bit-exact after any lr=0 step
 engine tensors (``qkv_proj``, ``gate_up_proj``) are split into row-slice views, one per
 logical HF tensor (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``).
 
+Tensor parallelism: every scheduler process (rank) runs each method on its own shards.
+Each trainable view carries its `ShardLayout`, its place in the unsharded HF tensor, so
+z for a shard element is z of the unsharded tensor at that element's offset: every rank
+draws exactly what a single process draws, and a replicated tensor gets the same z and
+update on every rank. The self-test, loading and saving go through the same layouts:
+`read_gathered` assembles what the ranks save into the unsharded tensors.
+
 With a LoRA adapter the base stays frozen and MeZO trains the adapter where the forward
 reads it: SGLang copies adapters once into its LoRA memory pool (q/k/v and gate/up stacked
 per layer), so the trainable tensors are views into the adapter's pool slot, one per peft
 tensor, owned by the LoRA-wrapped layer that reads them.
 
 ``collective_rpc`` returns no value, so every method writes its outcome (its result, or the
-error it raised) as JSON to a path the caller passes (`_acknowledged`).
+error it raised) as JSON into a directory the caller passes, one file per rank (`_acknowledged`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -38,7 +48,8 @@ from sglang.srt.mezo.perturbation import (
     prepare_update,
     weight_decay_applies,
 )
-from sglang.srt.mezo.primitives import require_all, tensor_digest, write_json_atomically
+from sglang.srt.mezo.primitives import require_all, write_json_atomically
+from sglang.srt.mezo.sharding import ShardLayout, gather
 
 # engine tensor suffix -> [(HF tensor suffix, which block of rows)] in row order
 FUSED = {
@@ -62,22 +73,91 @@ OUTPUT_BLOCK = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": "ffn
 LORA_WEIGHT = re.compile(r"\.layers\.(\d+)\..*\b(" + "|".join(LORA_STACKS) + r")\.lora_([AB])\.weight$")
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _block_rows(config, block: str) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return {
-        "q": config.num_attention_heads * head_dim,
-        "kv": config.num_key_value_heads * head_dim,
+        "q": config.num_attention_heads * _head_dim(config),
+        "kv": config.num_key_value_heads * _head_dim(config),
         "ffn": config.intermediate_size,
     }[block]
 
 
-def logical_tensors(model: torch.nn.Module, config) -> list:
-    """[(HF name, tensor view, owner modules)] for every parameter of an SGLang model.
+@dataclass(frozen=True)
+class TensorParallel:
+    """This scheduler's rank among the engine's `size` tensor-parallel ranks, and how SGLang
+    splits a logical tensor among them."""
 
-    The view of a fused tensor is its contiguous block of rows. The LM head's weight is
-    read by the logits processor (not by calling the head), so the logits processor owns it
-    too; with tied embeddings that is the embedding matrix.
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def of_this_process(cls) -> "TensorParallel":
+        from sglang.srt.distributed.parallel_state import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return cls(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+
+    def row_block(self, config, block: str) -> tuple:
+        """(first row, rows) of this rank's part of a column-parallel logical tensor: whole
+        heads for q and k/v, split evenly; with fewer KV heads than ranks each KV head is
+        replicated on size / heads consecutive ranks (SGLang's QKVParallelLinear)."""
+        if block == "ffn":
+            return self._split(config.intermediate_size, self.size, self.rank, "intermediate rows")
+        heads = config.num_attention_heads if block == "q" else config.num_key_value_heads
+        parts, index = self.size, self.rank
+        if block == "kv" and self.size > heads:
+            if self.size % heads:
+                raise ValueError(f"{heads} KV heads cannot be replicated evenly over tp_size={self.size}")
+            parts, index = heads, self.rank // (self.size // heads)
+        first, count = self._split(heads, parts, index, f"{block} heads")
+        return first * _head_dim(config), count * _head_dim(config)
+
+    def even_block(self, total: int) -> tuple:
+        """(first, count) of this rank's equal part of `total` (the input columns of a
+        row-parallel matrix, the output rows of an unfused column-parallel one)."""
+        return self._split(total, self.size, self.rank, "rows or columns")
+
+    def _split(self, total: int, parts: int, index: int, what: str) -> tuple:
+        if total % parts:
+            raise ValueError(
+                f"{total} {what} do not split evenly over tp_size={self.size}: MeZO trains tensor-parallel "
+                "engines whose heads and sizes divide by the tp size"
+            )
+        count = total // parts
+        return index * count, count
+
+
+class EngineTensor(NamedTuple):
+    """A trainable tensor as the engine holds it: its HF (or peft) name, the view the forward
+    reads, the modules that read it, and its place in the unsharded tensor."""
+
+    name: str
+    view: torch.Tensor
+    owners: list
+    layout: ShardLayout
+
+
+def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorParallel()) -> list:
+    """[EngineTensor] for every parameter of an SGLang model, on tensor-parallel rank `tp`.
+
+    A fused tensor (``qkv_proj``, ``gate_up_proj``) holds one contiguous block of rows per
+    logical HF tensor, each this rank's rows of it; a row-parallel weight (``o_proj``,
+    ``down_proj``) holds a block of input columns; a vocabulary-parallel embedding or LM head
+    holds a block of vocabulary rows followed by padding rows, which are left out (never
+    perturbed or updated); everything else is replicated. The LM head's weight is read by
+    the logits processor (not by calling the head), so the logits processor owns it too;
+    with tied embeddings that is the embedding matrix.
     """
+    from sglang.srt.distributed.utils import get_group_rank_size
+    from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from sglang.srt.lora.layers import unwrap_lora_layer
+
     modules = dict(model.named_modules())
     out = []
     seen = set()
@@ -86,71 +166,132 @@ def logical_tensors(model: torch.nn.Module, config) -> list:
             continue
         seen.add(id(param))
         module_name, _, _ = name.rpartition(".")
-        owners = [modules[module_name]]
+        module = modules[module_name]
+        owners = [module]  # a LoRA wrapper, where there is one: its forward runs the layer's
+        layer = unwrap_lora_layer(module)  # how the layer splits its weight
+        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+            groups = [layer.tp_group] + ([layer.kv_tp_group] if isinstance(layer, QKVParallelLinear) else [])
+            if any(get_group_rank_size(group) != (tp.rank, tp.size) for group in groups):
+                raise RuntimeError(
+                    f"{module_name} is split over other ranks than the engine's {tp.size} tensor-parallel ranks "
+                    "(attention data parallelism?): MeZO's shard maps follow the tensor-parallel ranks"
+                )
         logits_processor = getattr(model, "logits_processor", None)
         lm_head = getattr(model, "lm_head", None)
         if logits_processor is not None and lm_head is not None and getattr(lm_head, "weight", None) is param:
             owners.append(logits_processor)
+        data = param.data
         suffix = next((s for s in FUSED if name.endswith(s)), None)
-        if suffix is None:
-            out.append((name, param.data, owners))
+        if suffix is not None:
+            row = 0
+            for hf_suffix, block in FUSED[suffix]:
+                start, count = tp.row_block(config, block)
+                layout = ShardLayout.rows((_block_rows(config, block), *data.shape[1:]), start, count)
+                out.append(EngineTensor(name[: -len(suffix)] + hf_suffix, data[row : row + count], owners, layout))
+                row += count
+            if row != data.shape[0]:
+                raise RuntimeError(f"engine tensor {name} has {data.shape[0]} rows, the HF split gives {row}")
             continue
-        row = 0
-        for hf_suffix, block in FUSED[suffix]:
-            rows = _block_rows(config, block)
-            out.append((name[: -len(suffix)] + hf_suffix, param.data[row : row + rows], owners))
-            row += rows
-        if row != param.shape[0]:
-            raise RuntimeError(f"engine tensor {name} has {param.shape[0]} rows, the HF split gives {row}")
+        if isinstance(layer, VocabParallelEmbedding) and name.endswith(".weight"):
+            first, end = layer.shard_indices.org_vocab_start_index, layer.shard_indices.org_vocab_end_index
+            layout = ShardLayout.rows((layer.org_vocab_size, *data.shape[1:]), first, end - first)
+            out.append(EngineTensor(name, data[: end - first], owners, layout))
+        elif isinstance(layer, RowParallelLinear) and name.endswith(".weight"):
+            full = (data.shape[0], data.shape[1] * tp.size)
+            out.append(EngineTensor(name, data, owners, ShardLayout.columns(full, *tp.even_block(full[1]))))
+        elif isinstance(layer, ColumnParallelLinear):  # an unfused one: weight and bias split by rows
+            full = (data.shape[0] * tp.size, *data.shape[1:])
+            out.append(EngineTensor(name, data, owners, ShardLayout.rows(full, *tp.even_block(full[0]))))
+        else:  # replicated on every rank (norms; a row-parallel layer's bias)
+            out.append(EngineTensor(name, data, owners, ShardLayout.whole(data.shape)))
     return out
 
 
-def lora_pool_tensors(lora_manager, slot: int, shapes: dict, config) -> list:
-    """[(peft name, view into the adapter's pool slot, owner modules)] for a resident adapter.
+def _row_parallel_lora_modules() -> list:
+    """SGLang's LoRA modules whose A it splits by input columns (and keeps B whole)."""
+    from sglang.srt.lora.utils import ROW_PARALLELISM_LINEAR_LORA_NAMES
 
-    `shapes` maps the adapter's peft tensor names to their shapes. Within a stacked module
-    the A matrices sit one below the other (rank rows each) and the B matrices side by side
-    along the output rows, exactly as SGLang's pool loader writes them.
+    return ROW_PARALLELISM_LINEAR_LORA_NAMES
+
+
+class LoRAPlacement(NamedTuple):
+    """Where a peft LoRA tensor lives in SGLang's LoRA memory pool on one rank: the pool's
+    module and layer, ``"A"`` or ``"B"``, its first row in the slot's stacked matrix, and
+    its `ShardLayout` (this rank's part of the peft tensor)."""
+
+    module: str
+    layer: int
+    which: str
+    first_row: int
+    layout: ShardLayout
+
+
+def lora_placement(name: str, shape, config, tp: TensorParallel = TensorParallel()) -> LoRAPlacement:
+    """The placement of peft tensor `name` (unsharded `shape`) on rank `tp`.
+
+    Within a stacked module the A matrices sit one below the other (rank rows each) and the
+    B matrices one below the other along the output rows, exactly as SGLang's pool loader
+    writes them. Under tensor parallelism SGLang splits B of a column-parallel module by
+    this rank's output rows (as the base weight) and keeps its A whole, and splits A of a
+    row-parallel module by input columns and keeps its B whole.
     """
+    match = LORA_WEIGHT.search(name)
+    if match is None:
+        raise RuntimeError(f"adapter tensor {name}: not a LoRA weight of a supported projection")
+    layer, projection, which = int(match[1]), match[2], match[3]
+    module_name, stack = LORA_STACKS[projection]
+    index = stack.index(projection)
+    shape = tuple(shape)
+    row_parallel = module_name in _row_parallel_lora_modules()
+    if which == "A":
+        layout = ShardLayout.columns(shape, *tp.even_block(shape[1])) if row_parallel else ShardLayout.whole(shape)
+        return LoRAPlacement(module_name, layer, which, index * shape[0], layout)
+    if row_parallel:
+        return LoRAPlacement(module_name, layer, which, 0, ShardLayout.whole(shape))
+    layout = ShardLayout.rows(shape, *tp.row_block(config, OUTPUT_BLOCK[projection]))
+    first_row = sum(tp.row_block(config, OUTPUT_BLOCK[p])[1] for p in stack[:index])
+    return LoRAPlacement(module_name, layer, which, first_row, layout)
+
+
+def lora_pool_tensors(lora_manager, slot: int, shapes: dict, config, tp: TensorParallel = TensorParallel()) -> list:
+    """[EngineTensor] (peft names) for a resident adapter: views into its pool slot
+    (`lora_placement`). `shapes` maps the adapter's peft tensor names to their shapes."""
     pool = lora_manager.memory_pool
     out = []
     for name, shape in shapes.items():
-        match = LORA_WEIGHT.search(name)
-        if match is None:
-            raise RuntimeError(f"adapter tensor {name}: not a LoRA weight of a supported projection")
-        layer, projection, which = int(match[1]), match[2], match[3]
-        module_name, stack = LORA_STACKS[projection]
-        index = stack.index(projection)
-        owner = [m for key, m in lora_manager.lora_modules[layer].items() if key.endswith("." + module_name)]
-        if which == "A":
-            rank = shape[0]
-            view = pool.A_buffer[module_name][layer][slot, index * rank : (index + 1) * rank, :]
+        place = lora_placement(name, shape, config, tp)
+        rows = slice(place.first_row, place.first_row + place.layout.shape[0])
+        if place.which == "A":
+            view = pool.A_buffer[place.module][place.layer][slot, rows, :]
         else:
-            rank = shape[1]
-            start = sum(_block_rows(config, OUTPUT_BLOCK[p]) for p in stack[:index])
-            view = pool.B_buffer[module_name][layer][slot, start : start + shape[0], :rank]
-        if len(owner) != 1 or tuple(view.shape) != tuple(shape):
-            raise RuntimeError(f"adapter tensor {name} {tuple(shape)}: SGLang's pool has {tuple(view.shape)} there")
-        out.append((name, view, owner))
+            view = pool.B_buffer[place.module][place.layer][slot, rows, : shape[1]]
+        owner = [m for key, m in lora_manager.lora_modules[place.layer].items() if key.endswith("." + place.module)]
+        if len(owner) != 1 or tuple(view.shape) != place.layout.shape:
+            raise RuntimeError(
+                f"adapter tensor {name} {tuple(shape)}: this rank's part is {place.layout.shape}, "
+                f"SGLang's pool has {tuple(view.shape)} there"
+            )
+        out.append(EngineTensor(name, view, owner, place.layout))
     return out
 
 
 class EngineMeZO:
-    """The MeZO state of one scheduler process.
+    """The MeZO state of one scheduler process (one tensor-parallel rank).
 
-    `tensors` are [(name, tensor view, owner modules)]; `reference` is the safetensors
-    file(s) the views must equal at start-up (the checkpoint, or the adapter).
+    `tensors` are `EngineTensor`s; `reference` is the safetensors file(s) the views must
+    equal at start-up, each its part of the unsharded tensor (the checkpoint, or the adapter).
     """
 
-    def __init__(self, tensors: list, kind: str, patterns, reference: list, residency=None):
+    def __init__(self, tensors: list, kind: str, patterns, reference: list, residency=None, tp=TensorParallel()):
         if patterns:
             regexes = [re.compile(p) for p in patterns]
-            tensors = [t for t in tensors if any(r.search(t[0]) for r in regexes)]
+            tensors = [t for t in tensors if any(r.search(t.name) for r in regexes)]
         self.versions = WeightVersions()
         self.kind = kind
+        self.tp = tp
         self.tensors = [
-            TrainableTensor(name, view, owners, decay=weight_decay_applies(name, view))
-            for name, view, owners in tensors
+            TrainableTensor(t.name, t.view, t.owners, decay=weight_decay_applies(t.name, t.view), layout=t.layout)
+            for t in tensors
         ]
         self.perturbation = ModuleScopedPerturbation(self.tensors, kind, self.versions)
         self.scope = contextlib.ExitStack()
@@ -162,7 +303,8 @@ class EngineMeZO:
             self.residency()
 
     def self_test(self) -> dict:
-        """Every trainable tensor must equal the reference file's tensor of that name, bit for bit."""
+        """Every trainable tensor must equal its part of the reference file's tensor of that
+        name, bit for bit."""
         from safetensors import safe_open
 
         files = self.reference
@@ -178,12 +320,11 @@ class EngineMeZO:
                         continue
                     found.add(key)
                     checked += 1
-                    if not same_bits(st.get_tensor(key), names[key].param):
+                    t = names[key]
+                    full_shape = tuple(st.get_slice(key).get_shape())
+                    if full_shape != t.layout.full_shape or not same_bits(read_part(st, key, t.layout), t.param):
                         mismatched.append(key)
         return {"checked": checked, "mismatched": mismatched, "missing": sorted(set(names) - found)}
-
-    def checksum(self) -> dict:
-        return {t.name: tensor_digest(t.param) for t in self.tensors}
 
 
 # The only places engine tensors (on whatever device the engine runs) meet host memory:
@@ -197,32 +338,103 @@ def same_bits(reference: torch.Tensor, tensor: torch.Tensor) -> bool:
     return torch.equal(expected.view(torch.uint8), tensor.detach().contiguous().view(torch.uint8))
 
 
+# ----------------------------------------------------------------------------- shard files
+def read_part(st, name: str, layout: ShardLayout) -> torch.Tensor:
+    """This rank's part of tensor `name` in an open safetensors file (only that part is read)."""
+    return st.get_slice(name)[layout.region]
+
+
+def shard_file(directory, rank: int) -> Path:
+    """Where tensor-parallel rank `rank` writes its parts of the trainable tensors."""
+    return Path(directory) / f"tp{rank}.safetensors"
+
+
+def write_shards(tensors: list, directory, rank: int) -> None:
+    """This rank's part of every trainable tensor, copied to the host, with its layout in the
+    file's metadata."""
+    from safetensors.torch import save_file
+
+    values = {t.name: t.param.detach().to("cpu", copy=True).contiguous() for t in tensors}
+    layouts = {t.name: t.layout.as_json() for t in tensors}
+    save_file(values, str(shard_file(directory, rank)), metadata={"layouts": json.dumps(layouts)})
+
+
+def read_gathered(directory, tp_size: int) -> dict:
+    """name -> the unsharded tensor, gathered from the `tp_size` ranks' shard files
+    (`sharding.gather`: every element held, replicas bit-identical)."""
+    from safetensors import safe_open
+
+    pieces: dict = {}
+    for rank in range(tp_size):
+        with safe_open(str(shard_file(directory, rank)), framework="pt") as st:
+            layouts = json.loads(st.metadata()["layouts"])
+            for name in st.keys():
+                pieces.setdefault(name, []).append((ShardLayout.from_json(layouts[name]), st.get_tensor(name)))
+    return {name: gather(name, parts) for name, parts in pieces.items()}
+
+
 # ----------------------------------------------------------------------------- RPC methods
+def ack_file(directory, rank: int) -> Path:
+    """Where tensor-parallel rank `rank` acknowledges an RPC call (`_acknowledged`)."""
+    return Path(directory) / f"tp{rank}.json"
+
+
+# The MeZO state of this scheduler process and the backend it belongs to: one backend per
+# engine at a time (a second `mezo_setup` takes the engine over; the first backend's calls
+# are then refused instead of moving the second one's tensors).
+_current: Optional[tuple] = None  # (owner, EngineMeZO)
+
+
+def _state(owner: str) -> EngineMeZO:
+    if _current is None:
+        raise RuntimeError("no MeZO state in this engine: mezo_setup has not run")
+    if _current[0] != owner:
+        raise RuntimeError(
+            "another SGLangBackend was set up on this engine since: one MeZO backend per engine at a time"
+        )
+    return _current[1]
+
+
 def _acknowledged(method):
-    """An RPC method that reports its outcome to the caller: ``{"ok": true, "result": ...}`` or
-    ``{"ok": false, "error": ...}`` as JSON at `ack_path`. Upstream's `collective_rpc` returns
+    """An RPC method ``method(scheduler, owner, **arguments)`` that reports its outcome to the
+    caller: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ...}`` as JSON in
+    `ack_dir`, one file per tensor-parallel rank. Upstream's `collective_rpc` returns
     nothing and signals a failure only by an ``assert`` (gone under ``python -O``): the
-    caller reads this instead."""
+    caller reads these instead."""
 
     @functools.wraps(method)
-    def acknowledging(self, ack_path: str, **kwargs):
+    def acknowledging(scheduler, ack_dir: str, owner: str, **kwargs):
+        path = ack_file(ack_dir, TensorParallel.of_this_process().rank)
         try:
-            result = method(self, **kwargs)
+            result = method(scheduler, owner, **kwargs)
         except BaseException as error:
-            write_json_atomically(ack_path, {"ok": False, "error": f"{type(error).__name__}: {error}"})
+            write_json_atomically(path, {"ok": False, "error": f"{type(error).__name__}: {error}"})
             raise
-        write_json_atomically(ack_path, {"ok": True, "result": result})
+        write_json_atomically(path, {"ok": True, "result": result})
 
     return acknowledging
 
 
-# Bound to sglang's Scheduler by `register`; `self` is the Scheduler.
-def mezo_setup(self, kind: str, patterns, model_path: str, lora_name=None, adapter_path=None):
-    runner = self.tp_worker.model_runner
+def _on_state(method):
+    """``method(state, **arguments)`` as an RPC method on the MeZO state of backend `owner`."""
+
+    @functools.wraps(method)
+    def on_state(scheduler, owner: str, **kwargs):
+        return method(_state(owner), **kwargs)
+
+    return on_state
+
+
+def mezo_setup(scheduler, owner: str, kind: str, patterns, model_path: str, lora_name=None, adapter_path=None):
+    """Builds this rank's MeZO state for the backend `owner` (the base model's tensors, or the
+    adapter's in SGLang's LoRA pool) and self-tests it against the checkpoint or adapter."""
+    global _current
+    runner = scheduler.tp_worker.model_runner
     hf_config = runner.model_config.hf_config
+    tp = TensorParallel.of_this_process()
     if lora_name is None:
-        tensors = logical_tensors(runner.model, hf_config)
-        state = EngineMeZO(tensors, kind, patterns, sorted(Path(model_path).glob("*.safetensors")))
+        tensors = logical_tensors(runner.model, hf_config, tp)
+        state = EngineMeZO(tensors, kind, patterns, sorted(Path(model_path).glob("*.safetensors")), tp=tp)
     else:
         from safetensors import safe_open
 
@@ -234,69 +446,73 @@ def mezo_setup(self, kind: str, patterns, model_path: str, lora_name=None, adapt
         slot = manager.memory_pool.uid_to_buffer_id.get(lora_id)
         if slot is None:
             raise RuntimeError(f"LoRA adapter {lora_name!r} is not resident in SGLang's LoRA memory pool")
-        tensors = lora_pool_tensors(manager, slot, shapes, hf_config)
+        tensors = lora_pool_tensors(manager, slot, shapes, hf_config, tp)
 
         def residency():
             if manager.memory_pool.uid_to_buffer_id.get(lora_id) != slot:
                 raise RuntimeError(f"LoRA adapter {lora_name!r} left pool slot {slot}: its trained values are lost")
 
-        state = EngineMeZO(tensors, kind, patterns, [adapter_file], residency)
-    self._mezo = state
+        state = EngineMeZO(tensors, kind, patterns, [adapter_file], residency, tp)
+    if _current is not None:  # the previous backend's state: weights put back, hooks off
+        _current[1].scope.close()
+        _current[1].perturbation.remove()
+    _current = (owner, state)
     report = state.self_test()
-    report["tensors"] = [[t.name, list(t.param.shape)] for t in state.tensors]
+    report["tensors"] = [[t.name, list(t.layout.full_shape)] for t in state.tensors]
+    report["tp"] = [tp.rank, tp.size]
     return report
 
 
-def mezo_begin(self, seed: int, scale: float):
-    self._mezo.check_resident()
-    self._mezo.scope.enter_context(self._mezo.perturbation.scope(int(seed), float(scale)))
+def mezo_begin(state: EngineMeZO, seed: int, scale: float):
+    """Forward passes from now on see w + scale * z(seed) (each unit while it runs)."""
+    state.check_resident()
+    state.scope.enter_context(state.perturbation.scope(int(seed), float(scale)))
 
 
-def mezo_end(self):
-    self._mezo.scope.close()
+def mezo_end(state: EngineMeZO):
+    """Ends the perturbation scope, if one is open: the weights are exactly as before it."""
+    state.scope.close()
 
 
-def mezo_update(self, terms, lr: float, weight_decay: float, momentum: float):
-    state = self._mezo
+def mezo_update(state: EngineMeZO, terms, lr: float, weight_decay: float, momentum: float):
+    """The ZO-SGD update of the directions `terms` [(seed, projected gradient)] (`commit_update`)."""
     state.check_resident()
     plan = prepare_update(state.tensors, [(int(s), float(g)) for s, g in terms], lr, weight_decay, momentum)
     commit_update(state.tensors, plan, state.kind, state.versions)
 
 
-def mezo_checksum(self):
-    return self._mezo.checksum()
+def mezo_load(state: EngineMeZO, path: str):
+    """Loads trainable tensors (HF or peft names, unsharded) from a safetensors file into the
+    engine in place, each rank its part."""
+    from safetensors import safe_open
 
-
-def mezo_load(self, path: str):
-    """Loads trainable tensors (HF names) from a safetensors file into the engine, in place."""
-    from safetensors.torch import load_file
-
-    weights = load_file(path)
-    require_all([t.name for t in self._mezo.tensors], weights)
-    self._mezo.check_resident()
+    with safe_open(path, framework="pt") as st:
+        require_all([t.name for t in state.tensors], set(st.keys()))
+        state.check_resident()
+        parts = {t.name: read_part(st, t.name, t.layout) for t in state.tensors}
     with torch.no_grad():
-        for t in self._mezo.tensors:
-            t.param.copy_(weights[t.name])
+        for t in state.tensors:
+            t.param.copy_(parts[t.name])
             for m in t.owners:
-                self._mezo.versions.bump(m)
+                state.versions.bump(m)
 
 
-def mezo_save(self, output_path: str):
-    """Writes the trainable tensors (HF or peft names) to a safetensors file."""
-    from safetensors.torch import save_file
-
-    self._mezo.check_resident()
-    save_file({t.name: t.param.detach().to("cpu", copy=True).contiguous() for t in self._mezo.tensors}, output_path)
+def mezo_save(state: EngineMeZO, directory: str):
+    """Writes this rank's parts of the trainable tensors to its shard file in `directory`
+    (`read_gathered` puts them together)."""
+    state.check_resident()
+    write_shards(state.tensors, directory, state.tp.rank)
 
 
 RPC_METHODS = {
-    f.__name__: _acknowledged(f)
-    for f in (mezo_setup, mezo_begin, mezo_end, mezo_update, mezo_checksum, mezo_load, mezo_save)
+    "mezo_setup": _acknowledged(mezo_setup),
+    **{f.__name__: _acknowledged(_on_state(f)) for f in (mezo_begin, mezo_end, mezo_update, mezo_load, mezo_save)},
 }
 
 
 def register() -> None:
-    """SGLang plugin entry point: adds the MeZO RPC methods to the Scheduler."""
+    """SGLang plugin entry point: adds the MeZO RPC methods to the Scheduler (each called as
+    ``method(scheduler, ack_dir=..., owner=..., **arguments)`` by ``collective_rpc``)."""
     from sglang.srt.managers.scheduler import Scheduler
 
     for name, fn in RPC_METHODS.items():

@@ -19,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import types
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +33,7 @@ import torch
 from sglang.srt.mezo.config import MeZOConfig, split_list
 from sglang.srt.mezo.kv_cache import CacheStats
 from sglang.srt.mezo.objectives import IGNORE_INDEX, RowObjective, example_groups
-from sglang.srt.mezo.primitives import require_all
+from sglang.srt.mezo.primitives import require_all, tensor_digest
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +46,14 @@ CPU_ENGINE_DEFAULTS = dict(
     max_total_tokens=8192,
     skip_tokenizer_init=True,
     log_level="error",
+    sleep_on_idle=True,
 )
 
 
 LORA_NAME = "mezo"
+THREAD_BINDING = (
+    "SGLANG_CPU_OMP_THREADS_BIND"  # upstream's per-rank CPU core sets, "cores of rank 0|cores of rank 1|..."
+)
 
 
 def lora_engine_args(config: MeZOConfig) -> dict:
@@ -97,9 +104,77 @@ def _children_bootstrap():
         sys.modules["__main__"] = real_main
 
 
-def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto", **overrides):
-    """Starts an `sglang.Engine` for MeZO on `device` (``auto``: cuda when available); on a CPU
-    with the defaults that run there.
+@contextlib.contextmanager
+def _environment(values: dict):
+    """`values` set in os.environ within the block (inherited by processes started there)."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def cpu_thread_binding(tp_size: int, cores: Optional[list] = None) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for `tp_size` CPU ranks: this process's cores (or `cores`)
+    split into equal consecutive sets, one per rank, e.g. ``"0|1"`` or ``"0,1,2,3|4,5,6,7"``.
+    (Without it upstream binds one rank per NUMA node and refuses more ranks than nodes.)"""
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    per_rank = len(cores) // tp_size
+    if per_rank == 0:
+        raise ValueError(
+            f"tp_size={tp_size} on CPU needs at least one core per rank; this process has {len(cores)} "
+            f"(to let ranks share cores, set {THREAD_BINDING} yourself, e.g. '0|1|0')"
+        )
+    sets = [cores[r * per_rank : (r + 1) * per_rank] for r in range(tp_size)]
+    return "|".join(",".join(str(c) for c in s) for s in sets)
+
+
+def check_cpu_tensor_parallel(model_path: str, tp_size: int) -> None:
+    """Refuses, naming the sizes, a CPU tensor-parallel engine upstream cannot start: its CPU
+    path pads attention heads (and KV heads) that do not divide by tp_size, then loads the
+    checkpoint with the GPU loader, which fails on the padded shapes (SGLang 0.5.23). On GPUs
+    such shapes run (KV heads replicated across ranks) and MeZO maps them."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if heads % tp_size or kv_heads % tp_size:
+        raise ValueError(
+            f"tp_size={tp_size} on CPU: {model_path} has {heads} attention and {kv_heads} KV heads; upstream "
+            "SGLang's CPU engine needs both to divide by tp_size (it cannot start fewer KV heads than ranks)"
+        )
+
+
+def check_engine_layout(server_args) -> None:
+    """Refuses, naming the setting, an engine whose processes MeZO cannot all reach or map:
+    data-parallel replicas (upstream's collective_rpc reaches none of them: each has its
+    own RPC socket, so they could not be perturbed identically), attention data
+    parallelism (layers split over other ranks than the TP ranks), pipeline stages and
+    several nodes (acknowledgements and shard files are per TP rank, in this host's
+    temporary directory)."""
+    refused = {
+        "dp_size": (server_args.dp_size, 1),
+        "enable_dp_attention": (server_args.enable_dp_attention, False),
+        "pp_size": (server_args.pp_size, 1),
+        "nnodes": (server_args.nnodes, 1),
+    }
+    for name, (value, supported) in refused.items():
+        if value != supported:
+            raise ValueError(
+                f"an SGLang engine with {name}={value}: MeZO drives engines of tensor-parallel ranks on one host "
+                f"only ({name}={supported}). For data parallelism, run torchrun with one engine per process."
+            )
+
+
+def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto", tp_size: int = 1, **overrides):
+    """Starts an `sglang.Engine` for MeZO on `device` (``auto``: cuda when available) with
+    `tp_size` tensor-parallel ranks; on a CPU with the defaults that run there, and with
+    ranks bound to disjoint core sets (`cpu_thread_binding`) unless the user bound them.
 
     A crashing engine process raises `EngineCrashed` in the caller instead of killing it;
     when that happens during start-up, the engine processes left behind are stopped.
@@ -110,18 +185,23 @@ def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto",
     from sglang.srt.mezo.backends import cpu_standins
 
     cpu_standins.install()
-    kwargs = dict(model_path=model_path, dtype=dtype, custom_sigquit_handler=_raise_engine_crashed)
+    kwargs = dict(model_path=model_path, dtype=dtype, tp_size=tp_size, custom_sigquit_handler=_raise_engine_crashed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    environment = {}  # for the engine's processes, while they start
     if torch.device(device).type == "cpu":
         kwargs.update(CPU_ENGINE_DEFAULTS)
+        if tp_size > 1:
+            check_cpu_tensor_parallel(model_path, tp_size)
+            if not os.environ.get(THREAD_BINDING):
+                environment[THREAD_BINDING] = cpu_thread_binding(tp_size)
     else:
         kwargs["device"] = torch.device(device).type
     kwargs.update(overrides)
     processes_before = {child.pid for child in psutil.Process().children(recursive=True)}
     contexts_before = {id(c) for c in _zmq_contexts()}
     try:
-        with _children_bootstrap():
+        with _children_bootstrap(), _environment(environment):
             return sglang.Engine(**kwargs)
     except EngineCrashed:
         _stop_engine_processes(exclude=processes_before)
@@ -197,6 +277,9 @@ class SGLangBackend:
         self.cache_version = -1  # unknown: whatever the engine cached before this backend is flushed
         self.flush_on_version_change = flush_on_version_change
         self.stats = CacheStats()
+        check_engine_layout(engine.server_args)
+        self.tp_size = int(engine.server_args.tp_size)
+        self._owner = uuid.uuid4().hex  # the engine serves the last backend set up on it
         self._tmp = tempfile.TemporaryDirectory(prefix="mezo-rpc-")
         self.lora_name = None
         self.adapter_path = None
@@ -212,35 +295,52 @@ class SGLangBackend:
             self._generate([[0, 0]], [0])  # a first request puts the adapter into the LoRA pool
             lora = dict(lora_name=LORA_NAME, adapter_path=str(self.adapter_path))
         patterns = split_list(config.trainable_patterns)
-        report = self._rpc(
+        reports = self._rpc(
             "mezo_setup", kind=config.perturbation, patterns=patterns, model_path=str(model_path), **lora
         )
-        if report["mismatched"] or report["missing"] or not report["tensors"]:
-            raise RuntimeError(
-                "SGLang engine self-test failed: the engine's tensors do not match the HF checkpoint (or adapter) "
-                f"(mismatched {report['mismatched'][:5]}, missing {report['missing'][:5]}); the engine's "
-                "internals may have moved (this backend was written against sglang 0.5.23)"
-            )
-        self.tensor_names = [name for name, _ in report["tensors"]]
+        for rank, report in enumerate(reports):
+            if report["tp"] != [rank, self.tp_size]:
+                raise RuntimeError(f"tensor-parallel rank {rank} of {self.tp_size} reported itself as {report['tp']}")
+            if report["mismatched"] or report["missing"] or not report["tensors"]:
+                raise RuntimeError(
+                    f"SGLang engine self-test failed on tensor-parallel rank {rank} of {self.tp_size}: the engine's "
+                    "tensors do not match the HF checkpoint (or adapter) "
+                    f"(mismatched {report['mismatched'][:5]}, missing {report['missing'][:5]}); the engine's "
+                    "internals may have moved (this backend was written against sglang 0.5.23)"
+                )
+        if any(report["tensors"] != reports[0]["tensors"] for report in reports):
+            raise RuntimeError("the SGLang engine's tensor-parallel ranks train different tensors")
+        self.tensor_names = [name for name, _ in reports[0]["tensors"]]
         self._stopped = False
 
     # -- RPC ---------------------------------------------------------------------------
-    def _rpc(self, method: str, **kwargs):
-        """Calls `method` in every scheduler process and returns its result (JSON), checking the
-        outcome the method acknowledged (`engine_plugin._acknowledged`): a failure raises
-        `EngineRPCError` naming the method, also under ``python -O``."""
-        ack = Path(self._tmp.name) / f"{method}.ack.json"
-        ack.unlink(missing_ok=True)
+    def _rpc(self, method: str, **kwargs) -> list:
+        """Calls `method` in every scheduler process and returns each tensor-parallel rank's
+        result (JSON), in rank order, checking the outcome every rank acknowledged
+        (`engine_plugin._acknowledged`): a failure raises `EngineRPCError` naming the method
+        and the rank, also under ``python -O``."""
+        from sglang.srt.mezo.backends.engine_plugin import ack_file
+
+        acks = Path(tempfile.mkdtemp(prefix=f"{method}-", dir=self._tmp.name))
         try:
-            self.engine.collective_rpc(method, ack_path=str(ack), **kwargs)
-        except AssertionError as error:  # upstream's report of a failed RPC (absent under python -O)
-            raise EngineRPCError(f"{method} failed inside the SGLang engine: {error}") from error
-        if not ack.is_file():
-            raise EngineRPCError(f"{method}: the SGLang engine did not acknowledge the call (did it run it?)")
-        outcome = json.loads(ack.read_text())
-        if not outcome["ok"]:
-            raise EngineRPCError(f"{method} failed inside the SGLang engine: {outcome['error']}")
-        return outcome["result"]
+            try:
+                self.engine.collective_rpc(method, ack_dir=str(acks), owner=self._owner, **kwargs)
+            except AssertionError as error:  # upstream's report of a failed RPC (absent under python -O)
+                raise EngineRPCError(f"{method} failed inside the SGLang engine: {error}") from error
+            results = []
+            for rank in range(self.tp_size):
+                path = ack_file(acks, rank)
+                if not path.is_file():
+                    raise EngineRPCError(
+                        f"{method}: tensor-parallel rank {rank} of the SGLang engine did not acknowledge the call"
+                    )
+                outcome = json.loads(path.read_text())
+                if not outcome["ok"]:
+                    raise EngineRPCError(f"{method} failed inside the SGLang engine (rank {rank}): {outcome['error']}")
+                results.append(outcome["result"])
+            return results
+        finally:
+            shutil.rmtree(acks, ignore_errors=True)
 
     def _weights_changed(self) -> None:
         self.weight_version += 1
@@ -268,10 +368,11 @@ class SGLangBackend:
         return {}
 
     def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
-        if seed is not None:
-            self._rpc("mezo_begin", seed=int(seed), scale=float(scale))
-            self._weights_changed()
         try:
+            if seed is not None:
+                self._weights_changed()
+                # inside the try: if some ranks fail to begin, the others still end their scope
+                self._rpc("mezo_begin", seed=int(seed), scale=float(scale))
             self._ensure_fresh_cache()
             return self._generate_rows(batch)
         finally:
@@ -297,19 +398,25 @@ class SGLangBackend:
         self._weights_changed()
 
     def checksum(self) -> dict:
-        return self._rpc("mezo_checksum")
+        """name -> digest of each trainable tensor, unsharded (`primitives.tensor_digest`): the
+        transformers backend's digests of the same weights."""
+        return {name: tensor_digest(t) for name, t in self.trainable_state().items()}
 
     def load_trainable(self, safetensors_path: str) -> None:
         self._rpc("mezo_load", path=str(safetensors_path))
         self._weights_changed()
 
     def trainable_state(self) -> dict:
-        """HF name -> the engine's current trainable tensor (copied out of the engine)."""
-        from safetensors.torch import load_file
+        """HF (or peft) name -> the engine's current trainable tensor, unsharded: every rank
+        saves its parts, gathered here (`engine_plugin.read_gathered`)."""
+        from sglang.srt.mezo.backends.engine_plugin import read_gathered
 
-        path = Path(self._tmp.name) / "trainable.safetensors"
-        self._rpc("mezo_save", output_path=str(path))
-        return load_file(str(path))
+        shards = Path(tempfile.mkdtemp(prefix="trainable-", dir=self._tmp.name))
+        try:
+            self._rpc("mezo_save", directory=str(shards))
+            return read_gathered(shards, self.tp_size)
+        finally:
+            shutil.rmtree(shards, ignore_errors=True)
 
     def load_trainable_state(self, weights: dict) -> None:
         """Copies `weights` (HF or peft names) into the engine's trainable tensors; every one is
@@ -384,13 +491,13 @@ class SGLangBackend:
 
     def save_adapter(self, directory) -> Path:
         """The trained LoRA adapter in peft format (the initial adapter's config, trained weights)."""
-        import shutil
+        from safetensors.torch import save_file
 
         if self.adapter_path is None:
             raise ValueError("save_adapter needs a LoRA adapter (peft='lora')")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._rpc("mezo_save", output_path=str(directory / "adapter_model.safetensors"))
+        save_file(self.trainable_state(), str(directory / "adapter_model.safetensors"))
         shutil.copyfile(self.adapter_path / "adapter_config.json", directory / "adapter_config.json")
         return directory
 

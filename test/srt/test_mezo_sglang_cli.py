@@ -1,0 +1,104 @@
+"""``--backend sglang`` end to end, and an engine that crashes: each test starts and stops its
+own engine (upstream's Engine.shutdown stops every engine of the process, so these live
+apart from `test_mezo_sglang`'s shared engines).
+
+Run as ``pytest test/srt/test_mezo_sglang_cli.py`` or ``python3 test/srt/test_mezo_sglang_cli.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import unittest
+from pathlib import Path
+
+import psutil
+import torch
+from mezo_testing import tiny_llama, tiny_tokenizer
+
+from sglang.srt.mezo.backends.sglang_backend import EngineCrashed, launch_engine
+
+
+class TestSGLangEngineCrash(unittest.TestCase):
+    def test_a_crashing_engine_raises_instead_of_killing_the_caller(self):
+        """The scheduler process dies loading a truncated checkpoint: the caller gets
+        `EngineCrashed` (upstream would SIGQUIT, i.e. kill, its parent) and goes on."""
+        with tempfile.TemporaryDirectory(prefix="mezo-engine-crash-") as root:
+            tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(root)
+            tiny_tokenizer().save_pretrained(root)
+            weights = Path(root) / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:4096])
+            with self.assertRaises(EngineCrashed):
+                launch_engine(root)
+        engine_processes = [c for c in psutil.Process().children(recursive=True) if c.name().startswith("sglang::")]
+        self.assertEqual(engine_processes, [])  # none left running, none left a zombie
+
+
+class TestSGLangMainJob(unittest.TestCase):
+    """``--backend sglang`` end to end: the engine trains, the saved HF dir holds its weights."""
+
+    def run_cli(self, root: Path, *extra) -> tuple:
+        from sglang.srt.mezo_trainer import main
+
+        model_dir = str(root / "tiny")
+        tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(model_dir)
+        tiny_tokenizer().save_pretrained(model_dir)
+        data = root / "train.jsonl"
+        records = [
+            {"prompt": f"Review: {w}", "completion": c, "candidates": [" yes", " no"]}
+            for w, c in (("great", " yes"), ("dull", " no"), ("good", " yes"), ("cold", " no"))
+        ]
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        out = root / "out"
+        results = main(
+            ["--backend", "sglang", "--model", model_dir, "--train-file", str(data), "--eval-file", str(data)]
+            + ["--steps", "3", "--epsilon", "1e-2", "--batch-size", "2", "--output-dir", str(out)]
+            + ["--disable-tqdm", *extra]
+        )
+        self.assertEqual(results["steps"], 3)
+        self.assertEqual(results["before"]["examples"], 4)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        self.assertEqual(len(rows), 3)
+        self.assertGreater(sum(r["cache/pass/radix_cache/tokens_reused"] for r in rows), 0)
+        return model_dir, out
+
+    def test_cli_on_the_engine(self):
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-") as root:
+            model_dir, out = self.run_cli(Path(root), "--lr", "1e-1")
+            trained = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).state_dict()
+            final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+            start = load_file(str(Path(model_dir) / "model.safetensors"))
+            changed = [name for name in final if not torch.equal(final[name], start[name])]
+            self.assertTrue(changed)
+            for name, value in final.items():
+                self.assertTrue(torch.equal(trained[name], value), name)
+
+    def test_cli_lora_on_the_engine(self):
+        """``--peft lora --backend sglang``: the engine trains the adapter; ``model/`` is a
+        peft adapter holding the last checkpoint's weights, and peft loads it."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-lora-") as root:
+            model_dir, out = self.run_cli(Path(root), "--peft", "lora", "--lora-rank", "4", "--lr", "1.0")
+            saved = load_file(str(out / "model" / "adapter_model.safetensors"))
+            final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+            initial = load_file(str(out / "initial_adapter" / "adapter_model.safetensors"))
+            self.assertEqual(sorted(saved), sorted(initial))
+            self.assertTrue(any(not torch.equal(saved[n], initial[n]) for n in saved))
+            for name, value in final.items():
+                self.assertTrue(torch.equal(saved[name], value), name)
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            reloaded = PeftModel.from_pretrained(base, str(out / "model"))
+            for name, p in reloaded.named_parameters():
+                if ".lora_" in name:
+                    key = name.replace(".default", "")
+                    self.assertTrue(torch.equal(p.detach(), saved[key]), key)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

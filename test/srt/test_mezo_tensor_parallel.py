@@ -1,0 +1,308 @@
+"""MeZO across tensor-parallel shards, in this process: the engine plugin's shard maps against
+upstream SGLang's own weight loaders and LoRA slicing, and updates of shards against the
+unsharded update. (Real tensor-parallel engines: `test_mezo_sglang.TestTensorParallelEngine`.)
+
+Upstream's loaders are the ground truth: `mezo_testing.sglang_model_on_rank` builds SGLang's
+model as rank r of T holds it, so every shape is checked, also KV heads replicated across
+ranks, which upstream's CPU engine cannot start (it pads KV heads on CPU and then loads with
+the GPU loader). Canaries: a rank-blind map, and z drawn at a shard's local offsets.
+
+Run as ``pytest test/srt/test_mezo_tensor_parallel.py`` or ``python3 test/srt/test_mezo_tensor_parallel.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import types
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import torch
+from mezo_testing import sglang_model_on_rank, sglang_rank, tiny_llama, tiny_tokenizer
+
+from sglang.srt.mezo.backends.engine_plugin import (
+    LORA_STACKS,
+    EngineMeZO,
+    TensorParallel,
+    logical_tensors,
+    lora_placement,
+    same_bits,
+)
+from sglang.srt.mezo.backends.sglang_backend import cpu_thread_binding
+from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.perturbation import commit_update, prepare_update
+from sglang.srt.mezo.sharding import ShardLayout, gather
+from sglang.srt.mezo.trainer import MeZOTrainer
+
+
+def tiny_qwen2_tied():
+    """A Qwen2 with q/k/v biases (random: Qwen2 starts them at 0) and tied embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.02)
+    return model
+
+
+# name -> (HF model, tp size). Vocabulary 400 pads to 448 rows: the last rank holds padding.
+CASES = {
+    "gqa": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=2), 2),
+    "kv_heads_replicated": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=1), 2),
+    "tp4": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=2), 4),
+    "qwen2_bias_tied": (tiny_qwen2_tied, 2),
+}
+
+
+def ranks(case: str):
+    """(HF model, tp size, [SGLang model of each rank])."""
+    build, size = CASES[case]
+    hf = build()
+    return hf, size, [sglang_model_on_rank(hf, rank, size) for rank in range(size)]
+
+
+class TestShardMaps(unittest.TestCase):
+    """`logical_tensors` and `lora_placement` against upstream's loaders and LoRA slicing."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.models = {case: ranks(case) for case in CASES}
+
+    def test_every_shard_is_its_part_of_the_checkpoint(self):
+        """On every rank of every shape each engine view equals its layout's part of the HF
+        tensor, bit for bit, and the ranks' views gather to the HF tensors (every element
+        held, replicas identical). Canary: a rank-blind map (every rank reads rank 0's
+        blocks) misses on the sharded tensors."""
+        for case, (hf, size, models) in self.models.items():
+            with self.subTest(case=case):
+                expected = {name: p.detach() for name, p in hf.named_parameters()}
+                pieces: dict = {}
+                for rank, model in enumerate(models):
+                    tensors = logical_tensors(model, hf.config, TensorParallel(rank, size))
+                    self.assertEqual(sorted(t.name for t in tensors), sorted(expected))
+                    for t in tensors:
+                        self.assertTrue(same_bits(t.layout.take(expected[t.name]), t.view), f"rank {rank}: {t.name}")
+                        pieces.setdefault(t.name, []).append((t.layout, t.view.clone()))
+                for name, parts in pieces.items():
+                    self.assertTrue(same_bits(expected[name], gather(name, parts)), name)
+                embedding = next(t for t in logical_tensors(models[-1], hf.config, TensorParallel(size - 1, size)))
+                self.assertEqual(embedding.name, "model.embed_tokens.weight")
+                padded_rows = dict(models[-1].named_parameters())[embedding.name].shape[0]
+                self.assertLess(embedding.view.shape[0], padded_rows)  # the last rank's padding is left out
+                blind = {t.name: t.layout for t in logical_tensors(models[0], hf.config, TensorParallel(0, size))}
+                last = logical_tensors(models[-1], hf.config, TensorParallel(size - 1, size))
+                missed = [t.name for t in last if not same_bits(blind[t.name].take(expected[t.name]), t.view)]
+                self.assertIn("model.layers.0.self_attn.q_proj.weight", missed)
+                self.assertIn("model.layers.0.mlp.down_proj.weight", missed)
+                self.assertIn("model.embed_tokens.weight", missed)
+                with self.assertRaisesRegex(RuntimeError, "split over other ranks than the engine's"):
+                    logical_tensors(models[-1], hf.config, TensorParallel(0, size))  # the plugin's own guard
+
+    def test_lora_parts_are_upstream_slices(self):
+        """For each LoRA-wrapped module, the pool rows MeZO trains on rank r (each peft tensor's
+        part at its first row) equal upstream's ``slice_lora_a_weights`` /
+        ``slice_lora_b_weights`` of the stacked peft matrices: B split by output rows for
+        column-parallel modules (KV rows replicated with their heads), A split by input
+        columns for row-parallel ones. Canary: the rank-blind map."""
+        from sglang.srt.lora import layers
+
+        wrappers = {
+            "qkv_proj": (layers.QKVParallelLinearWithLoRA, "self_attn"),
+            "gate_up_proj": (layers.MergedColumnParallelLinearWithLoRA, "mlp"),
+            "o_proj": (layers.RowParallelLinearWithLoRA, "self_attn"),
+            "down_proj": (layers.RowParallelLinearWithLoRA, "mlp"),
+        }
+        rank_r = 4
+        for case in ("gqa", "kv_heads_replicated", "tp4"):
+            hf, size, models = self.models[case]
+            g = torch.Generator().manual_seed(0)
+            for module, (wrapper, parent) in wrappers.items():
+                projections = next(stack for name, stack in LORA_STACKS.values() if name == module)
+                hf_layer = getattr(hf.model.layers[0], parent)
+                a = {p: torch.randn(rank_r, getattr(hf_layer, p).in_features, generator=g) for p in projections}
+                b = {p: torch.randn(getattr(hf_layer, p).out_features, rank_r, generator=g) for p in projections}
+                for rank, model in enumerate(models):
+                    base = getattr(getattr(model.model.layers[0], parent), module)
+                    owner = types.SimpleNamespace(base_layer=base)  # all the slicing methods read
+                    upstream = {
+                        "A": wrapper.slice_lora_a_weights(owner, torch.cat([a[p] for p in projections])),
+                        "B": wrapper.slice_lora_b_weights(owner, torch.cat([b[p] for p in projections])),
+                    }
+                    maps = [(TensorParallel(rank, size), True)] + ([(TensorParallel(0, size), False)] if rank else [])
+                    for tp, must_match in maps:
+                        ours = {
+                            "A": torch.full_like(upstream["A"], float("nan")),
+                            "B": torch.full_like(upstream["B"], float("nan")),
+                        }
+                        for p in projections:
+                            for which, full in (("A", a[p]), ("B", b[p])):
+                                name = f"base_model.model.model.layers.0.{parent}.{p}.lora_{which}.weight"
+                                place = lora_placement(name, full.shape, hf.config, tp)
+                                ours[which][place.first_row : place.first_row + place.layout.shape[0]] = (
+                                    place.layout.take(full)
+                                )
+                        matched = all(torch.equal(ours[w], upstream[w]) for w in ("A", "B"))
+                        with self.subTest(case=case, module=module, rank=rank, blind=not must_match):
+                            self.assertEqual(matched, must_match)
+
+    def test_perturbed_shards_are_parts_of_the_perturbed_tensor(self):
+        """While a linear layer runs inside a scope, each rank's shards of its weights hold
+        their part of round(w + eps z) computed on the whole HF tensor by the whole-tensor
+        kernel, bit for bit (fused q/k/v and gate/up by rows, o/down by columns, KV heads
+        replicated too); after the call they are exactly w again. Canary: z drawn at the
+        shard's local offsets."""
+        from sglang.srt.mezo import kernels
+
+        seed, eps = 21, 1e-2
+        for case in ("gqa", "kv_heads_replicated"):
+            hf, size, _ = self.models[case]
+            expected = {}
+            for name, p in hf.named_parameters():
+                expected[name] = torch.empty_like(p.detach())
+                kernels.axpy_direction_(expected[name], p.detach(), "gaussian", kernels.tensor_key(seed, name), eps)
+            for local in (False, True):
+                misses = checked = 0
+                for rank in range(size):
+                    model = sglang_model_on_rank(hf, rank, size)
+                    tensors = logical_tensors(model, hf.config, TensorParallel(rank, size))
+                    layouts = {t.name: t.layout for t in tensors}
+                    if local:
+                        tensors = [t._replace(layout=ShardLayout.whole(tuple(t.view.shape))) for t in tensors]
+                    state = EngineMeZO(tensors, "gaussian", [], [])
+                    before = {t.name: t.param.clone() for t in state.tensors}
+                    seen: dict = {}
+                    layer = model.model.layers[0]
+                    linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj]
+                    linears.append(layer.mlp.down_proj)
+
+                    def record(module, args, seen=seen, state=state):  # after the perturbation's own pre-hook
+                        seen.update({t.name: t.param.clone() for t in state.tensors if module in t.owners})
+
+                    with sglang_rank(rank, size), state.perturbation.scope(seed, eps):
+                        for linear in linears:
+                            linear.register_forward_pre_hook(record)
+                            linear.reduce_results = False  # no process group here: each rank's partial sum
+                            linear(torch.randn(2, getattr(linear, "input_size_per_partition", linear.input_size)))
+                    for name, value in seen.items():
+                        checked += 1
+                        misses += not same_bits(layouts[name].take(expected[name]), value)
+                    for t in state.tensors:
+                        self.assertTrue(same_bits(before[t.name], t.param), f"{t.name} restored")
+                with self.subTest(case=case, local_offsets=local):
+                    self.assertEqual(checked, 7 * size)  # q, k, v, o, gate, up, down on every rank
+                    if local:
+                        self.assertGreater(misses, 0)
+                    else:
+                        self.assertEqual(misses, 0)
+
+    def test_shard_updates_gather_to_the_unsharded_update(self):
+        """A ZO-SGD update of two directions applied on every rank's shards gathers, bit for
+        bit, to the transformers backend's update of the whole model: Gaussian with weight
+        decay, Rademacher with momentum. Canary: z drawn at the shard's local offsets (the
+        layout of a whole tensor of the shard's shape) writes other bits on the shards."""
+        directions, lr = [(11, 0.7), (12, -0.3)], 1e-2
+        for kind, weight_decay, momentum in (("gaussian", 0.1, 0.0), ("rademacher", 0.0, 0.5)):
+            for case in ("gqa", "kv_heads_replicated", "qwen2_bias_tied"):
+                hf, size, _ = self.models[case]
+                config = MeZOConfig(perturbation=kind, weight_decay=weight_decay, momentum=momentum, disable_tqdm=True)
+                reference = MeZOTrainer(copy.deepcopy(hf), config)
+                reference.backend.apply_update(directions, lr)
+                expected = reference.backend.trainable_state()
+                with self.subTest(kind=kind, case=case):
+                    local_misses = 0
+                    pieces: dict = {}
+                    for local in (False, True):
+                        for rank in range(size):
+                            model = sglang_model_on_rank(hf, rank, size)  # the update writes its weights
+                            tensors = logical_tensors(model, hf.config, TensorParallel(rank, size))
+                            layouts = {t.name: t.layout for t in tensors}
+                            if local:
+                                tensors = [t._replace(layout=ShardLayout.whole(tuple(t.view.shape))) for t in tensors]
+                            state = EngineMeZO(tensors, kind, [], [])
+                            plan = prepare_update(state.tensors, directions, lr, weight_decay, momentum)
+                            commit_update(state.tensors, plan, kind, state.versions)
+                            for t in state.tensors:
+                                part = layouts[t.name].take(expected[t.name])
+                                if local:
+                                    local_misses += not same_bits(part, t.param)
+                                else:
+                                    self.assertTrue(same_bits(part, t.param), f"rank {rank}: {t.name}")
+                                    pieces.setdefault(t.name, []).append((layouts[t.name], t.param.clone()))
+                    for name, parts in pieces.items():
+                        self.assertTrue(same_bits(expected[name], gather(name, parts)), name)
+                    self.assertGreater(local_misses, 0)
+
+
+class TestTensorParallelPlumbing(unittest.TestCase):
+    def test_cpu_thread_binding_gives_each_rank_its_own_cores(self):
+        self.assertEqual(cpu_thread_binding(2, [0, 1]), "0|1")
+        self.assertEqual(cpu_thread_binding(2, [4, 5, 6, 7]), "4,5|6,7")
+        self.assertEqual(cpu_thread_binding(2, [0, 1, 2]), "0|1")  # equal sets; the spare core stays free
+        with self.assertRaisesRegex(ValueError, r"tp_size=3 on CPU needs at least one core per rank; .* has 2"):
+            cpu_thread_binding(3, [0, 1])
+
+    def test_bad_tensor_parallel_settings_are_named(self):
+        with self.assertRaisesRegex(ValueError, r"MeZOConfig.tp_size=2: .*backend='sglang'"):
+            MeZOConfig(tp_size=2)
+        with self.assertRaisesRegex(ValueError, r"MeZOConfig.tp_size=0: must be >= 1"):
+            MeZOConfig(tp_size=0, backend="sglang")
+        config = tiny_llama(hidden=64).config  # 4 query heads
+        with self.assertRaisesRegex(ValueError, r"4 q heads do not split evenly over tp_size=3"):
+            TensorParallel(1, 3).row_block(config, "q")
+
+    def test_engine_shapes_upstream_cannot_serve_are_refused_before_starting(self):
+        """On CPU, KV heads that do not divide by tp_size (upstream pads them, then its loader
+        fails); engines with processes MeZO cannot reach or map (data-parallel replicas, which
+        no collective_rpc reaches; attention data parallelism; pipeline stages; other nodes)."""
+        from mezo_testing import tiny_llama_config
+
+        from sglang.srt.mezo.backends.sglang_backend import SGLangBackend, check_cpu_tensor_parallel
+
+        with tempfile.TemporaryDirectory() as model_dir:
+            tiny_llama_config(num_key_value_heads=1).save_pretrained(model_dir)
+            with self.assertRaisesRegex(ValueError, r"tp_size=2 on CPU: .* 4 attention and 1 KV heads"):
+                check_cpu_tensor_parallel(model_dir, 2)
+            check_cpu_tensor_parallel(model_dir, 1)
+        supported = dict(tp_size=2, dp_size=1, enable_dp_attention=False, pp_size=1, nnodes=1)
+        for name, value in (("dp_size", 2), ("enable_dp_attention", True), ("pp_size", 2), ("nnodes", 2)):
+            engine = types.SimpleNamespace(server_args=types.SimpleNamespace(**{**supported, name: value}))
+            with self.assertRaisesRegex(ValueError, rf"an SGLang engine with {name}={value}: MeZO drives"):
+                SGLangBackend(engine, MeZOConfig(), "unused")
+
+    def test_the_main_job_starts_the_engine_with_the_configured_tp_size(self):
+        """``--backend sglang --tp-size 2`` reaches ``launch_engine`` (the engine itself, the heavy
+        loader, is mocked here; `test_mezo_sglang.TestTensorParallelEngine` trains on a real one)."""
+        from sglang.srt import mezo_trainer
+        from sglang.srt.mezo.backends import sglang_backend
+
+        config = mezo_trainer.parse_args(["--backend", "sglang", "--tp-size", "2", "--model", "unused"])
+        model = tiny_llama()
+        with (
+            tempfile.TemporaryDirectory() as out,
+            mock.patch.object(sglang_backend, "launch_engine") as launch,
+            mock.patch.object(sglang_backend, "SGLangBackend") as backend,
+        ):
+            backend.return_value.tp_size = 2
+            mezo_trainer.build_trainer(config, model, tiny_tokenizer(), Path(out))
+        self.assertEqual(launch.call_args.kwargs["tp_size"], 2)
+
+    def test_gathering_refuses_diverged_replicas_and_missing_elements(self):
+        whole = ShardLayout.whole((2, 3))
+        with self.assertRaisesRegex(RuntimeError, "w: tensor-parallel ranks hold different values"):
+            gather("w", [(whole, torch.zeros(2, 3)), (whole, torch.full((2, 3), -0.0))])
+        top = ShardLayout.rows((2, 3), 0, 1)
+        with self.assertRaisesRegex(RuntimeError, "w: 3 elements are held by no tensor-parallel rank"):
+            gather("w", [(top, torch.zeros(1, 3))])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
