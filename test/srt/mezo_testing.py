@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import tempfile
 import weakref
+from unittest import mock
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -80,6 +83,18 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, **config_overrides) -> LlamaF
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).to(dtype)
     return model.eval()
+
+
+def smollm2_shaped(**overrides) -> LlamaForCausalLM:
+    """SmolLM2-135M's head layout (9 query and 3 KV heads) in miniature, with a vocabulary of
+    400: on 2 CPU ranks upstream pads them to 12 and 4 heads and 448 vocabulary rows, so
+    rank 1 holds 3 real query heads, 1 real KV head and 176 real vocabulary rows, each
+    followed by zeros. The intermediate size (128, like SmolLM2's 1536 a multiple of 32 x
+    tp_size) is not padded: upstream's CPU engine pads other sizes even at tp_size=1, and its
+    own LoRA loader then refuses every adapter on the MLP."""
+    values = dict(hidden=72, vocab_size=400, num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                  intermediate_size=128)  # fmt: skip
+    return tiny_llama(**{**values, **overrides})
 
 
 def lm_batch(batch_size=4, length=12, prompt=6, seed=1, vocab=384) -> dict:
@@ -205,16 +220,39 @@ def sglang_rank(rank: int, size: int):
         yield
 
 
-def sglang_model_on_rank(hf_model: torch.nn.Module, rank: int, size: int) -> torch.nn.Module:
+def sglang_cpu_config(hf_model: torch.nn.Module, size: int):
+    """The model config upstream's CPU engine runs `hf_model` with on `size` tensor-parallel
+    ranks: heads, KV heads and intermediate rows that do not divide by `size` padded, the
+    checkpoint's counts kept as ``original_*`` (upstream's own
+    ``adjust_config_with_unaligned_cpu_tp``, applied as its model runner does)."""
+    from sglang.srt.mezo.backends import cpu_standins
+
+    cpu_standins.install()
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.configs.update_config import adjust_config_with_unaligned_cpu_tp
+
+    config = copy.deepcopy(hf_model.config)
+    config.architectures = [type(hf_model).__name__]
+    with tempfile.TemporaryDirectory() as model_dir:
+        config.save_pretrained(model_dir)
+        model_config = ModelConfig(model_dir)
+    return adjust_config_with_unaligned_cpu_tp(model_config, LoadConfig(), size).hf_config
+
+
+def sglang_model_on_rank(hf_model: torch.nn.Module, rank: int, size: int, cpu_padding: bool = False):
     """Upstream SGLang's model of `hf_model` as tensor-parallel rank `rank` of `size` holds it
     (`sglang_rank`), with the weights loaded by upstream's own loaders: the ground truth for
-    the engine plugin's shard maps, for any tensor-parallel shape (also ones the CPU engine
-    cannot start, such as KV heads replicated across ranks)."""
+    the engine plugin's shard maps, for any tensor-parallel shape. By default as on GPUs
+    (KV heads fewer than ranks replicated); with `cpu_padding` as upstream's CPU engine
+    holds it (`sglang_cpu_config`, loaded by the padding-aware loaders the engine processes
+    select: `cpu_standins.load_padded_shards`). Returns (model, the config it was built with)."""
     import importlib
 
     architecture = type(hf_model).__name__
-    with sglang_rank(rank, size):
+    config = sglang_cpu_config(hf_model, size) if cpu_padding else hf_model.config
+    with sglang_rank(rank, size), mock.patch("sglang.srt.layers.linear._is_cpu", cpu_padding):
         model_class = getattr(importlib.import_module(SGLANG_MODEL_MODULES[architecture]), architecture)
-        model = model_class(config=hf_model.config)
+        model = model_class(config=config)
         model.load_weights(list(hf_model.state_dict().items()))
-    return model
+    return model, config

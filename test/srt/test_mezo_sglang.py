@@ -14,7 +14,7 @@ import unittest
 from pathlib import Path
 
 import torch
-from mezo_testing import follow_in_order, tiny_llama, tiny_tokenizer
+from mezo_testing import follow_in_order, smollm2_shaped, tiny_tokenizer
 from test_mezo_trainer import candidate_batch
 
 from sglang.srt.mezo.backends.engine_plugin import ack_file
@@ -212,8 +212,9 @@ ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 class SharedEngines:
-    """This module's real engines on one tiny Llama (4 query and 2 KV heads; a vocabulary of
-    400, which SGLang pads to 448 rows), one per tensor-parallel size, started on first use
+    """This module's real engines on one tiny Llama with SmolLM2's head layout
+    (`mezo_testing.smollm2_shaped`: at tp_size=2 upstream's CPU engine pads its heads,
+    intermediate rows and vocabulary), one per tensor-parallel size, started on first use
     and stopped together when the module ends: upstream's Engine.shutdown stops every
     engine process of its caller, so no class can stop its engine without stopping the
     others. Each serves LoRA adapters on every projection, and the base model to requests
@@ -229,7 +230,7 @@ class SharedEngines:
     def model_dir(self) -> str:
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mezo-engines-")
-            tiny_llama(hidden=64, vocab_size=400, attn_implementation="sdpa").save_pretrained(self._tmp.name)
+            smollm2_shaped(attn_implementation="sdpa").save_pretrained(self._tmp.name)
             tiny_tokenizer().save_pretrained(self._tmp.name)
         return self._tmp.name
 
@@ -408,8 +409,8 @@ class TestSGLangLoRA(unittest.TestCase):
         cls.tmp = tempfile.TemporaryDirectory(prefix="mezo-engine-lora-")
         cls.model_dir = ENGINES.model_dir
         cls.config = MeZOConfig(
-            peft="lora", lora_rank=4, lora_alpha=8, learning_rate=0.0, epsilon=1e-3, seed=4, disable_tqdm=True
-        )
+            peft="lora", lora_rank=4, lora_alpha=8, learning_rate=0.0, epsilon=1e-2, seed=4, disable_tqdm=True
+        )  # epsilon: the LoRA preset's, so that L+ - L- stands 100 tolerances clear
         cls.adapter_dir = Path(cls.tmp.name) / "initial-adapter"
         cls.reference = lora_reference(cls.config, cls.model_dir, cls.adapter_dir)
         cls.engine = ENGINES.engine(tp_size=1)
@@ -479,10 +480,10 @@ class TestSGLangLoRA(unittest.TestCase):
 class TestTensorParallelEngine(unittest.TestCase):
     """A tensor-parallel engine (tp_size=2, one core per rank) against the tp_size=1 engine and
     the transformers backend on the same weights: every rank perturbs and updates its own
-    shards with z drawn at the unsharded offsets (`ShardLayout`). The shard maps of other
-    shapes (KV heads replicated, tp 4, biases, tied embeddings) are checked against
-    upstream's loaders in `test_mezo_tensor_parallel`; upstream's CPU engine cannot start
-    those."""
+    shards with z drawn at the unsharded offsets (`ShardLayout`), leaving upstream's CPU
+    padding (rank 1's padded heads, intermediate and vocabulary rows) out. The shard maps of
+    other shapes (KV heads replicated as on GPUs, tp 4, biases, tied embeddings) are checked
+    against upstream's loaders in `test_mezo_tensor_parallel`."""
 
     @classmethod
     def setUpClass(cls):
@@ -543,7 +544,8 @@ class TestTensorParallelEngine(unittest.TestCase):
         """An adapter on every projection (B split by output rows on q/k/v/gate/up, A by input
         columns on o/down): perturbed passes equal peft's, lr=0 steps leave it bit-identical,
         an update gathers to the transformers backend's bits; saved from the tp_size=2
-        engine, it serves in the tp_size=1 engine and in peft with the trainer's log-probs."""
+        engine, it serves in the tp_size=1 engine and in peft with the trainer's log-probs.
+        (The engine's LoRA loader receives the adapter padded to its padded heads and rows.)"""
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 

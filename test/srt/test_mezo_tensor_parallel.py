@@ -3,9 +3,10 @@ upstream SGLang's own weight loaders and LoRA slicing, and updates of shards aga
 unsharded update. (Real tensor-parallel engines: `test_mezo_sglang.TestTensorParallelEngine`.)
 
 Upstream's loaders are the ground truth: `mezo_testing.sglang_model_on_rank` builds SGLang's
-model as rank r of T holds it, so every shape is checked, also KV heads replicated across
-ranks, which upstream's CPU engine cannot start (it pads KV heads on CPU and then loads with
-the GPU loader). Canaries: a rank-blind map, and z drawn at a shard's local offsets.
+model as rank r of T holds it, so every shape is checked: KV heads replicated across ranks
+(GPUs), and heads and intermediate rows padded where they do not divide by T (upstream's
+CPU engine). Canaries: a rank-blind map, z drawn at a shard's local offsets, views that
+take in the padding.
 
 Run as ``pytest test/srt/test_mezo_tensor_parallel.py`` or ``python3 test/srt/test_mezo_tensor_parallel.py``.
 """
@@ -20,15 +21,18 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from mezo_testing import sglang_model_on_rank, sglang_rank, tiny_llama, tiny_tokenizer
+from mezo_testing import sglang_model_on_rank, sglang_rank, smollm2_shaped, tiny_llama, tiny_tokenizer
 
 from sglang.srt.mezo.backends.engine_plugin import (
     LORA_STACKS,
     EngineMeZO,
+    EngineTensor,
     TensorParallel,
+    engine_adapter,
     logical_tensors,
     lora_placement,
     same_bits,
+    split_sizes,
 )
 from sglang.srt.mezo.backends.sglang_backend import cpu_thread_binding
 from sglang.srt.mezo.config import MeZOConfig
@@ -54,20 +58,24 @@ def tiny_qwen2_tied():
     return model
 
 
-# name -> (HF model, tp size). Vocabulary 400 pads to 448 rows: the last rank holds padding.
+# name -> (HF model, tp size, as upstream's CPU engine holds it). Vocabulary 400 pads to 448
+# rows: the last rank holds padding.
 CASES = {
-    "gqa": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=2), 2),
-    "kv_heads_replicated": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=1), 2),
-    "tp4": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=2), 4),
-    "qwen2_bias_tied": (tiny_qwen2_tied, 2),
+    "gqa": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=2), 2, False),
+    "kv_heads_replicated": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=1), 2, False),
+    "tp4": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=2), 4, False),
+    "qwen2_bias_tied": (tiny_qwen2_tied, 2, False),
+    "cpu_padded_heads_and_rows": (lambda: smollm2_shaped(intermediate_size=100), 2, True),  # 100 -> 128 rows
+    "cpu_padded_kv_heads": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=1), 2, True),
 }
 
 
 def ranks(case: str):
-    """(HF model, tp size, [SGLang model of each rank])."""
-    build, size = CASES[case]
+    """(HF model, tp size, [SGLang model of each rank], the engine's model config)."""
+    build, size, cpu_padding = CASES[case]
     hf = build()
-    return hf, size, [sglang_model_on_rank(hf, rank, size) for rank in range(size)]
+    built = [sglang_model_on_rank(hf, rank, size, cpu_padding) for rank in range(size)]
+    return hf, size, [model for model, _ in built], built[0][1]
 
 
 class TestShardMaps(unittest.TestCase):
@@ -82,30 +90,30 @@ class TestShardMaps(unittest.TestCase):
         tensor, bit for bit, and the ranks' views gather to the HF tensors (every element
         held, replicas identical). Canary: a rank-blind map (every rank reads rank 0's
         blocks) misses on the sharded tensors."""
-        for case, (hf, size, models) in self.models.items():
+        for case, (hf, size, models, config) in self.models.items():
             with self.subTest(case=case):
                 expected = {name: p.detach() for name, p in hf.named_parameters()}
                 pieces: dict = {}
                 for rank, model in enumerate(models):
-                    tensors = logical_tensors(model, hf.config, TensorParallel(rank, size))
+                    tensors = logical_tensors(model, config, TensorParallel(rank, size))
                     self.assertEqual(sorted(t.name for t in tensors), sorted(expected))
                     for t in tensors:
                         self.assertTrue(same_bits(t.layout.take(expected[t.name]), t.view), f"rank {rank}: {t.name}")
                         pieces.setdefault(t.name, []).append((t.layout, t.view.clone()))
                 for name, parts in pieces.items():
                     self.assertTrue(same_bits(expected[name], gather(name, parts)), name)
-                embedding = next(t for t in logical_tensors(models[-1], hf.config, TensorParallel(size - 1, size)))
+                embedding = next(t for t in logical_tensors(models[-1], config, TensorParallel(size - 1, size)))
                 self.assertEqual(embedding.name, "model.embed_tokens.weight")
                 padded_rows = dict(models[-1].named_parameters())[embedding.name].shape[0]
                 self.assertLess(embedding.view.shape[0], padded_rows)  # the last rank's padding is left out
-                blind = {t.name: t.layout for t in logical_tensors(models[0], hf.config, TensorParallel(0, size))}
-                last = logical_tensors(models[-1], hf.config, TensorParallel(size - 1, size))
+                blind = {t.name: t.layout for t in logical_tensors(models[0], config, TensorParallel(0, size))}
+                last = logical_tensors(models[-1], config, TensorParallel(size - 1, size))
                 missed = [t.name for t in last if not same_bits(blind[t.name].take(expected[t.name]), t.view)]
                 self.assertIn("model.layers.0.self_attn.q_proj.weight", missed)
                 self.assertIn("model.layers.0.mlp.down_proj.weight", missed)
                 self.assertIn("model.embed_tokens.weight", missed)
                 with self.assertRaisesRegex(RuntimeError, "split over other ranks than the engine's"):
-                    logical_tensors(models[-1], hf.config, TensorParallel(0, size))  # the plugin's own guard
+                    logical_tensors(models[-1], config, TensorParallel(0, size))  # the plugin's own guard
 
     def test_lora_parts_are_upstream_slices(self):
         """For each LoRA-wrapped module, the pool rows MeZO trains on rank r (each peft tensor's
@@ -122,33 +130,38 @@ class TestShardMaps(unittest.TestCase):
             "down_proj": (layers.RowParallelLinearWithLoRA, "mlp"),
         }
         rank_r = 4
-        for case in ("gqa", "kv_heads_replicated", "tp4"):
-            hf, size, models = self.models[case]
+        for case in ("gqa", "kv_heads_replicated", "tp4", "cpu_padded_heads_and_rows"):
+            hf, size, models, config = self.models[case]
+            sizes = split_sizes(config)
             g = torch.Generator().manual_seed(0)
             for module, (wrapper, parent) in wrappers.items():
                 projections = next(stack for name, stack in LORA_STACKS.values() if name == module)
                 hf_layer = getattr(hf.model.layers[0], parent)
                 a = {p: torch.randn(rank_r, getattr(hf_layer, p).in_features, generator=g) for p in projections}
                 b = {p: torch.randn(getattr(hf_layer, p).out_features, rank_r, generator=g) for p in projections}
+                peft_name = f"base_model.model.model.layers.0.{parent}.{{}}.lora_{{}}.weight".format
+                # what the engine's LoRA loader receives: padded to its sizes (unchanged without padding)
+                padded = engine_adapter(
+                    {peft_name(p, w): t for p in projections for w, t in (("A", a[p]), ("B", b[p]))}, sizes
+                )
                 for rank, model in enumerate(models):
                     base = getattr(getattr(model.model.layers[0], parent), module)
                     owner = types.SimpleNamespace(base_layer=base)  # all the slicing methods read
                     upstream = {
-                        "A": wrapper.slice_lora_a_weights(owner, torch.cat([a[p] for p in projections])),
-                        "B": wrapper.slice_lora_b_weights(owner, torch.cat([b[p] for p in projections])),
+                        w: getattr(wrapper, f"slice_lora_{w.lower()}_weights")(
+                            owner, torch.cat([padded[peft_name(p, w)] for p in projections])
+                        )
+                        for w in ("A", "B")
                     }
                     maps = [(TensorParallel(rank, size), True)] + ([(TensorParallel(0, size), False)] if rank else [])
                     for tp, must_match in maps:
-                        ours = {
-                            "A": torch.full_like(upstream["A"], float("nan")),
-                            "B": torch.full_like(upstream["B"], float("nan")),
-                        }
+                        ours = {w: torch.zeros_like(upstream[w]) for w in ("A", "B")}  # padding: zeros
                         for p in projections:
                             for which, full in (("A", a[p]), ("B", b[p])):
-                                name = f"base_model.model.model.layers.0.{parent}.{p}.lora_{which}.weight"
-                                place = lora_placement(name, full.shape, hf.config, tp)
-                                ours[which][place.first_row : place.first_row + place.layout.shape[0]] = (
-                                    place.layout.take(full)
+                                place = lora_placement(peft_name(p, which), full.shape, config, tp)
+                                rows, columns = place.layout.shape
+                                ours[which][place.first_row : place.first_row + rows, :columns] = place.layout.take(
+                                    full
                                 )
                         matched = all(torch.equal(ours[w], upstream[w]) for w in ("A", "B"))
                         with self.subTest(case=case, module=module, rank=rank, blind=not must_match):
@@ -163,8 +176,9 @@ class TestShardMaps(unittest.TestCase):
         from sglang.srt.mezo import kernels
 
         seed, eps = 21, 1e-2
-        for case in ("gqa", "kv_heads_replicated"):
-            hf, size, _ = self.models[case]
+        for case in ("gqa", "kv_heads_replicated", "cpu_padded_heads_and_rows"):
+            hf, size, _, config = self.models[case]
+            cpu_padding = CASES[case][2]
             expected = {}
             for name, p in hf.named_parameters():
                 expected[name] = torch.empty_like(p.detach())
@@ -172,8 +186,8 @@ class TestShardMaps(unittest.TestCase):
             for local in (False, True):
                 misses = checked = 0
                 for rank in range(size):
-                    model = sglang_model_on_rank(hf, rank, size)
-                    tensors = logical_tensors(model, hf.config, TensorParallel(rank, size))
+                    model, _ = sglang_model_on_rank(hf, rank, size, cpu_padding)
+                    tensors = logical_tensors(model, config, TensorParallel(rank, size))
                     layouts = {t.name: t.layout for t in tensors}
                     if local:
                         tensors = [t._replace(layout=ShardLayout.whole(tuple(t.view.shape))) for t in tensors]
@@ -211,10 +225,10 @@ class TestShardMaps(unittest.TestCase):
         layout of a whole tensor of the shard's shape) writes other bits on the shards."""
         directions, lr = [(11, 0.7), (12, -0.3)], 1e-2
         for kind, weight_decay, momentum in (("gaussian", 0.1, 0.0), ("rademacher", 0.0, 0.5)):
-            for case in ("gqa", "kv_heads_replicated", "qwen2_bias_tied"):
-                hf, size, _ = self.models[case]
-                config = MeZOConfig(perturbation=kind, weight_decay=weight_decay, momentum=momentum, disable_tqdm=True)
-                reference = MeZOTrainer(copy.deepcopy(hf), config)
+            for case in ("gqa", "kv_heads_replicated", "qwen2_bias_tied", "cpu_padded_heads_and_rows"):
+                hf, size, _, config = self.models[case]
+                mezo = MeZOConfig(perturbation=kind, weight_decay=weight_decay, momentum=momentum, disable_tqdm=True)
+                reference = MeZOTrainer(copy.deepcopy(hf), mezo)
                 reference.backend.apply_update(directions, lr)
                 expected = reference.backend.trainable_state()
                 with self.subTest(kind=kind, case=case):
@@ -222,8 +236,8 @@ class TestShardMaps(unittest.TestCase):
                     pieces: dict = {}
                     for local in (False, True):
                         for rank in range(size):
-                            model = sglang_model_on_rank(hf, rank, size)  # the update writes its weights
-                            tensors = logical_tensors(model, hf.config, TensorParallel(rank, size))
+                            model, _ = sglang_model_on_rank(hf, rank, size, CASES[case][2])  # the update writes it
+                            tensors = logical_tensors(model, config, TensorParallel(rank, size))
                             layouts = {t.name: t.layout for t in tensors}
                             if local:
                                 tensors = [t._replace(layout=ShardLayout.whole(tuple(t.view.shape))) for t in tensors]
@@ -241,6 +255,65 @@ class TestShardMaps(unittest.TestCase):
                         self.assertTrue(same_bits(expected[name], gather(name, parts)), name)
                     self.assertGreater(local_misses, 0)
 
+    def test_padding_is_never_perturbed_or_updated(self):
+        """On upstream's CPU layout (heads and intermediate rows padded; with one KV head on two
+        ranks, rank 1's q/k/v are padding only) every element no view covers is padding and
+        +0.0 after loading, stays +0.0 while each linear layer runs perturbed and after an
+        update with weight decay and momentum, on the last rank (the one holding padding). (Padded q/k/v rows must stay zero: a padded
+        head then attends to zero values, and padded gate/up rows give zero activations, so
+        the padded input columns of o/down multiply zeros.) Canary: a padding-blind map that
+        takes each engine tensor whole writes the padding."""
+        directions, lr = [(5, 0.7), (6, -0.3)], 1e-2
+        for case in ("cpu_padded_heads_and_rows", "cpu_padded_kv_heads"):
+            hf, size, _, config = self.models[case]
+            rank = size - 1  # the rank holding the padding
+            for blind in (False, True):
+                model, _ = sglang_model_on_rank(hf, rank, size, cpu_padding=True)
+                tensors = logical_tensors(model, config, TensorParallel(rank, size))
+                params = dict(model.named_parameters())
+                padding = {}
+                with torch.no_grad():
+                    saved = {name: p.clone() for name, p in params.items()}
+                    for t in tensors:
+                        t.view.fill_(float("nan"))
+                    for name, p in params.items():
+                        padding[name] = ~torch.isnan(p)
+                        p.copy_(saved[name])
+                if blind:
+                    modules = dict(model.named_modules())
+                    tensors = [
+                        EngineTensor(name, p.data, [modules[name.rpartition(".")[0]]], ShardLayout.whole(p.shape))
+                        for name, p in params.items()
+                    ]
+                written = []
+
+                def check(module=None, args=None, params=params, padding=padding, written=written):
+                    for name, p in params.items():
+                        if bool(p[padding[name]].ne(0).any()) or bool(p[padding[name]].signbit().any()):
+                            written.append(name)  # not +0.0
+
+                state = EngineMeZO(tensors, "gaussian", [], [])
+                layer = model.model.layers[0]
+                with sglang_rank(rank, size), state.perturbation.scope(3, 1.0):
+                    for linear in (
+                        layer.self_attn.qkv_proj,
+                        layer.self_attn.o_proj,
+                        layer.mlp.gate_up_proj,
+                        layer.mlp.down_proj,
+                    ):
+                        linear.register_forward_pre_hook(check)
+                        linear.reduce_results = False
+                        linear(torch.randn(2, getattr(linear, "input_size_per_partition", linear.input_size)))
+                plan = prepare_update(state.tensors, directions, lr, 0.1, 0.5)
+                commit_update(state.tensors, plan, "gaussian", state.versions)
+                check()
+                with self.subTest(case=case, rank=rank, padding_blind=blind):
+                    self.assertGreater(sum(int(m.sum()) for m in padding.values()), 0)
+                    if blind:
+                        self.assertIn("model.layers.0.self_attn.qkv_proj.weight", written)
+                    else:
+                        self.assertEqual(written, [])
+
 
 class TestTensorParallelPlumbing(unittest.TestCase):
     def test_cpu_thread_binding_gives_each_rank_its_own_cores(self):
@@ -257,21 +330,13 @@ class TestTensorParallelPlumbing(unittest.TestCase):
             MeZOConfig(tp_size=0, backend="sglang")
         config = tiny_llama(hidden=64).config  # 4 query heads
         with self.assertRaisesRegex(ValueError, r"4 q heads do not split evenly over tp_size=3"):
-            TensorParallel(1, 3).row_block(config, "q")
+            TensorParallel(1, 3).block(split_sizes(config), "q")
 
-    def test_engine_shapes_upstream_cannot_serve_are_refused_before_starting(self):
-        """On CPU, KV heads that do not divide by tp_size (upstream pads them, then its loader
-        fails); engines with processes MeZO cannot reach or map (data-parallel replicas, which
-        no collective_rpc reaches; attention data parallelism; pipeline stages; other nodes)."""
-        from mezo_testing import tiny_llama_config
+    def test_engines_mezo_cannot_reach_are_refused(self):
+        """Engines with processes MeZO cannot reach or map (data-parallel replicas, which no
+        collective_rpc reaches; attention data parallelism; pipeline stages; other nodes)."""
+        from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
 
-        from sglang.srt.mezo.backends.sglang_backend import SGLangBackend, check_cpu_tensor_parallel
-
-        with tempfile.TemporaryDirectory() as model_dir:
-            tiny_llama_config(num_key_value_heads=1).save_pretrained(model_dir)
-            with self.assertRaisesRegex(ValueError, r"tp_size=2 on CPU: .* 4 attention and 1 KV heads"):
-                check_cpu_tensor_parallel(model_dir, 2)
-            check_cpu_tensor_parallel(model_dir, 1)
         supported = dict(tp_size=2, dp_size=1, enable_dp_attention=False, pp_size=1, nnodes=1)
         for name, value in (("dp_size", 2), ("enable_dp_attention", True), ("pp_size", 2), ("nnodes", 2)):
             engine = types.SimpleNamespace(server_args=types.SimpleNamespace(**{**supported, name: value}))

@@ -123,3 +123,26 @@ def neutralise_pin_memory() -> bool:
     pin_memory.__mezo_unpinned__ = True
     torch.Tensor.pin_memory = pin_memory
     return True
+
+
+def load_padded_shards() -> bool:
+    """Lets upstream's linear layers load a checkpoint into the heads and rows its CPU engine
+    pads, where no accelerator is present.
+
+    Upstream's CPU engine pads attention heads, KV heads and the intermediate size that do
+    not divide by tp_size (``adjust_config_with_unaligned_cpu_tp``); its linear layers' weight
+    loaders fill such padded parameters (each rank's real rows, then zeros) only when
+    ``sglang.srt.layers.linear._is_cpu`` is set, which upstream derives from
+    ``SGLANG_USE_CPU_ENGINE=1``: a switch that also routes every layer to the sgl_kernel CPU
+    build PyPI lacks. The module's flag alone selects the padding-aware loading and nothing
+    else (in SGLang 0.5.23 only that module's weight loaders read it); without padding they
+    load exactly as before. Called only in SGLang's spawned engine processes (`engine_bootstrap`).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    from sglang.srt.layers import linear
+
+    linear._is_cpu = True
+    return True

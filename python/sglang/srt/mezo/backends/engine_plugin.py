@@ -17,7 +17,9 @@ Each trainable view carries its `ShardLayout`, its place in the unsharded HF ten
 z for a shard element is z of the unsharded tensor at that element's offset: every rank
 draws exactly what a single process draws, and a replicated tensor gets the same z and
 update on every rank. The self-test, loading and saving go through the same layouts:
-`read_gathered` assembles what the ranks save into the unsharded tensors.
+`read_gathered` assembles what the ranks save into the unsharded tensors. Upstream's CPU
+engine pads heads and intermediate rows that do not divide by the tp size with zeros
+(`split_sizes`): the views leave padding out, so it is never perturbed or updated.
 
 With a LoRA adapter the base stays frozen and MeZO trains the adapter where the forward
 reads it: SGLang copies adapters once into its LoRA memory pool (q/k/v and gate/up stacked
@@ -70,19 +72,42 @@ LORA_STACKS = {
     "down_proj": ("down_proj", ("down_proj",)),
 }
 OUTPUT_BLOCK = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": "ffn", "up_proj": "ffn"}
+# row-parallel projection -> the block its input columns follow
+INPUT_BLOCK = {"o_proj": "q", "down_proj": "ffn"}
 LORA_WEIGHT = re.compile(r"\.layers\.(\d+)\..*\b(" + "|".join(LORA_STACKS) + r")\.lora_([AB])\.weight$")
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+# block -> (the config's count in the checkpoint, in the engine). Upstream's CPU engine pads
+# attention heads, KV heads and the intermediate size that do not divide by tp_size
+# (adjust_config_with_unaligned_cpu_tp) and keeps the checkpoint's counts as original_*.
+BLOCK_COUNTS = {
+    "q": ("original_num_attention_heads", "num_attention_heads"),
+    "kv": ("original_total_num_kv_heads", "num_key_value_heads"),
+    "ffn": ("original_intermediate_size", "intermediate_size"),
+}
 
 
-def _block_rows(config, block: str) -> int:
-    return {
-        "q": config.num_attention_heads * _head_dim(config),
-        "kv": config.num_key_value_heads * _head_dim(config),
-        "ffn": config.intermediate_size,
-    }[block]
+def split_sizes(config) -> dict:
+    """block -> [heads or rows in the checkpoint, in the engine over all ranks, rows per
+    unit]: the engine holds each rank's part first and zero padding after it."""
+    heads = getattr(config, BLOCK_COUNTS["q"][0], config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    sizes = {}
+    for block, (checkpoint, engine) in BLOCK_COUNTS.items():
+        held = getattr(config, engine)
+        sizes[block] = [getattr(config, checkpoint, held), held, 1 if block == "ffn" else head_dim]
+    return sizes
+
+
+class Part(NamedTuple):
+    """This rank's part of a split dimension: checkpoint rows (or columns) [first, first +
+    count) of `total`, held in the first `count` of the `held` rows the engine keeps for it
+    on this rank (the rest is padding)."""
+
+    total: int
+    first: int
+    count: int
+    held: int
 
 
 @dataclass(frozen=True)
@@ -102,34 +127,32 @@ class TensorParallel:
 
         return cls(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
 
-    def row_block(self, config, block: str) -> tuple:
-        """(first row, rows) of this rank's part of a column-parallel logical tensor: whole
-        heads for q and k/v, split evenly; with fewer KV heads than ranks each KV head is
-        replicated on size / heads consecutive ranks (SGLang's QKVParallelLinear)."""
-        if block == "ffn":
-            return self._split(config.intermediate_size, self.size, self.rank, "intermediate rows")
-        heads = config.num_attention_heads if block == "q" else config.num_key_value_heads
+    def block(self, sizes: dict, block: str) -> Part:
+        """This rank's `Part` of a block (`split_sizes`): whole heads for q and k/v, rows of
+        the intermediate size, split evenly over the engine's (padded) count; with fewer KV
+        heads than ranks each KV head is replicated on size / heads consecutive ranks
+        (SGLang's QKVParallelLinear on GPUs; its CPU engine pads them instead)."""
+        checkpoint, engine, unit = sizes[block]
+        what = "intermediate rows" if block == "ffn" else f"{block} heads"
         parts, index = self.size, self.rank
-        if block == "kv" and self.size > heads:
-            if self.size % heads:
-                raise ValueError(f"{heads} KV heads cannot be replicated evenly over tp_size={self.size}")
-            parts, index = heads, self.rank // (self.size // heads)
-        first, count = self._split(heads, parts, index, f"{block} heads")
-        return first * _head_dim(config), count * _head_dim(config)
+        if block == "kv" and self.size > engine:
+            if self.size % engine:
+                raise ValueError(f"{engine} KV heads cannot be replicated evenly over tp_size={self.size}")
+            parts, index = engine, self.rank // (self.size // engine)
+        if engine % parts:
+            raise ValueError(f"{engine} {what} do not split evenly over tp_size={self.size}")
+        held = engine // parts
+        first = index * held
+        count = max(0, min(held, checkpoint - first))
+        return Part(checkpoint * unit, first * unit, count * unit, held * unit)
 
-    def even_block(self, total: int) -> tuple:
-        """(first, count) of this rank's equal part of `total` (the input columns of a
-        row-parallel matrix, the output rows of an unfused column-parallel one)."""
-        return self._split(total, self.size, self.rank, "rows or columns")
-
-    def _split(self, total: int, parts: int, index: int, what: str) -> tuple:
-        if total % parts:
-            raise ValueError(
-                f"{total} {what} do not split evenly over tp_size={self.size}: MeZO trains tensor-parallel "
-                "engines whose heads and sizes divide by the tp size"
-            )
-        count = total // parts
-        return index * count, count
+    def even_part(self, total: int) -> Part:
+        """This rank's equal part of `total` unpadded rows or columns (an unfused
+        column-parallel layer's rows, a row-parallel one's columns outside `INPUT_BLOCK`)."""
+        if total % self.size:
+            raise ValueError(f"{total} rows or columns do not split evenly over tp_size={self.size}")
+        count = total // self.size
+        return Part(total, self.rank * count, count, count)
 
 
 class EngineTensor(NamedTuple):
@@ -148,8 +171,10 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
     A fused tensor (``qkv_proj``, ``gate_up_proj``) holds one contiguous block of rows per
     logical HF tensor, each this rank's rows of it; a row-parallel weight (``o_proj``,
     ``down_proj``) holds a block of input columns; a vocabulary-parallel embedding or LM head
-    holds a block of vocabulary rows followed by padding rows, which are left out (never
-    perturbed or updated); everything else is replicated. The LM head's weight is read by
+    holds a block of vocabulary rows. Padding (vocabulary rows; on CPU heads and
+    intermediate rows, `split_sizes`) follows each rank's part and is left out: never
+    perturbed or updated. Everything else is replicated. `config` is the engine's model
+    config (on CPU it carries upstream's padded counts). The LM head's weight is read by
     the logits processor (not by calling the head), so the logits processor owns it too;
     with tied embeddings that is the embedding matrix.
     """
@@ -159,6 +184,7 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
     from sglang.srt.lora.layers import unwrap_lora_layer
 
     modules = dict(model.named_modules())
+    sizes = split_sizes(config)
     out = []
     seen = set()
     for name, param in model.named_parameters():
@@ -185,10 +211,11 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
         if suffix is not None:
             row = 0
             for hf_suffix, block in FUSED[suffix]:
-                start, count = tp.row_block(config, block)
-                layout = ShardLayout.rows((_block_rows(config, block), *data.shape[1:]), start, count)
-                out.append(EngineTensor(name[: -len(suffix)] + hf_suffix, data[row : row + count], owners, layout))
-                row += count
+                part = tp.block(sizes, block)
+                layout = ShardLayout.rows((part.total, *data.shape[1:]), part.first, part.count)
+                view = data[row : row + part.count]
+                out.append(EngineTensor(name[: -len(suffix)] + hf_suffix, view, owners, layout))
+                row += part.held
             if row != data.shape[0]:
                 raise RuntimeError(f"engine tensor {name} has {data.shape[0]} rows, the HF split gives {row}")
             continue
@@ -197,11 +224,19 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
             layout = ShardLayout.rows((layer.org_vocab_size, *data.shape[1:]), first, end - first)
             out.append(EngineTensor(name, data[: end - first], owners, layout))
         elif isinstance(layer, RowParallelLinear) and name.endswith(".weight"):
-            full = (data.shape[0], data.shape[1] * tp.size)
-            out.append(EngineTensor(name, data, owners, ShardLayout.columns(full, *tp.even_block(full[1]))))
+            block = INPUT_BLOCK.get(module_name.rpartition(".")[2])
+            part = tp.block(sizes, block) if block else tp.even_part(data.shape[1] * tp.size)
+            if part.held != data.shape[1]:
+                raise RuntimeError(f"engine tensor {name} has {data.shape[1]} columns, the HF split gives {part.held}")
+            layout = ShardLayout.columns((data.shape[0], part.total), part.first, part.count)
+            out.append(EngineTensor(name, data[:, : part.count], owners, layout))
         elif isinstance(layer, ColumnParallelLinear):  # an unfused one: weight and bias split by rows
-            full = (data.shape[0] * tp.size, *data.shape[1:])
-            out.append(EngineTensor(name, data, owners, ShardLayout.rows(full, *tp.even_block(full[0]))))
+            part = tp.even_part(data.shape[0] * tp.size)
+            out.append(
+                EngineTensor(
+                    name, data, owners, ShardLayout.rows((part.total, *data.shape[1:]), part.first, part.count)
+                )
+            )
         else:  # replicated on every rank (norms; a row-parallel layer's bias)
             out.append(EngineTensor(name, data, owners, ShardLayout.whole(data.shape)))
     return out
@@ -243,14 +278,42 @@ def lora_placement(name: str, shape, config, tp: TensorParallel = TensorParallel
     index = stack.index(projection)
     shape = tuple(shape)
     row_parallel = module_name in _row_parallel_lora_modules()
+    sizes = split_sizes(config)
     if which == "A":
-        layout = ShardLayout.columns(shape, *tp.even_block(shape[1])) if row_parallel else ShardLayout.whole(shape)
-        return LoRAPlacement(module_name, layer, which, index * shape[0], layout)
+        if not row_parallel:
+            return LoRAPlacement(module_name, layer, which, index * shape[0], ShardLayout.whole(shape))
+        part = tp.block(sizes, INPUT_BLOCK[projection])
+        return LoRAPlacement(module_name, layer, which, index * shape[0], _part_layout(name, shape, 1, part))
     if row_parallel:
         return LoRAPlacement(module_name, layer, which, 0, ShardLayout.whole(shape))
-    layout = ShardLayout.rows(shape, *tp.row_block(config, OUTPUT_BLOCK[projection]))
-    first_row = sum(tp.row_block(config, OUTPUT_BLOCK[p])[1] for p in stack[:index])
-    return LoRAPlacement(module_name, layer, which, first_row, layout)
+    part = tp.block(sizes, OUTPUT_BLOCK[projection])
+    first_row = sum(tp.block(sizes, OUTPUT_BLOCK[p]).held for p in stack[:index])
+    return LoRAPlacement(module_name, layer, which, first_row, _part_layout(name, shape, 0, part))
+
+
+def _part_layout(name: str, shape: tuple, dim: int, part: Part) -> ShardLayout:
+    if shape[dim] != part.total:
+        raise RuntimeError(f"adapter tensor {name} {shape}: the model's split has {part.total} along dimension {dim}")
+    return ShardLayout(shape, dim, part.first, part.count)
+
+
+def engine_adapter(tensors: dict, sizes: dict) -> dict:
+    """The peft adapter `tensors` as the engine's LoRA loader must receive them: B of q/k/v
+    and gate/up (output rows) and A of o/down (input columns) zero-padded to the engine's
+    padded sizes (`split_sizes`), so that upstream's slicing, which assumes the engine's
+    counts, gives each rank its part followed by zeros. Unchanged where nothing is padded."""
+    out = {}
+    for name, value in tensors.items():
+        match = LORA_WEIGHT.search(name)
+        projection, which = (match[2], match[3]) if match else (None, None)
+        block, dim = (OUTPUT_BLOCK.get(projection), 0) if which == "B" else (INPUT_BLOCK.get(projection), 1)
+        if block is None:
+            out[name] = value
+            continue
+        checkpoint, engine, unit = sizes[block]
+        pad = [0, 0] * (value.dim() - 1 - dim) + [0, (engine - checkpoint) * unit]
+        out[name] = torch.nn.functional.pad(value, pad) if engine != checkpoint else value
+    return out
 
 
 def lora_pool_tensors(lora_manager, slot: int, shapes: dict, config, tp: TensorParallel = TensorParallel()) -> list:
@@ -261,10 +324,8 @@ def lora_pool_tensors(lora_manager, slot: int, shapes: dict, config, tp: TensorP
     for name, shape in shapes.items():
         place = lora_placement(name, shape, config, tp)
         rows = slice(place.first_row, place.first_row + place.layout.shape[0])
-        if place.which == "A":
-            view = pool.A_buffer[place.module][place.layer][slot, rows, :]
-        else:
-            view = pool.B_buffer[place.module][place.layer][slot, rows, : shape[1]]
+        buffers = pool.A_buffer if place.which == "A" else pool.B_buffer
+        view = buffers[place.module][place.layer][slot, rows, : place.layout.shape[1]]  # no padding columns
         owner = [m for key, m in lora_manager.lora_modules[place.layer].items() if key.endswith("." + place.module)]
         if len(owner) != 1 or tuple(view.shape) != place.layout.shape:
             raise RuntimeError(
@@ -463,6 +524,12 @@ def mezo_setup(scheduler, owner: str, kind: str, patterns, model_path: str, lora
     return report
 
 
+def mezo_split_sizes(scheduler, owner: str):
+    """`split_sizes` of the engine's model config (on CPU, upstream's padded counts): the
+    sizes an adapter must be padded to before the engine loads it (`engine_adapter`)."""
+    return split_sizes(scheduler.tp_worker.model_runner.model_config.hf_config)
+
+
 def mezo_begin(state: EngineMeZO, seed: int, scale: float):
     """Forward passes from now on see w + scale * z(seed) (each unit while it runs)."""
     state.check_resident()
@@ -506,6 +573,7 @@ def mezo_save(state: EngineMeZO, directory: str):
 
 RPC_METHODS = {
     "mezo_setup": _acknowledged(mezo_setup),
+    "mezo_split_sizes": _acknowledged(mezo_split_sizes),
     **{f.__name__: _acknowledged(_on_state(f)) for f in (mezo_begin, mezo_end, mezo_update, mezo_load, mezo_save)},
 }
 

@@ -134,22 +134,6 @@ def cpu_thread_binding(tp_size: int, cores: Optional[list] = None) -> str:
     return "|".join(",".join(str(c) for c in s) for s in sets)
 
 
-def check_cpu_tensor_parallel(model_path: str, tp_size: int) -> None:
-    """Refuses, naming the sizes, a CPU tensor-parallel engine upstream cannot start: its CPU
-    path pads attention heads (and KV heads) that do not divide by tp_size, then loads the
-    checkpoint with the GPU loader, which fails on the padded shapes (SGLang 0.5.23). On GPUs
-    such shapes run (KV heads replicated across ranks) and MeZO maps them."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    if heads % tp_size or kv_heads % tp_size:
-        raise ValueError(
-            f"tp_size={tp_size} on CPU: {model_path} has {heads} attention and {kv_heads} KV heads; upstream "
-            "SGLang's CPU engine needs both to divide by tp_size (it cannot start fewer KV heads than ranks)"
-        )
-
-
 def check_engine_layout(server_args) -> None:
     """Refuses, naming the setting, an engine whose processes MeZO cannot all reach or map:
     data-parallel replicas (upstream's collective_rpc reaches none of them: each has its
@@ -192,7 +176,6 @@ def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto",
     if torch.device(device).type == "cpu":
         kwargs.update(CPU_ENGINE_DEFAULTS)
         if tp_size > 1:
-            check_cpu_tensor_parallel(model_path, tp_size)
             if not os.environ.get(THREAD_BINDING):
                 environment[THREAD_BINDING] = cpu_thread_binding(tp_size)
     else:
@@ -288,7 +271,7 @@ class SGLangBackend:
             if adapter_path is None:
                 raise ValueError("peft='lora' on the SGLang backend needs adapter_path (the initial peft adapter)")
             self.adapter_path = Path(adapter_path)
-            loaded = engine.load_lora_adapter(LORA_NAME, str(self.adapter_path), pinned=True)
+            loaded = engine.load_lora_adapter(LORA_NAME, str(self._adapter_for_engine()), pinned=True)
             if not loaded.success:
                 raise RuntimeError(f"SGLang could not load the adapter {self.adapter_path}: {loaded.error_message}")
             self.lora_name = LORA_NAME
@@ -312,6 +295,23 @@ class SGLangBackend:
             raise RuntimeError("the SGLang engine's tensor-parallel ranks train different tensors")
         self.tensor_names = [name for name, _ in reports[0]["tensors"]]
         self._stopped = False
+
+    def _adapter_for_engine(self) -> Path:
+        """The adapter dir to hand the engine's LoRA loader: `adapter_path`, or a copy padded
+        to the engine's padded heads and rows where its CPU path padded them
+        (`engine_plugin.engine_adapter`); MeZO trains and saves the unpadded parts."""
+        from safetensors.torch import load_file, save_file
+
+        from sglang.srt.mezo.backends.engine_plugin import engine_adapter
+
+        sizes = self._rpc("mezo_split_sizes")[0]
+        if all(checkpoint == engine for checkpoint, engine, _ in sizes.values()):
+            return self.adapter_path
+        padded = Path(self._tmp.name) / "engine-adapter"
+        shutil.copytree(self.adapter_path, padded, ignore=shutil.ignore_patterns("*.safetensors"))
+        weights = self.adapter_path / "adapter_model.safetensors"
+        save_file(engine_adapter(load_file(str(weights)), sizes), str(padded / weights.name))
+        return padded
 
     # -- RPC ---------------------------------------------------------------------------
     def _rpc(self, method: str, **kwargs) -> list:

@@ -154,21 +154,28 @@ def axpy_direction_(
     of the shard `layout` places, if given).
 
     `src` is `w` itself or another tensor of its shape on its device (a backup, a float32
-    master); `save`, if given, receives src's values in the same pass. All contiguous. If
-    this raises, `w` is as it was (the kernels fail only before writing; the chunked
-    reference undoes itself from `save`).
+    master); `save`, if given, receives src's values in the same pass. Views that are not
+    contiguous go to the reference kernel (`_reference_only`). If this raises, `w` is as it
+    was (the kernels fail only before writing; the chunked reference undoes itself from
+    `save`).
     """
     check_kind(kind)
     if w.device != src.device or (save is not None and save.device != w.device):
         raise ValueError(f"axpy_direction_: w on {w.device}, src on {src.device}: one device expected")
     alpha = effective_alpha(kind, w.dtype, alpha)
-    if is_shard(layout):
+    if _reference_only(layout, w, src, save):
         _module("reference").axpy_(w, src, kind, key, alpha, save, layout)
         return
     name = implementation(w)
     if name == "numba" and not all(t.dtype == torch.float32 for t in (src, *([save] if save is not None else []))):
         name = "reference"  # e.g. a bfloat16 backup: numba writes float32 only
     _module(name).axpy_(w, src, kind, key, alpha, save)
+
+
+def _reference_only(layout: Optional[ShardLayout], *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether only the reference kernel can write: a shard (z at unsharded offsets) or a
+    view that is not contiguous (the fast kernels address memory as one flat run)."""
+    return is_shard(layout) or any(t is not None and not t.is_contiguous() for t in tensors)
 
 
 class PairedWrites:
@@ -235,7 +242,8 @@ def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], 
         targets = [UpdateTarget(t.weight, None, [t.keys[i] for i in kept], t.weight_decay, t.layout) for t in targets]
     by_implementation: dict = {}
     for t in targets:
-        by_implementation.setdefault("reference" if is_shard(t.layout) else implementation(t.weight), []).append(t)
+        name = "reference" if _reference_only(t.layout, t.weight, t.momentum) else implementation(t.weight)
+        by_implementation.setdefault(name, []).append(t)
     for name, group in by_implementation.items():
         if name == "triton":
             _module(name).update_(group, kind, coefs, lr, mu)

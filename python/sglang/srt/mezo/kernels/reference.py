@@ -245,12 +245,10 @@ def axpy_(
     check_kind(kind)
     if save is not None:
         save.copy_(src)
-    flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
     try:
-        for start in range(0, flat_w.numel(), CHUNK):
-            n = min(CHUNK, flat_w.numel() - start)
-            z = z_chunk(kind, key, start, n, w.device, layout)
-            flat_w[start : start + n].copy_(axpy_values(flat_src[start : start + n], z, alpha, kind, w.dtype))
+        for start, (w_piece, src_piece) in _pieces(w.detach(), src.detach()):
+            z = z_chunk(kind, key, start, w_piece.numel(), w.device, layout)
+            w_piece.copy_(axpy_values(src_piece.reshape(-1), z, alpha, kind, w.dtype).view(w_piece.shape))
     except BaseException:
         if save is not None:
             w.detach().copy_(save)
@@ -275,24 +273,44 @@ def update_(
     given, places a shard in its unsharded tensor (its z).
     """
     check_kind(kind)
-    flat = w.detach().view(-1)
-    flat_m = momentum.view(-1) if momentum is not None else None
-    for start in range(0, flat.numel(), CHUNK):
-        n = min(CHUNK, flat.numel() - start)
-        x = flat[start : start + n]
-        zs = [z_chunk(kind, key, start, n, w.device, layout) for key in keys]
-        if flat_m is None:
+    tensors = (w.detach(),) if momentum is None else (w.detach(), momentum)
+    for start, pieces in _pieces(*tensors):
+        piece = pieces[0]
+        x = piece.reshape(-1)  # a copy where the piece's rows are not adjacent (written back below)
+        zs = [z_chunk(kind, key, start, x.numel(), w.device, layout) for key in keys]
+        if momentum is None:
             value = decay(x, 1.0 - lr * weight_decay) if weight_decay and lr else x
             for z, coef in zip(zs, coefs):
                 if coef:
                     value = axpy_values(value, z, effective_alpha(kind, w.dtype, -lr * coef), kind, w.dtype)
-            x.copy_(value)
+            piece.copy_(value.view(piece.shape))
             continue
-        m = flat_m[start : start + n]
+        m = pieces[1].view(-1)
         acc = m.to(torch.float64) * mu
         for z, coef in zip(zs, coefs):
             acc = acc + z.to(torch.float64) * coef
         if weight_decay:
             acc = acc + x.to(torch.float64) * weight_decay
         m.copy_(acc.to(torch.float32))
-        x.copy_(round_to_dtype(x.to(torch.float64) - m.to(torch.float64) * lr, w.dtype))
+        piece.copy_(round_to_dtype(x.to(torch.float64) - m.to(torch.float64) * lr, w.dtype).view(piece.shape))
+
+
+def _pieces(*tensors: torch.Tensor):
+    """(row-major offset of the first element, [a view of each tensor]) over same-shaped
+    `tensors`, about CHUNK elements at a time: flat slices when all are contiguous; else
+    blocks of rows, which must be contiguous (a column shard inside an engine tensor whose
+    padding columns are left out is such a view). Momentum buffers are contiguous."""
+    first = tensors[0]
+    if all(t.is_contiguous() for t in tensors):
+        flats = [t.view(-1) for t in tensors]
+        for start in range(0, first.numel(), CHUNK):
+            yield start, [f[start : start + CHUNK] for f in flats]
+        return
+    if first.dim() != 2 or any(t.stride(-1) != 1 for t in tensors):
+        raise ValueError(
+            f"MeZO writes contiguous tensors and matrices with contiguous rows, not strides {first.stride()}"
+        )
+    width = first.shape[1]
+    rows = max(1, CHUNK // max(1, width))
+    for row in range(0, first.shape[0], rows):
+        yield row * width, [t[row : row + rows] for t in tensors]
