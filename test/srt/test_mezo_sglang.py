@@ -96,6 +96,23 @@ def assert_same_update(testcase, backend, reference, direction: tuple, lr: float
     testcase.assertEqual(after, digests(reference.backend.trainable_state()))
 
 
+def assert_lr0_steps_keep_weights_then_update_matches(testcase, backend, reference, model_dir: str, steps: int):
+    """`steps` lr=0 steps leave the engine's trainable weights bit-identical (and equal to
+    the transformers backend's), then one update writes the transformers backend's bits;
+    the checkpoint is loaded back after (the module's tests share the engine)."""
+    checkpoint = str(Path(model_dir) / "model.safetensors")
+    testcase.addCleanup(backend.load_trainable, checkpoint)  # also when an assertion fails
+    before = backend.checksum()
+    testcase.assertEqual(before, digests(reference.backend.trainable_state()))
+    trainer = MeZOTrainer(None, backend.config, backend=backend)
+    for _ in range(steps):
+        trainer.step(candidate_batch())
+    testcase.assertEqual(backend.checksum(), before)
+    assert_same_update(testcase, backend, reference, (123, 0.5), lr=1e-2)
+    backend.load_trainable(checkpoint)
+    testcase.assertEqual(backend.checksum(), before)
+
+
 class TestSGLangBackendProtocol(unittest.TestCase):
     """Seeds and scalars sent, the version-flush protocol and error paths, engine mocked."""
 
@@ -324,16 +341,7 @@ class TestSGLangEngine(unittest.TestCase):
             self.assertGreater(abs(b.projected_grad), 100 * LOGPROB_TOL / 1e-3)  # a real signal, not noise
 
     def test_lr0_steps_leave_engine_weights_bit_identical_and_updates_match(self):
-        checkpoint = str(Path(self.model_dir) / "model.safetensors")
-        self.addCleanup(self.backend.load_trainable, checkpoint)  # the module shares the engine, failing or not
-        before = self.backend.checksum()
-        trainer = MeZOTrainer(None, self.config, backend=self.backend)
-        for _ in range(2):
-            trainer.step(candidate_batch())
-        self.assertEqual(self.backend.checksum(), before)
-        assert_same_update(self, self.backend, self.reference, (123, 0.5), lr=1e-2)
-        self.backend.load_trainable(checkpoint)
-        self.assertEqual(self.backend.checksum(), before)
+        assert_lr0_steps_keep_weights_then_update_matches(self, self.backend, self.reference, self.model_dir, 2)
 
     def test_radix_cache_shares_prompts_within_a_pass(self):
         batch = candidate_batch()
@@ -528,17 +536,7 @@ class TestTensorParallelEngine(unittest.TestCase):
         every replicated element to have the same bits on both ranks, so every shard is
         unchanged); one update gathers to the transformers backend's bits, including the
         vocabulary rows beside rank 1's padding."""
-        checkpoint = str(Path(self.model_dir) / "model.safetensors")
-        self.addCleanup(self.backend.load_trainable, checkpoint)  # the module shares the engine, failing or not
-        before = self.backend.checksum()
-        self.assertEqual(before, digests(self.reference.backend.trainable_state()))
-        trainer = MeZOTrainer(None, self.config, backend=self.backend)
-        for _ in range(10):
-            trainer.step(candidate_batch())
-        self.assertEqual(self.backend.checksum(), before)
-        assert_same_update(self, self.backend, self.reference, (123, 0.5), lr=1e-2)
-        self.backend.load_trainable(checkpoint)
-        self.assertEqual(self.backend.checksum(), before)
+        assert_lr0_steps_keep_weights_then_update_matches(self, self.backend, self.reference, self.model_dir, 10)
 
     def test_lora_adapter_round_trip(self):
         """An adapter on every projection (B split by output rows on q/k/v/gate/up, A by input
