@@ -21,6 +21,10 @@ transformers and this overlay. Every row is measured side by side in this one ru
 * memory: extra peak of a step over a forward (``torch.cuda.max_memory_allocated``, reset
   after load; peak RSS on a CPU). Target: <= the largest module's trainable bytes + 16 MiB.
 * exact: every weight bit-identical after 20 lr=0 steps.
+* shards: a tensor-parallel shard's z on this device equals the whole tensor's z at its
+  unsharded offsets (this device's fast kernel), and perturbing and updating a shard of
+  rows, and one of columns inside an engine tensor with padding columns (a strided view),
+  writes the CPU's bits and leaves the padding zero.
 
 A row that fails prints FAILED with its traceback and the check goes on to the next.
 """
@@ -47,6 +51,7 @@ from sglang.srt.mezo.config import MeZOConfig  # noqa: E402
 from sglang.srt.mezo.kernels import reference as spec  # noqa: E402
 from sglang.srt.mezo.objectives import CompletionNLL  # noqa: E402
 from sglang.srt.mezo.perturbation import largest_module_bytes  # noqa: E402
+from sglang.srt.mezo.sharding import ShardLayout  # noqa: E402
 from sglang.srt.mezo.trainer import MeZOTrainer  # noqa: E402
 
 MIB = 1 << 20
@@ -74,6 +79,7 @@ SHAPES = {
     ),
 }  # fmt: skip
 BIG = ("llama3-1b", "llama3-3b")
+CHECKS = ("identity", "shards", "replay", "checkpoint", "models")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -262,6 +268,50 @@ def check_identity(device: torch.device, shape: str) -> None:
     )
 
 
+def check_shards(device: torch.device) -> None:
+    """Shards on this device against the whole tensor's z and against the CPU's writes."""
+    full_shape = (1536, 576)  # SmolLM2's gate_proj
+    full = torch.randn(full_shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * 0.05
+    layouts = {"rows": ShardLayout.rows(full_shape, 700, 500), "columns": ShardLayout.columns(full_shape, 288, 250)}
+    keys = [kernels.tensor_key(s, "w") for s in (1, 2)]
+    coefs = [0.37, -1.3]
+
+    def engine_tensor(part: torch.Tensor, layout: ShardLayout, where) -> tuple:
+        """(storage, the shard's view): columns sit in front of 38 padding columns, as in a
+        row-parallel weight whose input size upstream's CPU engine padded."""
+        padding = 38 if layout.dim == 1 else 0
+        storage = torch.zeros(part.shape[0], part.shape[1] + padding, dtype=part.dtype, device=where)
+        view = storage[:, : part.shape[1]]
+        view.copy_(part.to(where))
+        return storage, view
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        results = []
+        for kind in spec.PERTURBATIONS:
+            whole_z = kernels.direction_chunk(kind, keys[0], 0, full.numel(), device).view(full_shape)
+            bad = []
+            for layout in layouts.values():
+                part = layout.take(full).to(dtype)
+                z = kernels.direction_chunk(kind, keys[0], 0, part.numel(), device, layout).view(layout.shape)
+                bad.append(differing(z, layout.take(whole_z)))
+                written = []
+                for where in (device, torch.device("cpu")):
+                    storage, view = engine_tensor(part, layout, where)
+                    backup = torch.empty(view.shape, dtype=dtype, device=where)
+                    kernels.axpy_direction_(view, view, kind, keys[0], 1e-3, save=backup, layout=layout)
+                    updated, target = engine_tensor(part, layout, where)
+                    momentum = torch.zeros(target.shape, device=where)
+                    kernels.update_([kernels.UpdateTarget(target, momentum, keys, 0.1, layout)], kind, coefs, 1e-2, 0.9)
+                    written.append((storage, backup, updated, momentum))
+                bad += [differing(here, cpu) for here, cpu in zip(*written)]
+                bad.append(int(written[0][0][:, part.shape[1] :].ne(0).sum()))  # padding columns untouched
+            results.append(f"{kind} {'identical' if not any(bad) else f'DIFFER {bad}'}")
+        row(
+            f"shards bit-identical ({str(dtype)[6:]})",
+            ", ".join(results) + " (z vs the whole tensor's; perturb+backup, momentum update vs CPU; padding)",
+        )
+
+
 def check_checkpoint(device: torch.device, shape: str) -> None:
     """LoRA (peft) with momentum and weight decay trained here; its checkpoint, written from this
     device, loads into a CPU trainer with the same bits (adapter and momentum)."""
@@ -436,6 +486,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="only the tiny model, a small batch (CPU smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default=None, help=f"comma-separated subset of {tuple(SHAPES)}")
+    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {CHECKS}")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", message="MeZO .* below the weights' resolution")
@@ -450,10 +501,19 @@ def main(argv=None) -> int:
         versions += f", triton {triton.__version__}; {torch.cuda.get_device_name(device)}"
     print(f"MeZO GPU check on {device} ({versions})", flush=True)
     identity_shape = "tiny" if args.tiny else "smollm2-135m"
-    guarded("bit-identity", lambda: check_identity(device, identity_shape))
-    guarded("replay", lambda: check_replay(device, identity_shape))
-    guarded("checkpoint", lambda: check_checkpoint(device, identity_shape))
-    for shape in shapes:
+    checks = args.checks.split(",")
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown:
+        parser.error(f"--checks: unknown {unknown}; expected a subset of {CHECKS}")
+    if "identity" in checks:
+        guarded("bit-identity", lambda: check_identity(device, identity_shape))
+    if "shards" in checks:
+        guarded("shards", lambda: check_shards(device))
+    if "replay" in checks:
+        guarded("replay", lambda: check_replay(device, identity_shape))
+    if "checkpoint" in checks:
+        guarded("checkpoint", lambda: check_checkpoint(device, identity_shape))
+    for shape in shapes if "models" in checks else []:
         guarded(shape, lambda shape=shape: check_model(device, shape, rows, length, args.repeats))
     return 0
 

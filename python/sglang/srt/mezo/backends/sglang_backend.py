@@ -80,7 +80,8 @@ class EngineRPCError(RuntimeError):
 
 
 class EngineCrashed(RuntimeError):
-    """An SGLang engine process died; raised in the trainer instead of killing it."""
+    """An SGLang engine process died during start-up; raised in the trainer instead of killing
+    it (after start-up upstream's running-phase SIGQUIT handler replaces this one)."""
 
 
 def _raise_engine_crashed(signum, frame):
@@ -160,8 +161,8 @@ def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto",
     `tp_size` tensor-parallel ranks; on a CPU with the defaults that run there, and with
     ranks bound to disjoint core sets (`cpu_thread_binding`) unless the user bound them.
 
-    A crashing engine process raises `EngineCrashed` in the caller instead of killing it;
-    when that happens during start-up, the engine processes left behind are stopped.
+    An engine process that crashes during start-up raises `EngineCrashed` in the caller
+    instead of killing it, and the engine processes left behind are stopped.
     """
     import psutil
 
