@@ -332,6 +332,15 @@ class TestTensorParallelPlumbing(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, r"4 q heads do not split evenly over tp_size=3"):
             TensorParallel(1, 3).block(split_sizes(config), "q")
 
+    def test_split_sizes_of_configs_without_every_block(self):
+        """A config without a KV head count (multi-head attention) or an intermediate size
+        (GPT-2 names it n_inner) gives the blocks it has: the shard maps of such a model's
+        unfused tensors must not fail on the absent ones."""
+        from transformers import GPT2Config
+
+        sizes = split_sizes(GPT2Config(n_embd=64, n_head=4))
+        self.assertEqual(sizes, {"q": [4, 4, 16], "kv": [4, 4, 16]})
+
     def test_engines_mezo_cannot_reach_are_refused(self):
         """Engines with processes MeZO cannot reach or map (data-parallel replicas, which no
         collective_rpc reaches; attention data parallelism; pipeline stages; other nodes)."""

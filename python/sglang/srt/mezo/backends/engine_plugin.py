@@ -77,25 +77,23 @@ INPUT_BLOCK = {"o_proj": "q", "down_proj": "ffn"}
 LORA_WEIGHT = re.compile(r"\.layers\.(\d+)\..*\b(" + "|".join(LORA_STACKS) + r")\.lora_([AB])\.weight$")
 
 
-# block -> (the config's count in the checkpoint, in the engine). Upstream's CPU engine pads
-# attention heads, KV heads and the intermediate size that do not divide by tp_size
-# (adjust_config_with_unaligned_cpu_tp) and keeps the checkpoint's counts as original_*.
-BLOCK_COUNTS = {
-    "q": ("original_num_attention_heads", "num_attention_heads"),
-    "kv": ("original_total_num_kv_heads", "num_key_value_heads"),
-    "ffn": ("original_intermediate_size", "intermediate_size"),
-}
-
-
 def split_sizes(config) -> dict:
-    """block -> [heads or rows in the checkpoint, in the engine over all ranks, rows per
-    unit]: the engine holds each rank's part first and zero padding after it."""
-    heads = getattr(config, BLOCK_COUNTS["q"][0], config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    """block ("q", "kv", "ffn") -> [heads or rows in the checkpoint, in the engine over all
+    ranks, rows per unit], for the blocks the config has. Upstream's CPU engine pads
+    attention heads, KV heads and the intermediate size that do not divide by tp_size
+    (``adjust_config_with_unaligned_cpu_tp``: each rank's part first, zeros after it) and
+    keeps the checkpoint's counts as ``original_*``; elsewhere both counts are equal."""
     sizes = {}
-    for block, (checkpoint, engine) in BLOCK_COUNTS.items():
-        held = getattr(config, engine)
-        sizes[block] = [getattr(config, checkpoint, held), held, 1 if block == "ffn" else head_dim]
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is not None:
+        checkpoint_heads = getattr(config, "original_num_attention_heads", heads)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // checkpoint_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads  # multi-head configs may omit it
+        sizes["q"] = [checkpoint_heads, heads, head_dim]
+        sizes["kv"] = [getattr(config, "original_total_num_kv_heads", kv_heads), kv_heads, head_dim]
+    intermediate = getattr(config, "intermediate_size", None)
+    if intermediate is not None:
+        sizes["ffn"] = [getattr(config, "original_intermediate_size", intermediate), intermediate, 1]
     return sizes
 
 
