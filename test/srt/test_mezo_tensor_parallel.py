@@ -66,7 +66,8 @@ CASES = {
     "tp4": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=2), 4, False),
     "qwen2_bias_tied": (tiny_qwen2_tied, 2, False),
     "cpu_padded_heads_and_rows": (lambda: smollm2_shaped(intermediate_size=100), 2, True),  # 100 -> 128 rows
-    "cpu_padded_kv_heads": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=1), 2, True),
+    # 1 KV head on 4 ranks: padded to 4 KV and 16 query heads, ranks 1-3 hold padding only
+    "cpu_padded_kv_heads": (lambda: tiny_llama(hidden=64, vocab_size=400, num_key_value_heads=1), 4, True),
 }
 
 
@@ -256,8 +257,8 @@ class TestShardMaps(unittest.TestCase):
                     self.assertGreater(local_misses, 0)
 
     def test_padding_is_never_perturbed_or_updated(self):
-        """On upstream's CPU layout (heads and intermediate rows padded; with one KV head on two
-        ranks, rank 1's q/k/v are padding only) every element no view covers is padding and
+        """On upstream's CPU layout (heads and intermediate rows padded; with one KV head on four
+        ranks, the q/k/v of ranks 1-3 are padding only) every element no view covers is padding and
         +0.0 after loading, stays +0.0 while each linear layer runs perturbed and after an
         update with weight decay and momentum, on the last rank (the one holding padding). (Padded q/k/v rows must stay zero: a padded
         head then attends to zero values, and padded gate/up rows give zero activations, so
@@ -340,6 +341,8 @@ class TestTensorParallelPlumbing(unittest.TestCase):
 
         sizes = split_sizes(GPT2Config(n_embd=64, n_head=4))
         self.assertEqual(sizes, {"q": [4, 4, 16], "kv": [4, 4, 16]})
+        with self.assertRaisesRegex(RuntimeError, "the model config has no intermediate_size"):
+            TensorParallel(0, 2).block(sizes, "ffn")
 
     def test_engines_mezo_cannot_reach_are_refused(self):
         """Engines with processes MeZO cannot reach or map (data-parallel replicas, which no

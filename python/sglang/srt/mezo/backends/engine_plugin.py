@@ -130,6 +130,9 @@ class TensorParallel:
         the intermediate size, split evenly over the engine's (padded) count; with fewer KV
         heads than ranks each KV head is replicated on size / heads consecutive ranks
         (SGLang's QKVParallelLinear on GPUs; its CPU engine pads them instead)."""
+        if block not in sizes:
+            count = "intermediate_size" if block == "ffn" else "num_attention_heads"
+            raise RuntimeError(f"the model config has no {count}: MeZO cannot split its {block!r} rows over ranks")
         checkpoint, engine, unit = sizes[block]
         what = "intermediate rows" if block == "ffn" else f"{block} heads"
         parts, index = self.size, self.rank
@@ -140,17 +143,15 @@ class TensorParallel:
         if engine % parts:
             raise ValueError(f"{engine} {what} do not split evenly over tp_size={self.size}")
         held = engine // parts
-        first = index * held
-        count = max(0, min(held, checkpoint - first))
+        first = min(index * held, checkpoint)  # a rank past the checkpoint's count holds padding only
+        count = min(held, checkpoint - first)
         return Part(checkpoint * unit, first * unit, count * unit, held * unit)
 
-    def even_part(self, total: int) -> Part:
-        """This rank's equal part of `total` unpadded rows or columns (an unfused
-        column-parallel layer's rows, a row-parallel one's columns outside `INPUT_BLOCK`)."""
-        if total % self.size:
-            raise ValueError(f"{total} rows or columns do not split evenly over tp_size={self.size}")
-        count = total // self.size
-        return Part(total, self.rank * count, count, count)
+    def even_part(self, local: int) -> Part:
+        """This rank's part when every rank holds `local` unpadded rows or columns (an
+        unfused column-parallel layer's rows, a row-parallel one's columns outside
+        `INPUT_BLOCK`)."""
+        return Part(local * self.size, self.rank * local, local, local)
 
 
 class EngineTensor(NamedTuple):
@@ -223,13 +224,13 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
             out.append(EngineTensor(name, data[: end - first], owners, layout))
         elif isinstance(layer, RowParallelLinear) and name.endswith(".weight"):
             block = INPUT_BLOCK.get(module_name.rpartition(".")[2])
-            part = tp.block(sizes, block) if block else tp.even_part(data.shape[1] * tp.size)
+            part = tp.block(sizes, block) if block else tp.even_part(data.shape[1])
             if part.held != data.shape[1]:
                 raise RuntimeError(f"engine tensor {name} has {data.shape[1]} columns, the HF split gives {part.held}")
             layout = ShardLayout.columns((data.shape[0], part.total), part.first, part.count)
             out.append(EngineTensor(name, data[:, : part.count], owners, layout))
         elif isinstance(layer, ColumnParallelLinear):  # an unfused one: weight and bias split by rows
-            part = tp.even_part(data.shape[0] * tp.size)
+            part = tp.even_part(data.shape[0])
             out.append(
                 EngineTensor(
                     name, data, owners, ShardLayout.rows((part.total, *data.shape[1:]), part.first, part.count)
