@@ -311,6 +311,30 @@ def check_shards(device: torch.device) -> None:
             ", ".join(results) + " (z vs the whole tensor's; perturb+backup, momentum update vs CPU; padding)",
         )
 
+    # what a shard's write costs: the reference kernel at unsharded offsets, against this
+    # device's fast kernel on a whole tensor of the shard's size (rank 1 of 2 of Llama-3-1B's gate_proj)
+    full_shape, rows = (8192, 2048), 4096
+    layout = ShardLayout.rows(full_shape, rows, rows)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # numba serves float32 only
+    shard = (torch.randn(rows, full_shape[1], device=device) * 0.05).to(dtype)
+    backup = torch.empty_like(shard)
+    costs = []
+    for kind in spec.PERTURBATIONS:
+        times = interleaved(
+            {
+                "shard": lambda kind=kind: kernels.axpy_direction_(shard, shard, kind, keys[0], 0.0, backup, layout),
+                "whole": lambda kind=kind: kernels.axpy_direction_(shard, shard, kind, keys[0], 0.0, backup),
+            },
+            device,
+            5,
+        )
+        costs.append(f"{kind} {times['shard'] / times['whole']:.1f}x")
+    implementation = kernels.implementation(shard)
+    row(
+        "shard write cost",
+        ", ".join(costs) + f" of a whole tensor's ({implementation}; {str(dtype)[6:]} 4096 x 2048, perturb+backup)",
+    )
+
 
 def check_checkpoint(device: torch.device, shape: str) -> None:
     """LoRA (peft) with momentum and weight decay trained here; its checkpoint, written from this
