@@ -13,6 +13,7 @@ Run as ``pytest test/srt/test_mezo_tensor_parallel.py`` or ``python3 test/srt/te
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import types
@@ -314,6 +315,47 @@ class TestShardMaps(unittest.TestCase):
                         self.assertIn("model.layers.0.self_attn.qkv_proj.weight", written)
                     else:
                         self.assertEqual(written, [])
+
+
+class TestShardKernels(unittest.TestCase):
+    def test_aligned_row_shards_take_the_fast_kernel_with_their_offset(self):
+        """A block of rows starting on a 64-element boundary of the unsharded tensor is
+        written by numba from that offset (the reference kernel is not called); unaligned
+        rows and columns by the reference. Each equals its part of the whole tensor's write
+        (perturbation and a ZO-SGD update with decay), bit for bit. Canary: numba drawing the
+        aligned shard's z from element 0 writes other bits."""
+        from sglang.srt.mezo import kernels
+        from sglang.srt.mezo.kernels import numba_kernels
+        from sglang.srt.mezo.kernels import reference as spec
+
+        full = torch.randn(64, 96, generator=torch.Generator().manual_seed(3)) * 0.05
+        keys, coefs, lr = [kernels.tensor_key(s, "w") for s in (1, 2)], [0.4, -1.1], 1e-2
+        layouts = {  # first element's unsharded offset: 2 * 96 = 3 * 64 (aligned), 96 (not)
+            "aligned rows": (ShardLayout.rows(full.shape, 2, 30), True),
+            "unaligned rows": (ShardLayout.rows(full.shape, 1, 30), False),
+            "columns": (ShardLayout.columns(full.shape, 32, 40), False),
+        }
+        for kind in ("gaussian", "rademacher"):
+            perturbed, updated = full.clone(), full.clone()
+            kernels.axpy_direction_(perturbed, perturbed, kind, keys[0], 1e-3)
+            kernels.update_([kernels.UpdateTarget(updated, None, keys, 0.1)], kind, coefs, lr)
+            for case, (layout, fast) in layouts.items():
+                with self.subTest(kind=kind, case=case):
+                    guard = mock.patch.object(spec, "axpy_", side_effect=AssertionError("reference called"))
+                    shard, backup = layout.take(full).clone(memory_format=torch.contiguous_format), torch.empty(
+                        layout.shape
+                    )
+                    with guard if fast else contextlib.nullcontext():
+                        kernels.axpy_direction_(shard, shard, kind, keys[0], 1e-3, save=backup, layout=layout)
+                    self.assertTrue(same_bits(layout.take(perturbed), shard))
+                    self.assertTrue(same_bits(layout.take(full), backup))
+                    shard = layout.take(full).clone(memory_format=torch.contiguous_format)
+                    kernels.update_([kernels.UpdateTarget(shard, None, keys, 0.1, layout)], kind, coefs, lr)
+                    self.assertTrue(same_bits(layout.take(updated), shard))
+            layout = layouts["aligned rows"][0]
+            shard = layout.take(full).clone(memory_format=torch.contiguous_format)
+            numba_kernels.axpy_(shard, shard, kind, keys[0], spec.effective_alpha(kind, shard.dtype, 1e-3))
+            self.assertFalse(same_bits(layout.take(perturbed), shard))
 
 
 class TestTensorParallelPlumbing(unittest.TestCase):

@@ -72,6 +72,16 @@ class ShardLayout:
             return (...,)
         return (slice(None),) * self.dim + (slice(self.start, self.start + self.count),)
 
+    @property
+    def flat_start(self) -> Optional[int]:
+        """The unsharded flat offset of the shard's first element when its elements are one
+        contiguous run of the unsharded tensor (the whole tensor, a block of rows), else None."""
+        if self.is_whole:
+            return 0
+        if self.dim == 0:
+            return self.start * math.prod(self.full_shape[1:])
+        return None
+
     def global_index(self, local: torch.Tensor) -> torch.Tensor:
         """Flat offsets in the unsharded tensor of the shard's elements at flat offsets `local` (int64)."""
         if self.is_whole:
@@ -104,7 +114,7 @@ class ShardLayout:
 
 def is_shard(layout: Optional[ShardLayout]) -> bool:
     """Whether a tensor with this layout (None: a plain whole tensor) is part of a larger one:
-    such a tensor's z is drawn at its unsharded offsets, which only the reference kernel does."""
+    such a tensor's z is drawn at its unsharded offsets (`flat_start` where they are one run)."""
     return layout is not None and not layout.is_whole
 
 

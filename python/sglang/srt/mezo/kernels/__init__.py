@@ -154,28 +154,39 @@ def axpy_direction_(
     of the shard `layout` places, if given).
 
     `src` is `w` itself or another tensor of its shape on its device (a backup, a float32
-    master); `save`, if given, receives src's values in the same pass. Views that are not
-    contiguous go to the reference kernel (`_reference_only`). If this raises, `w` is as it
-    was (the kernels fail only before writing; the chunked reference undoes itself from
-    `save`).
+    master); `save`, if given, receives src's values in the same pass. Shards the fast
+    kernels cannot address go to the reference kernel (`_fast_start`). If this raises, `w`
+    is as it was (the kernels fail only before writing; the chunked reference undoes itself
+    from `save`).
     """
     check_kind(kind)
     if w.device != src.device or (save is not None and save.device != w.device):
         raise ValueError(f"axpy_direction_: w on {w.device}, src on {src.device}: one device expected")
     alpha = effective_alpha(kind, w.dtype, alpha)
-    if _reference_only(layout, w, src, save):
-        _module("reference").axpy_(w, src, kind, key, alpha, save, layout)
-        return
-    name = implementation(w)
+    first = _fast_start(layout, w, src, save)
+    name = "reference" if first is None else implementation(w)
     if name == "numba" and not all(t.dtype == torch.float32 for t in (src, *([save] if save is not None else []))):
         name = "reference"  # e.g. a bfloat16 backup: numba writes float32 only
-    _module(name).axpy_(w, src, kind, key, alpha, save)
+    if name == "triton" and first:
+        name = "reference"  # the Triton kernels draw z from a tensor's element 0
+    if name == "reference":
+        _module(name).axpy_(w, src, kind, key, alpha, save, layout)
+    elif name == "numba":
+        _module(name).axpy_(w, src, kind, key, alpha, save, first)
+    else:
+        _module(name).axpy_(w, src, kind, key, alpha, save)
 
 
-def _reference_only(layout: Optional[ShardLayout], *tensors: Optional[torch.Tensor]) -> bool:
-    """Whether only the reference kernel can write: a shard (z at unsharded offsets) or a
-    view that is not contiguous (the fast kernels address memory as one flat run)."""
-    return is_shard(layout) or any(t is not None and not t.is_contiguous() for t in tensors)
+def _fast_start(layout: Optional[ShardLayout], *tensors: Optional[torch.Tensor]) -> Optional[int]:
+    """Where a tensor's z starts in its unsharded tensor when a fast kernel can write it: a
+    contiguous tensor whose elements are one run of the unsharded one (a whole tensor: 0;
+    a block of rows) starting on a 64-element boundary (a Rademacher word, 32 Gaussian
+    pairs). None: only the reference kernel can (column shards, unaligned rows, views that
+    are not contiguous: the fast kernels address memory as one flat run)."""
+    if any(t is not None and not t.is_contiguous() for t in tensors):
+        return None
+    first = 0 if layout is None else layout.flat_start
+    return first if first is not None and first % 64 == 0 else None
 
 
 class PairedWrites:
@@ -242,7 +253,10 @@ def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], 
         targets = [UpdateTarget(t.weight, None, [t.keys[i] for i in kept], t.weight_decay, t.layout) for t in targets]
     by_implementation: dict = {}
     for t in targets:
-        name = "reference" if _reference_only(t.layout, t.weight, t.momentum) else implementation(t.weight)
+        first = _fast_start(t.layout, t.weight, t.momentum)
+        name = "reference" if first is None else implementation(t.weight)
+        if first and not (name == "numba" and t.momentum is None):
+            name = "reference"  # only numba's in-place sweep starts z elsewhere than element 0
         by_implementation.setdefault(name, []).append(t)
     for name, group in by_implementation.items():
         if name == "triton":
@@ -263,4 +277,5 @@ def _numba_update(t: UpdateTarget, kind: str, coefs: Sequence[float], lr: float)
     if t.weight_decay and lr:
         t.weight.mul_(1.0 - lr * t.weight_decay)  # float32 tensor: one float32 multiply
     for key, coef in zip(t.keys, coefs):
-        _module("numba").axpy_(t.weight, t.weight, kind, key, effective_alpha(kind, t.weight.dtype, -lr * coef))
+        alpha = effective_alpha(kind, t.weight.dtype, -lr * coef)
+        _module("numba").axpy_(t.weight, t.weight, kind, key, alpha, first=_fast_start(t.layout, t.weight))

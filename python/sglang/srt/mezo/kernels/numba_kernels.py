@@ -124,7 +124,7 @@ def rademacher_steps(key, first_word, words, alpha, out):
 # array the sign-apply loop vectorises. Float32 throughout (alpha is rounded to float32 by
 # `axpy_direction_`): one correctly rounded add per element, no float64 conversions.
 # Gaussian directions are bound by log/sin/cos instead.
-def _axpy_rademacher(w, save, key, alpha):
+def _axpy_rademacher(w, save, key, alpha, first_word):
     n = w.shape[0]
     key = np.uint64(key)
     saving = save.shape[0] == n
@@ -133,7 +133,7 @@ def _axpy_rademacher(w, save, key, alpha):
         hi = min(n, lo + _BLOCK)
         step = np.empty(64, dtype=np.float32)
         for word in range(lo >> 6, (hi + 63) >> 6):
-            rademacher_steps(key, word, 1, alpha, step)  # the word's 64 signs first, then stream w
+            rademacher_steps(key, first_word + word, 1, alpha, step)  # the word's 64 signs first, then stream w
             base = word << 6
             if base + 64 <= hi:  # fixed trip counts on 64-element views: these loops vectorise
                 ws = w[base : base + 64]
@@ -164,7 +164,7 @@ def _gaussian_pairs(key, first_pair, pairs, z0, z1):
         z1[p] = b
 
 
-def _axpy_gaussian(w, src, save, key, alpha, scratch):
+def _axpy_gaussian(w, src, save, key, alpha, scratch, first_pair):
     n = w.shape[0]
     key = np.uint64(key)
     saving = save.shape[0] == n
@@ -173,7 +173,7 @@ def _axpy_gaussian(w, src, save, key, alpha, scratch):
         hi = min(n, lo + _BLOCK)
         z0 = scratch[numba.get_thread_id(), 0]
         z1 = scratch[numba.get_thread_id(), 1]
-        _gaussian_pairs(key, lo >> 1, (hi - lo + 1) >> 1, z0, z1)
+        _gaussian_pairs(key, first_pair + (lo >> 1), (hi - lo + 1) >> 1, z0, z1)
         if saving:
             for j in range(lo, hi):
                 save[j] = src[j]
@@ -254,18 +254,23 @@ def fill(kind: str, key: int, start: int, n: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save=None) -> None:
+def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save=None, first: int = 0) -> None:
     """``w = round(src + alpha z)`` on contiguous float32 CPU tensors, `save` <- src in the
-    same pass. Fails only before writing (scratch is allocated first)."""
+    same pass, z of elements [first, first + w.numel()) of the tensor keyed `key` (`first`:
+    a multiple of 64, where a tensor-parallel block of rows starts). Fails only before
+    writing (scratch is allocated first)."""
+    if first % 64:
+        raise ValueError(f"numba kernels start z on a 64-element boundary, not at element {first}")
     flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
     saved = _NO_SAVE if save is None else save.detach().view(-1).numpy()
     kernel = _kernel(kind, flat_w.numel())
     if kind == ref.GAUSSIAN:
-        kernel(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha), _gaussian_scratch())
+        scratch = _gaussian_scratch()
+        kernel(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha), scratch, np.int64(first >> 1))
         return
     if flat_src.data_ptr() != flat_w.data_ptr():  # the Rademacher kernel works in place
         if save is not None:
             save.copy_(src)
             saved = _NO_SAVE
         flat_w.copy_(flat_src)
-    kernel(flat_w.numpy(), saved, np.uint64(key), np.float32(alpha))
+    kernel(flat_w.numpy(), saved, np.uint64(key), np.float32(alpha), np.int64(first >> 6))
