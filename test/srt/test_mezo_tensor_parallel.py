@@ -80,6 +80,17 @@ def ranks(case: str):
     return hf, size, [model for model, _ in built], built[0][1]
 
 
+def run_first_layer_linears(model, pre_hook) -> None:
+    """Runs each linear layer of an SGLang model's first decoder layer once on random input,
+    with `pre_hook` as a forward pre-hook (registered after a perturbation's own, so it sees
+    the perturbed weights), each rank's partial sum (no process group here)."""
+    layer = model.model.layers[0]
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        linear.register_forward_pre_hook(pre_hook)
+        linear.reduce_results = False
+        linear(torch.randn(2, getattr(linear, "input_size_per_partition", linear.input_size)))
+
+
 class TestShardMaps(unittest.TestCase):
     """`logical_tensors` and `lora_placement` against upstream's loaders and LoRA slicing."""
 
@@ -196,18 +207,12 @@ class TestShardMaps(unittest.TestCase):
                     state = EngineMeZO(tensors, "gaussian", [], [])
                     before = {t.name: t.param.clone() for t in state.tensors}
                     seen: dict = {}
-                    layer = model.model.layers[0]
-                    linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj]
-                    linears.append(layer.mlp.down_proj)
 
-                    def record(module, args, seen=seen, state=state):  # after the perturbation's own pre-hook
+                    def record(module, args, seen=seen, state=state):
                         seen.update({t.name: t.param.clone() for t in state.tensors if module in t.owners})
 
                     with sglang_rank(rank, size), state.perturbation.scope(seed, eps):
-                        for linear in linears:
-                            linear.register_forward_pre_hook(record)
-                            linear.reduce_results = False  # no process group here: each rank's partial sum
-                            linear(torch.randn(2, getattr(linear, "input_size_per_partition", linear.input_size)))
+                        run_first_layer_linears(model, record)
                     for name, value in seen.items():
                         checked += 1
                         misses += not same_bits(layouts[name].take(expected[name]), value)
@@ -295,17 +300,8 @@ class TestShardMaps(unittest.TestCase):
                             written.append(name)  # not +0.0
 
                 state = EngineMeZO(tensors, "gaussian", [], [])
-                layer = model.model.layers[0]
                 with sglang_rank(rank, size), state.perturbation.scope(3, 1.0):
-                    for linear in (
-                        layer.self_attn.qkv_proj,
-                        layer.self_attn.o_proj,
-                        layer.mlp.gate_up_proj,
-                        layer.mlp.down_proj,
-                    ):
-                        linear.register_forward_pre_hook(check)
-                        linear.reduce_results = False
-                        linear(torch.randn(2, getattr(linear, "input_size_per_partition", linear.input_size)))
+                    run_first_layer_linears(model, check)
                 plan = prepare_update(state.tensors, directions, lr, 0.1, 0.5)
                 commit_update(state.tensors, plan, "gaussian", state.versions)
                 check()

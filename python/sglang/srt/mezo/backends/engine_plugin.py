@@ -107,6 +107,11 @@ class Part(NamedTuple):
     count: int
     held: int
 
+    def layout(self, shape, dim: int) -> ShardLayout:
+        """The part as a shard of a tensor of `shape` split along `dim` (there `total` long)."""
+        full = tuple(self.total if d == dim else n for d, n in enumerate(shape))
+        return ShardLayout(full, dim, self.first, self.count)
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -184,6 +189,8 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
 
     modules = dict(model.named_modules())
     sizes = split_sizes(config)
+    logits_processor = getattr(model, "logits_processor", None)
+    lm_head_weight = getattr(getattr(model, "lm_head", None), "weight", None)
     out = []
     seen = set()
     for name, param in model.named_parameters():
@@ -201,9 +208,7 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
                     f"{module_name} is split over other ranks than the engine's {tp.size} tensor-parallel ranks "
                     "(attention data parallelism?): MeZO's shard maps follow the tensor-parallel ranks"
                 )
-        logits_processor = getattr(model, "logits_processor", None)
-        lm_head = getattr(model, "lm_head", None)
-        if logits_processor is not None and lm_head is not None and getattr(lm_head, "weight", None) is param:
+        if logits_processor is not None and param is lm_head_weight:
             owners.append(logits_processor)
         data = param.data
         suffix = next((s for s in FUSED if name.endswith(s)), None)
@@ -211,9 +216,8 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
             row = 0
             for hf_suffix, block in FUSED[suffix]:
                 part = tp.block(sizes, block)
-                layout = ShardLayout.rows((part.total, *data.shape[1:]), part.first, part.count)
                 view = data[row : row + part.count]
-                out.append(EngineTensor(name[: -len(suffix)] + hf_suffix, view, owners, layout))
+                out.append(EngineTensor(name[: -len(suffix)] + hf_suffix, view, owners, part.layout(data.shape, 0)))
                 row += part.held
             if row != data.shape[0]:
                 raise RuntimeError(f"engine tensor {name} has {data.shape[0]} rows, the HF split gives {row}")
@@ -227,15 +231,9 @@ def logical_tensors(model: torch.nn.Module, config, tp: TensorParallel = TensorP
             part = tp.block(sizes, block) if block else tp.even_part(data.shape[1])
             if part.held != data.shape[1]:
                 raise RuntimeError(f"engine tensor {name} has {data.shape[1]} columns, the HF split gives {part.held}")
-            layout = ShardLayout.columns((data.shape[0], part.total), part.first, part.count)
-            out.append(EngineTensor(name, data[:, : part.count], owners, layout))
+            out.append(EngineTensor(name, data[:, : part.count], owners, part.layout(data.shape, 1)))
         elif isinstance(layer, ColumnParallelLinear):  # an unfused one: weight and bias split by rows
-            part = tp.even_part(data.shape[0])
-            out.append(
-                EngineTensor(
-                    name, data, owners, ShardLayout.rows((part.total, *data.shape[1:]), part.first, part.count)
-                )
-            )
+            out.append(EngineTensor(name, data, owners, tp.even_part(data.shape[0]).layout(data.shape, 0)))
         else:  # replicated on every rank (norms; a row-parallel layer's bias)
             out.append(EngineTensor(name, data, owners, ShardLayout.whole(data.shape)))
     return out
@@ -293,7 +291,7 @@ def lora_placement(name: str, shape, config, tp: TensorParallel = TensorParallel
 def _part_layout(name: str, shape: tuple, dim: int, part: Part) -> ShardLayout:
     if shape[dim] != part.total:
         raise RuntimeError(f"adapter tensor {name} {shape}: the model's split has {part.total} along dimension {dim}")
-    return ShardLayout(shape, dim, part.first, part.count)
+    return part.layout(shape, dim)
 
 
 def engine_adapter(tensors: dict, sizes: dict) -> dict:

@@ -51,9 +51,8 @@ CPU_ENGINE_DEFAULTS = dict(
 
 
 LORA_NAME = "mezo"
-THREAD_BINDING = (
-    "SGLANG_CPU_OMP_THREADS_BIND"  # upstream's per-rank CPU core sets, "cores of rank 0|cores of rank 1|..."
-)
+# upstream's per-rank CPU core sets: "cores of rank 0|cores of rank 1|..."
+THREAD_BINDING = "SGLANG_CPU_OMP_THREADS_BIND"
 
 
 def lora_engine_args(config: MeZOConfig) -> dict:
@@ -176,9 +175,8 @@ def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto",
     environment = {}  # for the engine's processes, while they start
     if torch.device(device).type == "cpu":
         kwargs.update(CPU_ENGINE_DEFAULTS)
-        if tp_size > 1:
-            if not os.environ.get(THREAD_BINDING):
-                environment[THREAD_BINDING] = cpu_thread_binding(tp_size)
+        if tp_size > 1 and not os.environ.get(THREAD_BINDING):
+            environment[THREAD_BINDING] = cpu_thread_binding(tp_size)
     else:
         kwargs["device"] = torch.device(device).type
     kwargs.update(overrides)

@@ -257,25 +257,25 @@ def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], 
         name = "reference" if first is None else implementation(t.weight)
         if first and not (name == "numba" and t.momentum is None):
             name = "reference"  # only numba's in-place sweep starts z elsewhere than element 0
-        by_implementation.setdefault(name, []).append(t)
+        by_implementation.setdefault(name, []).append((t, first))
     for name, group in by_implementation.items():
         if name == "triton":
-            _module(name).update_(group, kind, coefs, lr, mu)
+            _module(name).update_([t for t, _ in group], kind, coefs, lr, mu)
             continue
-        for t in group:
+        for t, first in group:
             if name == "numba" and t.momentum is None:
-                _numba_update(t, kind, coefs, lr)
+                _numba_update(t, kind, coefs, lr, first)
             else:
                 _module("reference").update_(
                     t.weight, kind, t.keys, coefs, lr, t.weight_decay, t.momentum, mu, t.layout
                 )
 
 
-def _numba_update(t: UpdateTarget, kind: str, coefs: Sequence[float], lr: float) -> None:
+def _numba_update(t: UpdateTarget, kind: str, coefs: Sequence[float], lr: float, first: int) -> None:
     """Without momentum on float32 CPU: the decay as one float32 multiply, then one fused
-    in-place sweep per term (the reference's values)."""
+    in-place sweep per term (the reference's values), z from unsharded element `first`."""
     if t.weight_decay and lr:
         t.weight.mul_(1.0 - lr * t.weight_decay)  # float32 tensor: one float32 multiply
     for key, coef in zip(t.keys, coefs):
         alpha = effective_alpha(kind, t.weight.dtype, -lr * coef)
-        _module("numba").axpy_(t.weight, t.weight, kind, key, alpha, first=_fast_start(t.layout, t.weight))
+        _module("numba").axpy_(t.weight, t.weight, kind, key, alpha, first=first)
