@@ -239,7 +239,9 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         for _ in range(trials):
             theta0 = model.theta.detach().clone()
             if reuse_seed:  # canary: every direction of a step shares one seed
-                with mock.patch("sglang.srt.mezo.trainer.direction_seed", lambda s, step, d: tensor_key(s, f"{step}")):
+                with mock.patch(
+                    "sglang.srt.mezo.estimators.direction_seed", lambda s, step, d: tensor_key(s, f"{step}")
+                ):
                     out = trainer.step(TOY_BATCH)
             else:
                 out = trainer.step(TOY_BATCH)
@@ -2448,7 +2450,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
             MeZOConfig(perturbation_mechanism="fast")
         trainer = MeZOTrainer(tiny_llama(), MeZOConfig(perturbation="rademacher", disable_tqdm=True))
         with tempfile.TemporaryDirectory() as out:
-            log = StepLog(Path(out), tensorboard=False, mechanism=trainer.backend.mechanism)
+            log = StepLog(Path(out), False, trainer.backend.mechanism, trainer.config.estimator, defaults={})
             for step in range(3):
                 if step == 1:  # what a log overflow does (test_log_overflow_undoes_the_move_...)
                     trainer.backend.perturbation._fall_back(1.0)

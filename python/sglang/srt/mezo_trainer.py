@@ -175,7 +175,13 @@ def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
             lock.__exit__(None, None, None)
         raise
     logger.info("perturbation mechanism: %s", trainer.backend.mechanism)
-    log = StepLog(out_dir, config.tensorboard, trainer.backend.mechanism) if main_process else None
+    logger.info(
+        "estimator %s: lr %g, epsilon %g, q %d%s", config.estimator, config.learning_rate, config.epsilon,
+        config.num_directions, f" (defaults applied: {config.defaults_applied})" if config.defaults_applied else "",
+    )  # fmt: skip
+    log = None
+    if main_process:
+        log = StepLog(out_dir, config.tensorboard, trainer.backend.mechanism, config.estimator, config.defaults_applied)
     run = Run(
         config, trainer, tokenizer, train_loader, eval_loader, out_dir, main_process, context.world_size, log,
         identity, lock,

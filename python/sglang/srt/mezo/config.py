@@ -10,6 +10,7 @@ import torch
 
 from sglang.srt.mezo.data.batching import PAD_SIDES
 from sglang.srt.mezo.data.dataset import OVERLONG_POLICIES
+from sglang.srt.mezo.estimators import ESTIMATORS
 from sglang.srt.mezo.kernels import PERTURBATIONS
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -49,6 +50,38 @@ RESUMABLE_FIELDS = (
     "tensorboard",
     "check_ranks_every",
 )
+
+# What `estimator="auto"` runs when neither learning_rate nor epsilon is set, with its
+# defaults below: the winner of benchmark/mezo/bench_convergence.py (see its README).
+RECOMMENDED_ESTIMATOR = "fzoo"
+
+# Defaults per estimator and trainable set for the hyperparameters left unset (None):
+# mezo keeps the MeZO paper's (Table 15) and Gaussian z; the others were chosen by the
+# benchmark. FZOO draws Rademacher z as its paper does (and float32 CPU weights then take
+# the restore log: full-parameter passes several times cheaper than Gaussian copies).
+ESTIMATOR_DEFAULTS = {
+    "mezo": {
+        "full": dict(learning_rate=1e-6, epsilon=1e-3, num_directions=1, perturbation="gaussian"),
+        "lora": dict(learning_rate=1e-4, epsilon=1e-2, num_directions=1, perturbation="gaussian"),
+        "prefix": dict(learning_rate=1e-2, epsilon=1e-1, num_directions=1, perturbation="gaussian"),
+    },
+    "fzoo": {
+        "full": dict(learning_rate=5e-3, epsilon=1e-3, num_directions=4, perturbation="rademacher"),
+        "lora": dict(learning_rate=2e-2, epsilon=1e-2, num_directions=4, perturbation="rademacher"),
+        "prefix": dict(learning_rate=1e-2, epsilon=1e-1, num_directions=4, perturbation="rademacher"),
+    },
+    "sparse": {
+        "full": dict(learning_rate=1e-6, epsilon=1e-3, num_directions=1, perturbation="gaussian"),
+        "lora": dict(learning_rate=3e-3, epsilon=1e-2, num_directions=1, perturbation="gaussian"),
+        "prefix": dict(learning_rate=1e-2, epsilon=1e-1, num_directions=1, perturbation="gaussian"),
+    },
+    "lowrank": {
+        "full": dict(learning_rate=1e-6, epsilon=1e-3, num_directions=1, perturbation="gaussian"),
+        "lora": dict(learning_rate=3e-3, epsilon=1e-2, num_directions=1, perturbation="gaussian"),
+        "prefix": dict(learning_rate=1e-2, epsilon=1e-1, num_directions=1, perturbation="gaussian"),
+    },
+}
+DEFAULTED_FIELDS = ("learning_rate", "epsilon", "num_directions", "perturbation")
 
 # Hyperparameters of the MeZO paper (Malladi et al. 2023, Table 15) per trainable set.
 PRESETS = {
@@ -116,10 +149,22 @@ class MeZOConfig:
     pad_to_multiple_of: int = _f(0, "Pad rows to a multiple of this many tokens (0 = the longest row).")
 
     # --- estimator ----------------------------------------------------------------------
-    learning_rate: float = _f(1e-6, "ZO-SGD learning rate eta.", aliases=["--lr"])
-    epsilon: float = _f(1e-3, "Perturbation scale eps of the two-point SPSA estimate.")
+    estimator: str = _f(
+        "auto",
+        f"How a step estimates the gradient: one of {ESTIMATORS} (sglang.srt.mezo.estimators), or auto: "
+        f"{RECOMMENDED_ESTIMATOR} with its benchmarked defaults when neither learning_rate nor epsilon is set, "
+        "else mezo. The choice is logged in metrics.jsonl.",
+    )
+    learning_rate: Optional[float] = _f(
+        None, "ZO-SGD learning rate eta (unset: the estimator's default for the trainable set).", aliases=["--lr"]
+    )
+    epsilon: Optional[float] = _f(
+        None, "Perturbation scale eps (unset: the estimator's default for the trainable set)."
+    )
     seed: int = _f(0, "Run seed: every direction's seed is derived from it and the step.")
-    perturbation: str = _f("gaussian", f"Direction distribution: one of {PERTURBATIONS}.")
+    perturbation: Optional[str] = _f(
+        None, f"Direction distribution: one of {PERTURBATIONS} (unset: the estimator's default)."
+    )
     perturbation_mechanism: str = _f(
         "auto",
         f"How perturbations are scoped and undone exactly: one of {PERTURBATION_MECHANISMS}. restore_log moves "
@@ -127,7 +172,15 @@ class MeZOConfig:
         "unit_scoped swaps a perturbed copy of one unit (a decoder layer) in while it runs; auto picks "
         "restore_log where it applies.",
     )
-    num_directions: int = _f(1, "n-SPSA: directions q averaged per step at the same weights.")
+    num_directions: Optional[int] = _f(
+        None,
+        "Directions q per step at the same weights (n-SPSA; fzoo needs >= 2; unset: the estimator's default).",
+    )
+    sparse_fraction: float = _f(
+        0.25, "estimator=sparse: fraction of each tensor perturbed and updated (its smallest magnitudes)."
+    )
+    lowrank_rank: int = _f(2, "estimator=lowrank: rank r of each matrix's direction U V^T.")
+    lowrank_interval: int = _f(50, "estimator=lowrank: steps a basis V is kept before a new one is drawn.")
     objective: str = _f("auto", f"Loss: one of {OBJECTIVES}; auto = candidate_ce with candidates, else nll.")
 
     # --- optimizer ----------------------------------------------------------------------
@@ -181,6 +234,11 @@ class MeZOConfig:
         def bad(name, why):
             raise ValueError(f"MeZOConfig.{name}={getattr(self, name)!r}: {why}")
 
+        if self.estimator not in ("auto", *ESTIMATORS):
+            bad("estimator", f"expected auto or one of {ESTIMATORS}")
+        if self.peft not in PEFT_METHODS:
+            bad("peft", f"expected one of {PEFT_METHODS}")
+        self.resolve_defaults()
         if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
             bad("epsilon", "must be a finite number > 0")
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
@@ -199,7 +257,15 @@ class MeZOConfig:
         ):
             if getattr(self, name) not in choices:
                 bad(name, f"expected one of {choices}")
-        for name in ("num_directions", "batch_size", "max_length", "max_nonfinite_steps", "tp_size"):
+        for name in (
+            "num_directions",
+            "batch_size",
+            "max_length",
+            "max_nonfinite_steps",
+            "tp_size",
+            "lowrank_rank",
+            "lowrank_interval",
+        ):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in (
@@ -229,6 +295,27 @@ class MeZOConfig:
             bad("momentum", "must be in [0, 1)")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0")
+        if self.estimator == "fzoo" and self.num_directions < 2:
+            bad("num_directions", "fzoo normalises by the spread of the q perturbed losses: needs q >= 2")
+        if not 0.0 < self.sparse_fraction <= 1.0:
+            bad("sparse_fraction", "must be in (0, 1]")
+        if self.estimator in ("sparse", "lowrank") and self.backend != "transformers":
+            bad("estimator", "structured directions run on the transformers backend (--backend transformers)")
+
+    def resolve_defaults(self) -> None:
+        """Resolves ``estimator="auto"`` and fills the unset hyperparameters from
+        `ESTIMATOR_DEFAULTS`; what was filled in is kept in `defaults_applied` (not a field:
+        a recorded config.json holds the resolved values)."""
+        explicit = self.learning_rate is not None or self.epsilon is not None
+        chosen = self.estimator == "auto"
+        if chosen:
+            self.estimator = "mezo" if explicit else RECOMMENDED_ESTIMATOR
+        trainable = "full" if self.peft == "none" else self.peft
+        defaults = ESTIMATOR_DEFAULTS[self.estimator][trainable]
+        applied = {name: defaults[name] for name in DEFAULTED_FIELDS if getattr(self, name) is None}
+        for name, value in applied.items():
+            setattr(self, name, value)
+        self.defaults_applied = {**({"estimator": self.estimator} if chosen else {}), **applied}
 
     def dataset_options(self) -> dict:
         """Keyword arguments of `MeZODataset` from this config."""

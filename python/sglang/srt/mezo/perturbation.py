@@ -37,12 +37,14 @@ from sglang.srt.mezo.kernels import (
     UpdateTarget,
     axpy_direction_,
     direction_chunk,
+    reference,
     tensor_key,
     update_,
 )
 from sglang.srt.mezo.kernels.reference import axpy_values, effective_alpha
 from sglang.srt.mezo.primitives import DeferredInterrupts
 from sglang.srt.mezo.sharding import ShardLayout, is_shard
+from sglang.srt.mezo.structured_directions import DirectionFamily
 
 logger = logging.getLogger(__name__)
 
@@ -194,14 +196,24 @@ class ModuleScopedPerturbation:
     Args:
         root: the model; when given, owner modules are merged into larger units (decoder
             layers) within the scratch budget. Without it every owner module is a unit.
+        family: structured directions (`structured_directions`) instead of the dense z;
+            their copies are written one tensor at a time by the torch reference.
     """
 
     name = "unit_scoped"
 
-    def __init__(self, tensors: list, kind: str, versions: WeightVersions, root: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        tensors: list,
+        kind: str,
+        versions: WeightVersions,
+        root: Optional[nn.Module] = None,
+        family: Optional[DirectionFamily] = None,
+    ):
         self.tensors = tensors
         self.kind = kind
         self.versions = versions
+        self.family = family
         budget = max(largest_module_bytes(tensors), MERGE_MIN_BYTES)
         self._by_unit = perturbation_units(root, tensors, budget)
         self._owners = {u: list({id(m): m for t in ts for m in t.owners}.values()) for u, ts in self._by_unit.items()}
@@ -234,7 +246,7 @@ class ModuleScopedPerturbation:
 
     def commit(self, plan: "UpdatePlan") -> None:
         """The ZO-SGD update (`commit_update`)."""
-        commit_update(self.tensors, plan, self.kind, self.versions)
+        commit_update(self.tensors, plan, self.kind, self.versions, self.family)
 
     @contextlib.contextmanager
     def scope(self, seed: int, scale: float) -> Iterator[None]:
@@ -257,7 +269,7 @@ class ModuleScopedPerturbation:
         _, scale, keys = self._scope
         saved = []
         try:
-            if self._active:  # a unit inside another: its own buffers, tensor by tensor
+            if self._active or self.family is not None:  # tensor by tensor, each its own buffer
                 for t in self._by_unit[unit]:
                     if id(t) not in self._perturbed:
                         self._perturb_one(t, keys[t.name], scale, saved)
@@ -289,18 +301,29 @@ class ModuleScopedPerturbation:
     def _perturb_one(self, t: TrainableTensor, key: int, scale: float, saved: list) -> None:
         p = t.param.detach()
         if t.master is not None:  # written from the float32 master, synced back after: no scratch
-            axpy_direction_(p, t.master, self.kind, key, scale, layout=t.layout)
+            self._write(p, t.master, t, key, scale)
             saved.append((t, None))
         elif _swappable(t):  # a perturbed copy swapped in
             perturbed = torch.empty_like(p)
-            axpy_direction_(perturbed, p, self.kind, key, scale, layout=t.layout)
+            self._write(perturbed, p, t, key, scale)
             saved.append((t, t.param.data))
             t.param.data = perturbed
         else:  # a view into a larger buffer: in place, the backup written in the same pass
             backup = torch.empty_like(p)
-            axpy_direction_(p, p, self.kind, key, scale, save=backup, layout=t.layout)
+            self._write(p, p, t, key, scale, save=backup)
             saved.append((t, backup))  # only now does the backup hold p (if the write fails, p is intact)
         self._perturbed.add(id(t))
+
+    def _write(self, dst, src, t: TrainableTensor, key: int, scale: float, save=None) -> None:
+        """``dst = round(src + scale * z)``: the dense z of `key`, or the family's direction of
+        the scope's seed drawn from src (the unperturbed values)."""
+        if self.family is None:
+            axpy_direction_(dst, src, self.kind, key, scale, save=save, layout=t.layout)
+            return
+        kind = self.family.write_kind(self.kind)
+        z_of = self.family.source(t.name, src)
+        seed = self._scope[0]
+        reference.axpy_(dst, src, kind, seed, effective_alpha(kind, dst.dtype, scale), save, z_of=z_of)
 
     def _restore(self, unit, saved):
         for t, original in saved:
@@ -384,7 +407,9 @@ def prepare_update(tensors: list, directions: list, lr: float, weight_decay: flo
     return UpdatePlan(terms, float(lr), float(weight_decay), float(momentum))
 
 
-def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVersions) -> None:
+def commit_update(
+    tensors: list, plan: UpdatePlan, kind: str, versions: WeightVersions, family: Optional[DirectionFamily] = None
+) -> None:
     """Phase two: in-place arithmetic only, with Ctrl-C deferred until it is done.
 
     Without momentum: ``w <- (1 - lr*wd) w - lr * sum_i (g_i / q) z_i``.
@@ -393,9 +418,13 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
 
     A zero update (lr = 0, or every g_i = 0, without momentum) writes nothing: adding 0 * z
     costs a sweep over the weights and would turn -0.0 into +0.0. Weights, versions and
-    the caches keyed by them stay as they are.
+    the caches keyed by them stay as they are. With a direction `family` each tensor's z_i
+    come from its values before the update, written by the torch reference.
     """
     if plan.writes_nothing:
+        return
+    if family is not None:
+        _commit_structured(tensors, plan, kind, versions, family)
         return
     targets = [
         UpdateTarget(
@@ -410,6 +439,20 @@ def commit_update(tensors: list, plan: UpdatePlan, kind: str, versions: WeightVe
     with DeferredInterrupts():
         update_(targets, kind, [coef for _, coef in plan.terms], plan.lr, plan.momentum)
         for t in tensors:
+            t.sync_param()
+            for m in t.owners:
+                versions.bump(m)
+
+
+def _commit_structured(tensors: list, plan: UpdatePlan, kind: str, versions, family: DirectionFamily) -> None:
+    seeds, coefs = [seed for seed, _ in plan.terms], [coef for _, coef in plan.terms]
+    write_kind = family.write_kind(kind)
+    sources = [family.source(t.name, t.value) for t in tensors]  # before any write (a mask's threshold)
+    with DeferredInterrupts():
+        for t, z_of in zip(tensors, sources):
+            momentum = t.momentum if plan.momentum > 0 else None
+            decay = plan.weight_decay if t.decay else 0.0
+            reference.update_(t.value, write_kind, seeds, coefs, plan.lr, decay, momentum, plan.momentum, z_of=z_of)
             t.sync_param()
             for m in t.owners:
                 versions.bump(m)

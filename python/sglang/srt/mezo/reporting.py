@@ -20,12 +20,15 @@ class StepLog:
     A line holds the step's `StepOutput` fields (means over directions), ``q``,
     ``directions`` (``[seed, applied projected grad]``: all replay needs), ``seconds`` and
     the ``cache/*`` token counts; when the perturbation mechanism changes during a run (a
-    restore log that overflowed), that step's line also names the new one.
+    restore log that overflowed), that step's line also names the new one. The first line
+    written also holds ``estimator`` and, under ``defaults``, what the config filled in
+    (`MeZOConfig.defaults_applied`: the auto-chosen estimator, unset hyperparameters).
     """
 
-    def __init__(self, out_dir: Path, tensorboard: bool, mechanism: str):
+    def __init__(self, out_dir: Path, tensorboard: bool, mechanism: str, estimator: str, defaults: dict):
         self.path = out_dir / METRICS_FILE
         self.mechanism = mechanism
+        self.header: Optional[dict] = {"estimator": estimator, **({"defaults": defaults} if defaults else {})}
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -40,6 +43,9 @@ class StepLog:
         record.update({f"cache/{k}": v for k, v in cache_stats.items()})
         if mechanism != self.mechanism:
             record["perturbation_mechanism"] = self.mechanism = mechanism
+        if self.header is not None:
+            record.update(self.header)
+            self.header = None
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -52,6 +58,8 @@ class StepLog:
             self.path.unlink(missing_ok=True)
         else:
             truncate_metrics(self.path, resumed_step)
+            if resumed_step > 0:
+                self.header = None  # the kept first line holds it
 
     def close(self) -> None:
         if self.writer is not None:

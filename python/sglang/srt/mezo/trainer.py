@@ -1,8 +1,7 @@
-"""`MeZOTrainer`: the two-point SPSA estimate and the ZO-SGD loop."""
+"""`MeZOTrainer`: one zeroth-order step (an `estimators` estimate, one update) and the loop."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -17,17 +16,12 @@ from tqdm.auto import tqdm
 from sglang.srt.mezo.backends.base import Backend
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.distributed import reduce_sum_count
+from sglang.srt.mezo.estimators import direction_seed, make_estimator
 from sglang.srt.mezo.objectives import RowObjective, accuracy_counts, has_candidates, make_objective
 
 logger = logging.getLogger(__name__)
 
 VANISHING_THRESHOLD = 0.5  # warn when over half the sampled elements would not move
-
-
-def direction_seed(run_seed: int, step: int, direction: int) -> int:
-    """The seed of direction `direction` at step `step`: stable, 63 bits, logged per step."""
-    digest = hashlib.blake2b(f"mezo/{int(run_seed)}/{int(step)}/{int(direction)}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def learning_rate_at(config: MeZOConfig, step: int) -> float:
@@ -41,14 +35,6 @@ def learning_rate_at(config: MeZOConfig, step: int) -> float:
     if config.lr_scheduler == "linear":
         return base * (1.0 - progress)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@dataclass
-class DirectionEstimate:
-    seed: int
-    loss_plus: float
-    loss_minus: float
-    projected_grad: float
 
 
 @dataclass
@@ -116,6 +102,7 @@ class MeZOTrainer:
         self.tokenizer = tokenizer
         self.backend = backend
         self.objective = objective
+        self.estimator = make_estimator(config)
         self.global_step = 0
         self.epoch = 0
         self.batches_seen_in_epoch = 0
@@ -135,21 +122,21 @@ class MeZOTrainer:
 
     # ------------------------------------------------------------------------- one step
     def step(self, batch: dict) -> StepOutput:
-        """One MeZO step on `batch`: q two-point estimates at the same weights, one update."""
+        """One step on `batch`: the estimator's passes at seeded perturbations of the same
+        weights (MeZO: L(w + eps z), L(w - eps z), g = their difference / 2 eps, for q seeds),
+        then one update along the regenerated z."""
         c = self.config
         self._check_batch(batch)
         objective = self.objective or make_objective(c.objective, batch)
         if self.global_step == 0:
             self._warn_if_vanishing("perturbation", direction_seed(c.seed, 0, 0), c.epsilon)
         lr = learning_rate_at(c, self.global_step)
+
+        def loss_at(seed: Optional[int], scale: float) -> float:
+            return self._loss(objective, batch, seed, scale)
+
         with self.backend.holding_perturbation():  # the passes and the update may share sweeps
-            estimates = []
-            for d in range(c.num_directions):
-                seed = direction_seed(c.seed, self.global_step, d)
-                loss_plus = self._loss(objective, batch, seed, +c.epsilon)
-                loss_minus = self._loss(objective, batch, seed, -c.epsilon)
-                grad = (loss_plus - loss_minus) / (2 * c.epsilon)
-                estimates.append(DirectionEstimate(seed, loss_plus, loss_minus, grad))
+            estimates = self.estimator.estimate(loss_at, self.global_step)
             out = StepOutput.from_estimates(self.global_step, lr, estimates)
             if not all(math.isfinite(e.loss_plus) and math.isfinite(e.loss_minus) for e in estimates):
                 return self._skip(out)

@@ -21,6 +21,7 @@ from sglang.srt.mezo.perturbation import (
     vanishing_fraction,
 )
 from sglang.srt.mezo.primitives import require_all
+from sglang.srt.mezo.structured_directions import direction_family
 from sglang.srt.mezo.trainable import apply_peft, canonical_name, quantize_frozen_linears, trainable_names
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ class TransformersBackend:
         self.config = config
         self.versions = WeightVersions()
         self.tensors = collect_trainable(model, names, config.fp32_trainable, canonical_name)
+        self.family = direction_family(
+            config.estimator, config.perturbation, config.sparse_fraction, config.lowrank_rank
+        )
         self.perturbation = self._mechanism(config.perturbation_mechanism)
         # (model, batch, perturbing) -> per-row (sums, counts), with exact KV/hidden reuse
         self.row_forward = CachedRowForward(model, self.tensors, self.versions, config)
@@ -104,19 +108,20 @@ class TransformersBackend:
     def _mechanism(self, requested: str):
         """The perturbation mechanism: `requested`, or for ``auto`` the restore log where it
         applies (Rademacher z is free to regenerate, so whole-model moves beat per-unit copies
-        on float32 CPU weights) and per-unit scratch copies elsewhere."""
+        on float32 CPU weights) and per-unit scratch copies elsewhere (structured directions
+        always: the restore log subtracts dense z)."""
         kind = self.config.perturbation
-        logged = LoggedPerturbation.supports(self.tensors, kind)
+        logged = self.family is None and LoggedPerturbation.supports(self.tensors, kind)
         if requested == "restore_log" and not logged:
             raise ValueError(
-                "perturbation_mechanism='restore_log' needs Rademacher directions over float32 CPU tensors "
-                f"without float32 masters (here: perturbation={kind!r}, "
+                "perturbation_mechanism='restore_log' needs dense Rademacher directions over float32 CPU tensors "
+                f"without float32 masters (here: estimator={self.config.estimator!r}, perturbation={kind!r}, "
                 f"dtypes {sorted({str(t.param.dtype) for t in self.tensors})}, devices "
                 f"{sorted({str(t.param.device) for t in self.tensors})}); use 'unit_scoped' or 'auto'"
             )
         if requested == "restore_log" or (requested == "auto" and logged):
             return LoggedPerturbation(self.tensors, kind, self.versions)
-        return ModuleScopedPerturbation(self.tensors, kind, self.versions, root=self.model)
+        return ModuleScopedPerturbation(self.tensors, kind, self.versions, root=self.model, family=self.family)
 
     @property
     def mechanism(self) -> str:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -87,6 +87,11 @@ def tensor_key(seed: int, name: str) -> int:
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# A structured direction's source (`structured_directions`): (its key, the first element's
+# offset, the source values of those elements, flat) -> z of those elements, float32. The
+# writes below draw z from `z_chunk` unless given one.
+ZSource = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 def math_dtype(kind: str, dtype: torch.dtype) -> torch.dtype:
@@ -235,9 +240,10 @@ def axpy_(
     alpha: float,
     save=None,
     layout: Optional[ShardLayout] = None,
+    z_of: Optional[ZSource] = None,
 ) -> None:
     """``w = round(src + alpha * z)`` chunk by chunk (`alpha` already `effective_alpha`; z of
-    the shard `layout`, if given).
+    the shard `layout`, if given, or from `z_of`).
 
     `save`, if given, receives src first. If a chunk fails (out of memory), the chunks
     already written are undone from `save` (where w is src) and the error propagates.
@@ -247,8 +253,9 @@ def axpy_(
         save.copy_(src)
     try:
         for start, (w_piece, src_piece) in _pieces(w.detach(), src.detach()):
-            z = z_chunk(kind, key, start, w_piece.numel(), w.device, layout)
-            w_piece.copy_(axpy_values(src_piece.reshape(-1), z, alpha, kind, w.dtype).view(w_piece.shape))
+            flat = src_piece.reshape(-1)
+            z = z_chunk(kind, key, start, flat.numel(), w.device, layout) if z_of is None else z_of(key, start, flat)
+            w_piece.copy_(axpy_values(flat, z, alpha, kind, w.dtype).view(w_piece.shape))
     except BaseException:
         if save is not None:
             w.detach().copy_(save)
@@ -265,19 +272,24 @@ def update_(
     momentum: Optional[torch.Tensor] = None,
     mu: float = 0.0,
     layout: Optional[ShardLayout] = None,
+    z_of: Optional[ZSource] = None,
 ) -> None:
     """One ZO-SGD update of `w` (see the module docstring), chunk by chunk.
 
     `keys[i]` is the key of term i's z for this tensor and `coefs[i]` its coefficient
     (projected gradient / q); `weight_decay` is 0 for tensors without decay; `layout`, if
-    given, places a shard in its unsharded tensor (its z).
+    given, places a shard in its unsharded tensor (its z); `z_of`, if given, draws each
+    term's z from its key and the values before the update.
     """
     check_kind(kind)
     tensors = (w.detach(),) if momentum is None else (w.detach(), momentum)
     for start, pieces in _pieces(*tensors):
         piece = pieces[0]
         x = piece.reshape(-1)  # a copy where the piece's rows are not adjacent (written back below)
-        zs = [z_chunk(kind, key, start, x.numel(), w.device, layout) for key in keys]
+        if z_of is None:
+            zs = [z_chunk(kind, key, start, x.numel(), w.device, layout) for key in keys]
+        else:
+            zs = [z_of(key, start, x) for key in keys]
         if momentum is None:
             value = decay(x, 1.0 - lr * weight_decay) if weight_decay and lr else x
             for z, coef in zip(zs, coefs):

@@ -1,0 +1,122 @@
+"""Estimators: how one step turns forward passes at seeded perturbations into update terms.
+
+Every estimator returns `DirectionEstimate`s whose (seed, projected_grad) pairs are the
+update's terms: the backend applies ``w <- w - lr * sum_i (g_i / q) z_i(seed_i)`` with z
+regenerated from the seed (`perturbation.commit_update`), and ``metrics.jsonl`` logs the
+pairs, so replay (`replay.py`) and bit-exact restores work alike for all of them. Which
+z a seed names (dense, magnitude-masked, low-rank) is the backend's direction family
+(`structured_directions`), chosen by the same config field.
+
+* ``mezo``: MeZO's two-point SPSA (Malladi et al. 2023), q directions, 2q passes.
+* ``fzoo``: one-sided, normalised (FZOO, Dang et al. 2026): L0 = L(w) and L_i = L(w + eps z_i)
+  for q >= 2 directions, g_i = (L_i - L0) / sigma with sigma the sample standard deviation
+  of the L_i: q + 1 passes. Since sigma ~ eps |grad| the step is a normalised-gradient
+  step of length ~lr per element, whatever the loss scale.
+* ``sparse``: two-point SPSA on magnitude-masked z (Sparse-MeZO).
+* ``lowrank``: two-point SPSA on low-rank z = U V^T per matrix (LOZO), V kept for
+  ``lowrank_interval`` steps.
+
+Memory: none beyond the direction family's (see its docstring); FZOO keeps q + 1 floats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+from sglang.srt.mezo.structured_directions import lowrank_seed
+
+ESTIMATORS = ("mezo", "fzoo", "sparse", "lowrank")
+
+# (seed or None for the unperturbed weights, scale) -> mean loss at w + scale * z(seed)
+LossAt = Callable[[Optional[int], float], float]
+
+
+def direction_seed(run_seed: int, step: int, direction: int) -> int:
+    """The seed of direction `direction` at step `step`: stable, 63 bits, logged per step."""
+    digest = hashlib.blake2b(f"mezo/{int(run_seed)}/{int(step)}/{int(direction)}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+@dataclass
+class DirectionEstimate:
+    """One direction of a step: its seed, the losses measured along it, and its update
+    coefficient g (the projected gradient for two-point estimators). `loss_minus` is the
+    second point: L(w - eps z) for two-point estimators, L(w) for one-sided ones."""
+
+    seed: int
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+
+
+class Estimator(Protocol):
+    name: str
+
+    def passes_per_step(self) -> int:
+        """Forward passes (over the batch) one step costs."""
+
+    def estimate(self, loss_at: LossAt, step: int) -> list:
+        """The step's `DirectionEstimate`s, all at the same weights."""
+
+
+class TwoPoint:
+    """MeZO's SPSA: ``g = (L(w + eps z) - L(w - eps z)) / (2 eps)`` per direction (its
+    expectation on a quadratic is exactly grad . z; `sparse` and `lowrank` use it on their z)."""
+
+    def __init__(self, name: str, run_seed: int, epsilon: float, directions: int, seed_of=None):
+        self.name, self.run_seed, self.epsilon, self.directions = name, run_seed, epsilon, directions
+        self.seed_of = seed_of or (lambda step, d: direction_seed(run_seed, step, d))
+
+    def passes_per_step(self) -> int:
+        return 2 * self.directions
+
+    def estimate(self, loss_at: LossAt, step: int) -> list:
+        estimates = []
+        for d in range(self.directions):
+            seed = self.seed_of(step, d)
+            loss_plus = loss_at(seed, +self.epsilon)
+            loss_minus = loss_at(seed, -self.epsilon)
+            grad = (loss_plus - loss_minus) / (2 * self.epsilon)
+            estimates.append(DirectionEstimate(seed, loss_plus, loss_minus, grad))
+        return estimates
+
+
+class OneSidedNormalised:
+    """FZOO's step: q one-sided differences against one unperturbed pass, each divided by
+    the standard deviation of the q perturbed losses (0 when they are all equal: no update)."""
+
+    name = "fzoo"
+
+    def __init__(self, run_seed: int, epsilon: float, directions: int):
+        self.run_seed, self.epsilon, self.directions = run_seed, epsilon, directions
+
+    def passes_per_step(self) -> int:
+        return self.directions + 1
+
+    def estimate(self, loss_at: LossAt, step: int) -> list:
+        base = loss_at(None, 0.0)
+        seeds = [direction_seed(self.run_seed, step, d) for d in range(self.directions)]
+        losses = [loss_at(seed, +self.epsilon) for seed in seeds]
+        finite = all(math.isfinite(loss) for loss in (base, *losses))  # else the trainer skips the step
+        sigma = statistics.stdev(losses) if finite else math.nan
+        scale = 1.0 / sigma if sigma > 0 else 0.0
+        return [DirectionEstimate(s, loss, base, (loss - base) * scale) for s, loss in zip(seeds, losses)]
+
+
+def make_estimator(config) -> Estimator:
+    """The estimator `config.estimator` names, with the config's hyperparameters."""
+    seed, eps, q = config.seed, config.epsilon, config.num_directions
+    if config.estimator == "fzoo":
+        return OneSidedNormalised(seed, eps, q)
+    if config.estimator == "lowrank":
+        interval = config.lowrank_interval
+
+        def seed_of(step: int, d: int) -> int:
+            return lowrank_seed(direction_seed(seed, step, d), direction_seed(seed, -1 - step // interval, d))
+
+        return TwoPoint("lowrank", seed, eps, q, seed_of)
+    return TwoPoint(config.estimator, seed, eps, q)
