@@ -210,6 +210,37 @@ class TestMagnitudeMasked(unittest.TestCase):
         moved = (steps_from(canary, canary.backend.model, 5) != 0).any(0)
         self.assertFalse(torch.equal(moved, support))
 
+    def test_an_all_zero_tensor_is_perturbed_whole(self):
+        """LoRA's B starts at zero: every |w| = 0 = tau, and ties at tau are in the mask, so a
+        sparse run trains B from the first step (each element moves: Gaussian z is never 0).
+        Canary: a strict comparison (|w| < tau) leaves B at zero forever."""
+
+        def moved(strict: bool) -> torch.Tensor:
+            model = Quadratic(10, seed=6)
+            with torch.no_grad():
+                model.theta.zero_()
+            trainer = toy_trainer(model, "sparse", sparse_fraction=0.3)
+            if strict:
+                family = trainer.backend.perturbation.family
+                dense = structured_directions.dense_source
+
+                def strict_source(name, values):
+                    tau, z = family.threshold(values), dense(family.kind, name, values.device)
+                    return lambda seed, start, piece: torch.where(piece.abs() < tau, z(seed, start, piece), 0.0)
+
+                family.source = strict_source
+            return steps_from(trainer, model, 1)[0] != 0
+
+        self.assertTrue(bool(moved(strict=False).all()))
+        self.assertFalse(bool(moved(strict=True).any()))
+
+    def test_refuses_momentum_and_weight_decay(self):
+        """Both would move elements outside the mask (decay scales every element; a momentum
+        buffer keeps earlier masks' z)."""
+        for extra in (dict(momentum=0.9), dict(weight_decay=0.1)):
+            with self.assertRaisesRegex(ValueError, "sparse moves only its masked elements"):
+                MeZOConfig(estimator="sparse", learning_rate=1e-3, **extra)
+
 
 class TestLowRank(unittest.TestCase):
     def test_updates_have_rank_r_and_share_the_basis_within_an_interval(self):
@@ -253,6 +284,9 @@ class TestLowRank(unittest.TestCase):
             assert_mean_close(self, steps_from(canary, canary.backend.model, 3000), model.grad())
 
 
+DTYPES = (torch.float32, torch.bfloat16)
+
+
 class TestEstimatorExactness(unittest.TestCase):
     """Every estimator on a tiny Llama, LoRA and full-parameter."""
 
@@ -264,19 +298,18 @@ class TestEstimatorExactness(unittest.TestCase):
 
     def test_lr0_steps_restore_every_weight_bit_for_bit(self):
         """10 steps at lr = 0 (each perturbing the weights 2q or q + 1 times) leave every
-        weight bit-identical, in float32 and bfloat16, LoRA and full-parameter. Canary: with
-        the unit-scoped restore disabled the same comparison fails."""
-        for (estimator, extra), peft, dtype in (
-            (case, peft, dtype)
-            for case in self.CASES
-            for peft in ("none", "lora")
-            for dtype in (torch.float32, torch.bfloat16)
-        ):
-            with self.subTest(estimator=estimator, peft=peft, dtype=dtype):
+        weight bit-identical, in float32 and bfloat16, LoRA and full-parameter, and over
+        float32 masters (written from the master, synced back). Canary: with the unit-scoped
+        restore disabled the same comparison fails."""
+        cases = [(case, peft, dtype, False) for case in self.CASES for peft in ("none", "lora") for dtype in DTYPES]
+        cases += [(case, "none", torch.bfloat16, True) for case in self.CASES]  # float32 masters
+        for (estimator, extra), peft, dtype, masters in cases:
+            with self.subTest(estimator=estimator, peft=peft, dtype=dtype, fp32_trainable=masters):
                 model = tiny_llama(dtype=dtype)
                 config = MeZOConfig(
-                    estimator=estimator, peft=peft, learning_rate=0.0, epsilon=1e-2, disable_tqdm=True, **extra
-                )
+                    estimator=estimator, peft=peft, learning_rate=0.0, epsilon=1e-2, fp32_trainable=masters,
+                    disable_tqdm=True, **extra,
+                )  # fmt: skip
                 trainer = MeZOTrainer(model, config)
                 before = snapshot(trainer.model)
                 for _ in range(10):
@@ -340,6 +373,25 @@ class TestEstimatorConfig(unittest.TestCase):
             MeZOConfig(estimator="sparse", backend="sglang", learning_rate=1e-3)
         with self.assertRaisesRegex(ValueError, "estimator"):
             MeZOConfig(estimator="adam")
+        self.assertEqual(MeZOConfig(num_directions=8).estimator, "mezo")  # any hyperparameter set: MeZO's
+
+    def test_checkpoints_from_before_estimators_resume(self):
+        """A checkpoint whose identity predates the estimator fields resumes as MeZO (what it
+        ran); a changed estimator is still refused."""
+        from sglang.srt.mezo.checkpoint import check_identity, run_identity
+
+        config = MeZOConfig(learning_rate=1e-3, epsilon=1e-2)
+        added = ("estimator", "sparse_fraction", "lowrank_rank", "lowrank_interval")
+        with tempfile.TemporaryDirectory() as root:
+            identity = run_identity(config)
+            step = Path(root) / "step-1"
+            step.mkdir()
+            old = {k: v for k, v in identity.items() if k not in added}
+            (step / "trainer_state.json").write_text(json.dumps({"global_step": 1, "identity": old}))
+            check_identity(step, identity)
+            other = run_identity(MeZOConfig(estimator="lowrank", learning_rate=1e-3, epsilon=1e-2))
+            with self.assertRaisesRegex(ValueError, "estimator: 'mezo' -> 'lowrank'"):
+                check_identity(step, other)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,10 @@ class TestSGLangBackendPolicies(unittest.TestCase):
             backend.load_trainable_state({})
         with self.assertRaisesRegex(ValueError, "restore_log.*unit by unit"):
             SGLangBackend(FakeEngine(), MeZOConfig(perturbation_mechanism="restore_log"), "unused")
+        for estimator in ("sparse", "lowrank"):  # a config built for another backend, handed to this one
+            config = MeZOConfig(estimator=estimator, learning_rate=1e-3, disable_tqdm=True)
+            with self.assertRaisesRegex(ValueError, f"estimator='{estimator}'.*transformers backend"):
+                SGLangBackend(FakeEngine(), config, "unused")
 
 
 class TestRPCOutcomes(unittest.TestCase):
@@ -342,6 +346,27 @@ class TestSGLangEngine(unittest.TestCase):
 
     def test_lr0_steps_leave_engine_weights_bit_identical_and_updates_match(self):
         assert_lr0_steps_keep_weights_then_update_matches(self, self.backend, self.reference, self.model_dir, 2)
+
+    def test_fzoo_passes_match_the_transformers_backend(self):
+        """FZOO on the engine: its unperturbed pass and q one-sided passes equal the
+        transformers backend's within 2^-20 per token (same seeds), and lr = 0 steps leave
+        the engine's weights bit-identical (the extra unperturbed pass included)."""
+        from transformers import AutoModelForCausalLM
+
+        config = MeZOConfig(
+            estimator="fzoo", num_directions=3, learning_rate=0.0, epsilon=1e-3, seed=4, disable_tqdm=True
+        )
+        backend = SGLangBackend(self.engine, config, self.model_dir)
+        before = backend.checksum()
+        trainer = MeZOTrainer(None, config, backend=backend)
+        reference = MeZOTrainer(AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32), config)
+        for _ in range(2):
+            a, b = trainer.step(candidate_batch()), reference.step(candidate_batch())
+            self.assertEqual([d.seed for d in a.per_direction], [d.seed for d in b.per_direction])
+            for x, y in zip(a.per_direction, b.per_direction):
+                self.assertLessEqual(abs(x.loss_plus - y.loss_plus), LOGPROB_TOL)
+                self.assertLessEqual(abs(x.loss_minus - y.loss_minus), LOGPROB_TOL)
+        self.assertEqual(backend.checksum(), before)
 
     def test_radix_cache_shares_prompts_within_a_pass(self):
         batch = candidate_batch()

@@ -2442,6 +2442,13 @@ class TestMeZOEdgeCases(unittest.TestCase):
             return MeZOTrainer(tiny_llama(), config).backend.mechanism
 
         self.assertEqual(mechanism(perturbation="rademacher"), "restore_log")
+        # LoRA's B starts at zero: every element would be logged (SmolLM2's overflowed the
+        # log at the first step), so auto takes per-unit copies; asked for, the log serves
+        self.assertEqual(mechanism(perturbation="rademacher", peft="lora", learning_rate=1e-3), "unit_scoped")
+        self.assertEqual(
+            mechanism(perturbation="rademacher", peft="lora", learning_rate=1e-3, perturbation_mechanism="restore_log"),
+            "restore_log",
+        )
         self.assertEqual(mechanism(perturbation="gaussian"), "unit_scoped")
         self.assertEqual(mechanism(perturbation="rademacher", perturbation_mechanism="unit_scoped"), "unit_scoped")
         with self.assertRaisesRegex(ValueError, "restore_log.*Rademacher.*perturbation='gaussian'"):

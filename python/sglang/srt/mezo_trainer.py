@@ -8,9 +8,10 @@ Python API::
     out = trainer.step(batch)            # out.loss_plus, out.loss_minus, out.projected_grad, out.seed
     trainer.train(create_dataloader(MeZODataset("train.jsonl", tokenizer), 16))
 
-CLI (every `MeZOConfig` field is a flag)::
+CLI (every `MeZOConfig` field is a flag; with no --lr / --epsilon the estimator and its
+hyperparameters are the benchmarked defaults, see `sglang.srt.mezo.config.ESTIMATOR_DEFAULTS`)::
 
-    python -m sglang.srt.mezo_trainer --train-file train.jsonl --eval-file eval.jsonl --steps 200
+    python -m sglang.srt.mezo_trainer --peft lora --train-file train.jsonl --eval-file eval.jsonl --steps 200
 
 The main job, `mezo_finetune`, reads as a recipe: `setup` (model, data, backend, resume),
 `train` (the loop, with metrics, evaluations and checkpoints as it goes), `evaluate`

@@ -3,8 +3,11 @@
 Where things live (imports run downward only: entry point -> trainer -> backends ->
 perturbation -> kernels; config, data, objectives, sharding and primitives are leaves):
 
-* `trainer`: the step (seed, L+, L-, g, update) and the train / evaluate loops;
-* `config`: `MeZOConfig`, one help string and one CLI flag per field;
+* `trainer`: the step (the estimator's passes, one update) and the train / evaluate loops;
+* `estimators`: how a step turns losses at seeded perturbations into update terms (MeZO's
+  two points, FZOO's normalised one-sided differences); `structured_directions`: masked
+  (Sparse-MeZO) and low-rank (LOZO) z drawn from the same seeds;
+* `config`: `MeZOConfig`, one help string and one CLI flag per field, and the defaults;
 * `backends/`: the `Backend` protocol and its two implementations, transformers in this
   process and an upstream SGLang engine (with the plugin that perturbs inside it);
 * `perturbation`: how a perturbation is scoped and undone exactly (per-unit copies

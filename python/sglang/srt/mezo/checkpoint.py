@@ -144,11 +144,17 @@ def load_checkpoint(trainer, directory: str | os.PathLike, identity: Optional[di
     return path
 
 
+# Identity fields added after checkpoints were first written, with the values that
+# reproduce what such a run did: a checkpoint without them resumes under them.
+ADDED_IDENTITY_FIELDS = {"estimator": "mezo", "sparse_fraction": 0.25, "lowrank_rank": 2, "lowrank_interval": 50}
+
+
 def check_identity(checkpoint: Path, identity: dict) -> None:
     """Raises ValueError naming every field in which `checkpoint`'s run differs from `identity`."""
     recorded = _identity_of(checkpoint)
     if recorded is None:
         raise ValueError(f"checkpoint {checkpoint} records no run identity: it cannot be matched to this run")
+    recorded = {**ADDED_IDENTITY_FIELDS, **recorded}
     differing = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
     if differing:
         changes = ", ".join(f"{k}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in differing[:6])

@@ -51,7 +51,7 @@ RESUMABLE_FIELDS = (
     "check_ranks_every",
 )
 
-# What `estimator="auto"` runs when neither learning_rate nor epsilon is set, with its
+# What `estimator="auto"` runs when no hyperparameter of DEFAULTED_FIELDS is set, with its
 # defaults below: the winner of benchmark/mezo/bench_convergence.py (see its README).
 RECOMMENDED_ESTIMATOR = "fzoo"
 
@@ -66,7 +66,7 @@ ESTIMATOR_DEFAULTS = {
         "prefix": dict(learning_rate=1e-2, epsilon=1e-1, num_directions=1, perturbation="gaussian"),
     },
     "fzoo": {
-        "full": dict(learning_rate=5e-3, epsilon=1e-3, num_directions=4, perturbation="rademacher"),
+        "full": dict(learning_rate=3e-3, epsilon=1e-3, num_directions=4, perturbation="rademacher"),
         "lora": dict(learning_rate=2e-2, epsilon=1e-2, num_directions=4, perturbation="rademacher"),
         "prefix": dict(learning_rate=1e-2, epsilon=1e-1, num_directions=4, perturbation="rademacher"),
     },
@@ -152,8 +152,8 @@ class MeZOConfig:
     estimator: str = _f(
         "auto",
         f"How a step estimates the gradient: one of {ESTIMATORS} (sglang.srt.mezo.estimators), or auto: "
-        f"{RECOMMENDED_ESTIMATOR} with its benchmarked defaults when neither learning_rate nor epsilon is set, "
-        "else mezo. The choice is logged in metrics.jsonl.",
+        f"{RECOMMENDED_ESTIMATOR} with its benchmarked defaults when none of learning_rate, epsilon, "
+        "num_directions, perturbation is set, else mezo. The choice is logged in metrics.jsonl.",
     )
     learning_rate: Optional[float] = _f(
         None, "ZO-SGD learning rate eta (unset: the estimator's default for the trainable set).", aliases=["--lr"]
@@ -177,7 +177,9 @@ class MeZOConfig:
         "Directions q per step at the same weights (n-SPSA; fzoo needs >= 2; unset: the estimator's default).",
     )
     sparse_fraction: float = _f(
-        0.25, "estimator=sparse: fraction of each tensor perturbed and updated (its smallest magnitudes)."
+        0.25,
+        "estimator=sparse: fraction of each tensor perturbed and updated (its smallest magnitudes; "
+        "no momentum or weight decay, which would move the rest).",
     )
     lowrank_rank: int = _f(2, "estimator=lowrank: rank r of each matrix's direction U V^T.")
     lowrank_interval: int = _f(50, "estimator=lowrank: steps a basis V is kept before a new one is drawn.")
@@ -301,12 +303,14 @@ class MeZOConfig:
             bad("sparse_fraction", "must be in (0, 1]")
         if self.estimator in ("sparse", "lowrank") and self.backend != "transformers":
             bad("estimator", "structured directions run on the transformers backend (--backend transformers)")
+        if self.estimator == "sparse" and (self.momentum or self.weight_decay):
+            bad("estimator", "sparse moves only its masked elements: momentum and weight decay would move the rest")
 
     def resolve_defaults(self) -> None:
         """Resolves ``estimator="auto"`` and fills the unset hyperparameters from
         `ESTIMATOR_DEFAULTS`; what was filled in is kept in `defaults_applied` (not a field:
         a recorded config.json holds the resolved values)."""
-        explicit = self.learning_rate is not None or self.epsilon is not None
+        explicit = any(getattr(self, name) is not None for name in DEFAULTED_FIELDS)
         chosen = self.estimator == "auto"
         if chosen:
             self.estimator = "mezo" if explicit else RECOMMENDED_ESTIMATOR

@@ -8,10 +8,13 @@ z a seed names (dense, magnitude-masked, low-rank) is the backend's direction fa
 (`structured_directions`), chosen by the same config field.
 
 * ``mezo``: MeZO's two-point SPSA (Malladi et al. 2023), q directions, 2q passes.
-* ``fzoo``: one-sided, normalised (FZOO, Dang et al. 2026): L0 = L(w) and L_i = L(w + eps z_i)
+* ``fzoo``: one-sided, normalised (FZOO, ICLR 2026): L0 = L(w) and L_i = L(w + eps z_i)
   for q >= 2 directions, g_i = (L_i - L0) / sigma with sigma the sample standard deviation
-  of the L_i: q + 1 passes. Since sigma ~ eps |grad| the step is a normalised-gradient
-  step of length ~lr per element, whatever the loss scale.
+  of the L_i: q + 1 passes. Where the spread of the L_i reflects the gradient (sigma ~ eps
+  |grad|) this is a normalised-gradient step of ~lr / sqrt(q) per element whatever the loss
+  scale; the offset all L_i share (eps^2 / 2 z'Hz, a loss rounded in half precision) is
+  not in sigma, so when the L_i cluster tightly g_i grows without bound: `grad_clip`
+  bounds it.
 * ``sparse``: two-point SPSA on magnitude-masked z (Sparse-MeZO).
 * ``lowrank``: two-point SPSA on low-rank z = U V^T per matrix (LOZO), V kept for
   ``lowrank_interval`` steps.

@@ -2,15 +2,15 @@
 
 MeZO's direction is i.i.d. per element (`kernels`). Two later methods restrict it:
 
-* `MagnitudeMasked` (Sparse-MeZO, Liu et al. 2025): z times a mask that keeps the
+* `MagnitudeMasked` (Sparse-MeZO, NeurIPS 2025): z times a mask that keeps the
   ``fraction`` of each tensor's elements with the smallest magnitude.
-* `LowRank` (LOZO, Chen et al. 2025): for a matrix, ``Z = U V^T / sqrt(r)`` with Gaussian
+* `LowRank` (LOZO, ICLR 2025): for a matrix, ``Z = U V^T / sqrt(r)`` with Gaussian
   U (m x r) drawn each step and V (n x r) kept for ``interval`` steps; other tensors
   take the dense z.
 
 A family turns a tensor's *unperturbed* values into a `ZSource` for the torch reference
 writes (`kernels.reference.axpy_` / `update_`), which then round exactly as for dense z:
-the perturbation is undone exactly (the unit-scoped mechanism never writes w), every
+the perturbation is undone exactly (as the unit-scoped mechanism undoes dense z), every
 element's z is a pure function of (seed, tensor name, offset, the tensor's values), so
 replaying the logged seeds rebuilds the run. Nothing is stored across steps: U, V and the
 mask threshold are recomputed from seeds and weights. Extra memory by design: the mask's
@@ -55,7 +55,9 @@ class MagnitudeMasked:
 
     Ties at tau are kept (LoRA's zero-initialised B is perturbed whole). The mask comes from
     the values before the write: the same at L+, L- and the update of one step. An element
-    outside it keeps its value (a -0.0 can become +0.0 under an update).
+    outside it keeps its value (a -0.0 can become +0.0 under an update; the config refuses
+    momentum and weight decay, which would move it). Magnitudes are compared in float32
+    (float64 weights: the k smallest up to float32 rounding).
     """
 
     name = "sparse"
@@ -84,8 +86,9 @@ class MagnitudeMasked:
 
 
 def lowrank_seed(step_seed: int, basis_seed: int) -> int:
-    """A 63-bit low-rank direction seed: 32 bits of `basis_seed` name V (shared by the
-    steps of one interval), 31 bits of `step_seed` name U; one logged integer as for MeZO."""
+    """A 63-bit low-rank direction seed: its top 32 bits come from `basis_seed` and alone
+    key V (shared by the steps of one interval), its low 31 from `step_seed`; U is keyed by
+    the whole seed. One logged integer, as for MeZO."""
     return ((basis_seed >> BASIS_SHIFT) << BASIS_SHIFT) | (step_seed & ((1 << BASIS_SHIFT) - 1))
 
 
@@ -119,11 +122,10 @@ class LowRank:
         if values.dim() != 2:
             return dense_source(self.kind, name, values.device)
         rows, cols = values.shape
-        cached: dict = {}  # seed -> (U, V): a write's chunks share them
+        cached: dict = {}  # seed -> (U, V): a write's chunks and terms share them
 
         def lowrank(seed: int, start: int, piece: torch.Tensor) -> torch.Tensor:
             if seed not in cached:
-                cached.clear()
                 cached[seed] = self.factors(seed, name, rows, cols, values.device)
             u, v = cached[seed]
             index = torch.arange(start, start + piece.numel(), device=values.device)

@@ -245,6 +245,11 @@ class SGLangBackend:
     ):
         if config.peft == "prefix":
             raise NotImplementedError("prefix tuning has no SGLang serving path: use the transformers backend")
+        if config.estimator in ("sparse", "lowrank"):
+            raise ValueError(
+                f"estimator={config.estimator!r}: structured directions run on the transformers backend; "
+                "the engine draws dense z (use mezo or fzoo)"
+            )
         if config.perturbation_mechanism == "restore_log":
             raise ValueError(
                 "perturbation_mechanism='restore_log' is a CPU-process mechanism: the SGLang engine "

@@ -109,7 +109,7 @@ class TransformersBackend:
         """The perturbation mechanism: `requested`, or for ``auto`` the restore log where it
         applies (Rademacher z is free to regenerate, so whole-model moves beat per-unit copies
         on float32 CPU weights) and per-unit scratch copies elsewhere (structured directions
-        always: the restore log subtracts dense z)."""
+        always: the restore log subtracts dense z; and an all-zero tensor)."""
         kind = self.config.perturbation
         logged = self.family is None and LoggedPerturbation.supports(self.tensors, kind)
         if requested == "restore_log" and not logged:
@@ -119,7 +119,11 @@ class TransformersBackend:
                 f"dtypes {sorted({str(t.param.dtype) for t in self.tensors})}, devices "
                 f"{sorted({str(t.param.device) for t in self.tensors})}); use 'unit_scoped' or 'auto'"
             )
-        if requested == "restore_log" or (requested == "auto" and logged):
+        # A tensor of zeros (LoRA's B before training) has every element below eps: all of it
+        # would be logged, overflowing the log on the first step; auto leaves such runs to
+        # per-unit copies (LoRA tensors are small, so the copies cost little).
+        zeros = any(not bool(t.value.any()) for t in self.tensors)
+        if requested == "restore_log" or (requested == "auto" and logged and not zeros):
             return LoggedPerturbation(self.tensors, kind, self.versions)
         return ModuleScopedPerturbation(self.tensors, kind, self.versions, root=self.model, family=self.family)
 
