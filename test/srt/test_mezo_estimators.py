@@ -104,9 +104,9 @@ class TestOneSidedNormalised(unittest.TestCase):
         Rademacher u every third moment E[u_i u_j u_k] is 0, so E[(L_i - L0) u_i] = eps g
         exactly. The step is -lr/q sum_i (L_i - L0)/sigma u_i with sigma the sample std of
         the L_i: multiplying each step by its sigma (recomputed here from the logged losses)
-        leaves q^-1 sum (L_i - L0) u_i, whose mean over N = 3000 steps must be eps g within
+        leaves q^-1 sum (L_i - L0) u_i, whose mean over N = 2000 steps must be eps g within
         5 standard errors. Canary: L(w - eps u) in place of L(w) doubles the mean."""
-        eps, q, n = 1e-2, 4, 3000
+        eps, q, n = 1e-2, 4, 2000
 
         def run(canary: bool) -> torch.Tensor:
             model = Quadratic(8, seed=1)
@@ -178,7 +178,7 @@ class TestMagnitudeMasked(unittest.TestCase):
         """Sparse-MeZO moves exactly the k = ceil(f d) smallest-magnitude elements (tau = the
         k-th smallest |w|, found here by sorting): Gaussian z is never 0, so every masked-in
         element moves and no other. Two-point SPSA on a quadratic is exact: g = grad.(m z),
-        so E[g m z] = m grad (diag mask), checked as a mean of N = 3000 steps within 5
+        so E[g m z] = m grad (diag mask), checked as a mean of N = 2000 steps within 5
         standard errors. Canary: a mask of the largest magnitudes moves other elements."""
         d, fraction = 12, 0.25
         model = Quadratic(d, seed=2)
@@ -187,7 +187,7 @@ class TestMagnitudeMasked(unittest.TestCase):
         support = model.theta.detach().abs() <= tau
         self.assertEqual(int(support.sum()), k)
         trainer = toy_trainer(model, "sparse", sparse_fraction=fraction)
-        samples = steps_from(trainer, model, 3000)
+        samples = steps_from(trainer, model, 2000)
         moved = (samples != 0).any(0)
         self.assertTrue(torch.equal(moved, support))
         self.assertTrue(((samples != 0) == support).all())  # every step, not just some
@@ -273,15 +273,15 @@ class TestLowRank(unittest.TestCase):
     def test_unbiased_when_the_basis_is_redrawn(self):
         """E[Z_ij Z_kl] = sum_ab E[U_ia U_kb] E[V_ja V_lb] / r = delta_ik delta_jl, so with a
         new V each step (interval 1) E[g Z] = grad exactly on a quadratic (g = grad . Z,
-        two-point SPSA); N = 3000 steps, 5 standard errors. Canary: z without the 1/sqrt(r)
+        two-point SPSA); N = 2000 steps, 5 standard errors. Canary: z without the 1/sqrt(r)
         scale (r = 4): g and Z both grow by 2, E = 4 grad."""
         model = MatrixQuadratic(5, 4, seed=5)
         trainer = toy_trainer(model, "lowrank", lowrank_rank=4, lowrank_interval=1)
-        assert_mean_close(self, steps_from(trainer, model, 3000), model.grad())
+        assert_mean_close(self, steps_from(trainer, model, 2000), model.grad())
         canary = toy_trainer(MatrixQuadratic(5, 4, seed=5), "lowrank", lowrank_rank=4, lowrank_interval=1)
         canary.backend.perturbation.family.scale = 1.0
         with self.assertRaises(AssertionError):
-            assert_mean_close(self, steps_from(canary, canary.backend.model, 3000), model.grad())
+            assert_mean_close(self, steps_from(canary, canary.backend.model, 2000), model.grad())
 
 
 DTYPES = (torch.float32, torch.bfloat16)
