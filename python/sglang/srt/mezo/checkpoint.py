@@ -13,12 +13,13 @@ import json
 import os
 import re
 import shutil
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 from safetensors.torch import load_file, save_file
 
-from sglang.srt.mezo.config import RESUMABLE_FIELDS
+from sglang.srt.mezo.config import RESUMABLE_FIELDS, MeZOConfig
 
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -145,8 +146,16 @@ def load_checkpoint(trainer, directory: str | os.PathLike, identity: Optional[di
 
 
 # Identity fields added after checkpoints were first written, with the values that
-# reproduce what such a run did: a checkpoint without them resumes under them.
-ADDED_IDENTITY_FIELDS = {"estimator": "mezo", "sparse_fraction": 0.25, "lowrank_rank": 2, "lowrank_interval": 50}
+# reproduce what such a run did (MeZO; the other fields' defaults, unused by it): a
+# checkpoint without them resumes under them.
+ADDED_IDENTITY_FIELDS = {
+    "estimator": "mezo",
+    **{
+        f.name: f.default
+        for f in fields(MeZOConfig)
+        if f.name in ("sparse_fraction", "lowrank_rank", "lowrank_interval")
+    },
+}
 
 
 def check_identity(checkpoint: Path, identity: dict) -> None:

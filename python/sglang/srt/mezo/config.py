@@ -12,6 +12,7 @@ from sglang.srt.mezo.data.batching import PAD_SIDES
 from sglang.srt.mezo.data.dataset import OVERLONG_POLICIES
 from sglang.srt.mezo.estimators import ESTIMATORS
 from sglang.srt.mezo.kernels import PERTURBATIONS
+from sglang.srt.mezo.structured_directions import STRUCTURED_ESTIMATORS
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PEFT_METHODS = ("none", "lora", "prefix")
@@ -250,7 +251,6 @@ class MeZOConfig:
         for name, choices in (
             ("perturbation", PERTURBATIONS),
             ("lr_scheduler", LR_SCHEDULERS),
-            ("peft", PEFT_METHODS),
             ("objective", OBJECTIVES),
             ("backend", BACKENDS),
             ("dtype", DTYPES),
@@ -303,7 +303,7 @@ class MeZOConfig:
             bad("num_directions", "fzoo normalises by the spread of the q perturbed losses: needs q >= 2")
         if not 0.0 < self.sparse_fraction <= 1.0:
             bad("sparse_fraction", "must be in (0, 1]")
-        if self.estimator in ("sparse", "lowrank") and self.backend != "transformers":
+        if self.estimator in STRUCTURED_ESTIMATORS and self.backend != "transformers":
             bad("estimator", "structured directions run on the transformers backend (--backend transformers)")
         if self.estimator == "sparse" and (self.momentum or self.weight_decay):
             bad("estimator", "sparse moves only its masked elements: momentum and weight decay would move the rest")

@@ -320,7 +320,7 @@ class ModuleScopedPerturbation:
         if self.family is None:
             axpy_direction_(dst, src, self.kind, key, scale, save=save, layout=t.layout)
             return
-        kind = self.family.write_kind(self.kind)
+        kind = self.family.write_kind
         z_of = self.family.source(t.name, src)
         seed = self._scope[0]
         reference.axpy_(dst, src, kind, seed, effective_alpha(kind, dst.dtype, scale), save, z_of=z_of)
@@ -446,7 +446,7 @@ def commit_update(
 
 def _commit_structured(tensors: list, plan: UpdatePlan, kind: str, versions, family: DirectionFamily) -> None:
     seeds, coefs = [seed for seed, _ in plan.terms], [coef for _, coef in plan.terms]
-    write_kind = family.write_kind(kind)
+    write_kind = family.write_kind
     sources = [family.source(t.name, t.value) for t in tensors]  # before any write (a mask's threshold)
     with DeferredInterrupts():
         for t, z_of in zip(tensors, sources):

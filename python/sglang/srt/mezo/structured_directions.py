@@ -33,13 +33,12 @@ from sglang.srt.mezo.kernels import GAUSSIAN, direction_chunk, tensor_key
 from sglang.srt.mezo.kernels.reference import ZSource, f32
 
 BASIS_SHIFT = 31  # a low-rank seed's bits above this one name its basis V (see `LowRank`)
+STRUCTURED_ESTIMATORS = ("sparse", "lowrank")  # the estimators whose z is a family's (transformers backend)
 
 
 class DirectionFamily(Protocol):
     name: str
-
-    def write_kind(self, kind: str) -> str:
-        """The write arithmetic `kernels.reference` uses for these z (see `math_dtype`)."""
+    write_kind: str  # the write arithmetic `kernels.reference` uses for these z (see `math_dtype`)
 
     def source(self, name: str, values: torch.Tensor) -> ZSource:
         """z of tensor `name` whose unperturbed values are `values`, keyed by direction seed."""
@@ -64,10 +63,8 @@ class MagnitudeMasked:
 
     def __init__(self, kind: str, fraction: float):
         self.kind = kind
+        self.write_kind = kind  # z in {0} u the base draws: the base kind's arithmetic is exact for 0 too
         self.fraction = fraction
-
-    def write_kind(self, kind: str) -> str:
-        return kind  # z in {0} u the base draws: the base kind's arithmetic is exact for 0 too
 
     def threshold(self, values: torch.Tensor) -> torch.Tensor:
         magnitudes = values.detach().reshape(-1).float().abs()
@@ -103,14 +100,12 @@ class LowRank:
     """
 
     name = "lowrank"
+    write_kind = GAUSSIAN  # Z is not +-1: Gaussian arithmetic (float64 on float32 weights)
 
     def __init__(self, kind: str, rank: int):
         self.kind = kind
         self.rank = rank
         self.scale = f32(1.0 / math.sqrt(rank))
-
-    def write_kind(self, kind: str) -> str:
-        return GAUSSIAN  # Z is not +-1: Gaussian arithmetic (float64 on float32 weights)
 
     def factors(self, seed: int, name: str, rows: int, cols: int, device) -> tuple:
         r = self.rank

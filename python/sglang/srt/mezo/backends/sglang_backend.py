@@ -34,6 +34,7 @@ from sglang.srt.mezo.config import MeZOConfig, split_list
 from sglang.srt.mezo.kv_cache import CacheStats
 from sglang.srt.mezo.objectives import IGNORE_INDEX, RowObjective, example_groups
 from sglang.srt.mezo.primitives import require_all, tensor_digest
+from sglang.srt.mezo.structured_directions import STRUCTURED_ESTIMATORS
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class SGLangBackend:
     ):
         if config.peft == "prefix":
             raise NotImplementedError("prefix tuning has no SGLang serving path: use the transformers backend")
-        if config.estimator in ("sparse", "lowrank"):
+        if config.estimator in STRUCTURED_ESTIMATORS:
             raise ValueError(
                 f"estimator={config.estimator!r}: structured directions run on the transformers backend; "
                 "the engine draws dense z (use mezo or fzoo)"

@@ -122,8 +122,9 @@ class TransformersBackend:
         # A tensor of zeros (LoRA's B before training) has every element below eps: all of it
         # would be logged, overflowing the log on the first step; auto leaves such runs to
         # per-unit copies (LoRA tensors are small, so the copies cost little).
-        zeros = any(not bool(t.value.any()) for t in self.tensors)
-        if requested == "restore_log" or (requested == "auto" and logged and not zeros):
+        if requested == "restore_log" or (
+            requested == "auto" and logged and all(bool(t.value.any()) for t in self.tensors)
+        ):
             return LoggedPerturbation(self.tensors, kind, self.versions)
         return ModuleScopedPerturbation(self.tensors, kind, self.versions, root=self.model, family=self.family)
 
