@@ -135,6 +135,29 @@ def cpu_thread_binding(tp_size: int, cores: Optional[list] = None) -> str:
     return "|".join(",".join(str(c) for c in s) for s in sets)
 
 
+INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def inductor_cache_for_this_isa(base: Optional[str] = None) -> str:
+    """The TorchInductor cache directory for a CPU engine's processes: a subdirectory of
+    `base` (default: $TORCHINDUCTOR_CACHE_DIR, else inductor's own) named after the vector
+    ISA ATen runs here (``ATEN_CPU_CAPABILITY``, else what the CPU supports).
+
+    Upstream compiles small functions with torch.compile (e.g. the vocabulary-parallel
+    embedding's input mask). Inductor's FX-graph cache does not key on that ISA: C++ generated
+    for AVX-512 (loops stepping 16 int64 lanes) was served to a process under
+    ``ATEN_CPU_CAPABILITY=avx2``, where the same source compiles to 8-lane vectors and leaves
+    every other block of 8 outputs unwritten; the tensor-parallel embedding then read
+    garbage token ids (``IndexError: index out of range``). One cache per ISA keeps what was
+    generated for one ISA from ever serving another.
+    """
+    if base is None:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        base = os.environ.get(INDUCTOR_CACHE) or default_cache_dir()
+    return str(Path(base) / f"isa-{torch.backends.cpu.get_cpu_capability().lower()}")
+
+
 def check_engine_layout(server_args) -> None:
     """Refuses, naming the setting, an engine whose processes MeZO cannot all reach or map:
     data-parallel replicas (upstream's collective_rpc reaches none of them: each has its
@@ -176,6 +199,7 @@ def launch_engine(model_path: str, dtype: str = "float32", device: str = "auto",
     environment = {}  # for the engine's processes, while they start
     if torch.device(device).type == "cpu":
         kwargs.update(CPU_ENGINE_DEFAULTS)
+        environment[INDUCTOR_CACHE] = inductor_cache_for_this_isa()
         if tp_size > 1 and not os.environ.get(THREAD_BINDING):
             environment[THREAD_BINDING] = cpu_thread_binding(tp_size)
     else:
