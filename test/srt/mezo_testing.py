@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import tempfile
 import weakref
+from typing import Optional
 from unittest import mock
 
 import torch
@@ -97,6 +99,71 @@ def smollm2_shaped(**overrides) -> LlamaForCausalLM:
     return tiny_llama(**{**values, **overrides})
 
 
+# ----------------------------------------------------------------------------- tolerances
+# Higham & Mary (2019), "A new approach to probabilistic rounding error analysis", Thm 2.4:
+# with independent, mean-zero rounding errors, a computation that chains n roundings has
+# relative error at most ~ lambda * sqrt(n) * u with probability >= 1 - 2n exp(-lambda^2 (1-u)^2 / 2).
+# lambda = 7 and n ~ 1e3 fail with probability < 6e-8 per compared value (the worst-case
+# bound n * u would hold always but is ~ 30x looser than any two CPU forwards ever differ).
+PROBABILISTIC_LAMBDA = 7.0
+
+
+def forward_reduction_length(config, tokens: int) -> int:
+    """The roundings a causal LM's logit collects along its deepest path: per decoder layer
+    the norm's sum of squares (hidden), q/k/v (hidden), scores (head_dim), scores x V (up to
+    `tokens`), o (heads x head_dim), the second norm (hidden), gate/up (hidden), down
+    (intermediate); then the final norm and the LM head (hidden each)."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    per_layer = 4 * hidden + head_dim + tokens + config.num_attention_heads * head_dim + config.intermediate_size
+    return config.num_hidden_layers * per_layer + 2 * hidden
+
+
+def logprob_tolerance(model: torch.nn.Module, batch: dict) -> float:
+    """How far two implementations of `model`'s forward in its dtype (other GEMM blocking, fused
+    kernels, attention backends, ISAs, tensor-parallel partial sums) may put one labelled
+    token's log-prob apart, derived rather than observed.
+
+    Each logit z_j = sum_i h_i W_ji. An implementation's rounding errors reach it as a
+    relative error of at most gamma = lambda sqrt(K) u on h (K = `forward_reduction_length`,
+    every rounding upstream; u the unit roundoff of `model`'s dtype, 2^-24 in float32) and
+    on the LM head's own sum (a LoRA branch runs its sums beside the base's and adds one
+    rounding per projection), so |dz_j| <= gamma S with
+    S = max_j sum_i |h_i| |W_ji|, the logits' absolute scale at this token (the magnitude
+    that grows as training moves the weights: hence relative, measured here at `model`'s
+    current weights, in its own arithmetic: a scale needs no more digits). log p_t = z_t -
+    logsumexp(z) moves by dz_t - sum_j p_j dz_j, at most 2 max_j |dz_j|; two
+    implementations, each that far from exact: 4 gamma S.
+    """
+    head = model.get_output_embeddings().weight.detach().double().abs()
+    scale, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]):
+            ids, labels = ids[mask], labels[mask]  # the row alone: no padding (it is NaN in float64)
+            hidden = model(input_ids=ids[None], output_hidden_states=True).hidden_states[-1][0]
+            predicts_label = labels[1:] != -100  # position p scores token p + 1
+            per_position = (hidden[:-1][predicts_label].double().abs() @ head.T).amax(-1)  # S
+            scale, tokens = max(scale, float(per_position.max())), max(tokens, int(ids.numel()))
+    unit_roundoff = torch.finfo(next(model.parameters()).dtype).eps / 2
+    gamma = PROBABILISTIC_LAMBDA * math.sqrt(forward_reduction_length(model.config, tokens)) * unit_roundoff
+    return 4 * gamma * scale
+
+
+def candidate_loss_tolerance(token_tolerance: float) -> float:
+    """Candidate cross-entropy from per-token log-probs within `token_tolerance`: each
+    candidate's score (a mean of its tokens' log-probs) moves by at most the tolerance, and
+    -log softmax(s)_gold = logsumexp(s) - s_gold by at most twice that; a batch mean keeps it."""
+    return 2 * token_tolerance
+
+
+def loss_tolerance(model: torch.nn.Module, batch: dict) -> float:
+    """The tolerance of the default objective's value on `batch`: candidate cross-entropy
+    (`candidate_loss_tolerance`) with candidates, else the mean completion NLL (a mean of
+    per-token log-probs: the per-token tolerance)."""
+    token = logprob_tolerance(model, batch)
+    return candidate_loss_tolerance(token) if "is_gold" in batch else token
+
+
 def lm_batch(batch_size=4, length=12, prompt=6, seed=1, vocab=384) -> dict:
     """Random token rows whose last `length - prompt` tokens carry labels (seeded)."""
     g = torch.Generator().manual_seed(seed)
@@ -169,22 +236,54 @@ def peak_bytes(fn, baseline=()) -> int:
     return tracker.peak
 
 
-def follow_in_order(trainer, reference, batch: dict, order: str) -> list:
+@contextlib.contextmanager
+def perturbed_weights(trainer, seed: Optional[int], scale: float):
+    """Within the block, `trainer`'s model holds ``w + scale z(seed)`` on its trainable tensors
+    (the weights a pass at that seed and scale reads), written as a plain update of
+    ``-scale`` at lr 1; after it, the weights (and momentum) are loaded back bit for bit."""
+    if seed is None or not scale:
+        yield trainer.model
+        return
+    config, backend = trainer.config, trainer.backend
+    weights = {name: value.clone() for name, value in backend.trainable_state().items()}
+    momentum = {name: buffer.clone() for name, buffer in backend.momentum_state().items()}
+    decay_and_momentum = config.weight_decay, config.momentum
+    config.weight_decay, config.momentum = 0.0, 0.0
+    try:
+        backend.apply_update([(seed, -scale)], lr=1.0)
+        yield trainer.model
+    finally:
+        config.weight_decay, config.momentum = decay_and_momentum
+        backend.load_trainable_state(weights)
+        backend.load_momentum_state(momentum)
+
+
+def tolerance_at(tolerance, trainer, batch: dict, seed: Optional[int], scale: float) -> float:
+    """`tolerance` (model, batch -> float) at the weights ``w + scale z(seed)`` of `trainer`."""
+    with perturbed_weights(trainer, seed, scale) as model:
+        return tolerance(model, batch)
+
+
+def follow_in_order(trainer, reference, batch: dict, order: str, tolerance=None) -> list:
     """Runs `order` ("e": evaluate, "s": step) on `trainer` and the same computations on
     `reference`: each step's L+ and L- at the step's seed, then the step's (seed, g) update
     applied to `reference` too, so both hold the same weights. Returns (value, reference
-    value) pairs: every eval loss, L+ and L-."""
+    value) pairs: every eval loss, L+ and L-; with `tolerance` (model, batch -> float),
+    (value, reference value, tolerance at the weights that pass read) triples."""
     from sglang.srt.mezo.objectives import make_objective
+
+    def at(seed, scale) -> tuple:
+        return () if tolerance is None else (tolerance_at(tolerance, reference, batch, seed, scale),)
 
     pairs = []
     for event in order:
         if event == "e":
-            pairs.append((trainer.evaluate([batch])["loss"], reference.evaluate([batch])["loss"]))
+            pairs.append((trainer.evaluate([batch])["loss"], reference.evaluate([batch])["loss"], *at(None, 0.0)))
             continue
         out = trainer.step(batch)
         objective, eps = make_objective("auto", batch), trainer.config.epsilon
-        pairs.append((out.loss_plus, reference._loss(objective, batch, out.seed, eps)))
-        pairs.append((out.loss_minus, reference._loss(objective, batch, out.seed, -eps)))
+        pairs.append((out.loss_plus, reference._loss(objective, batch, out.seed, eps), *at(out.seed, eps)))
+        pairs.append((out.loss_minus, reference._loss(objective, batch, out.seed, -eps), *at(out.seed, -eps)))
         reference.backend.apply_update(out.applied, out.lr)
     return pairs
 

@@ -78,7 +78,8 @@ class TestTritonKernelsInterpreted(unittest.TestCase):
         for dtype in (*HALF_DTYPES, torch.float64):
             for kind in spec.PERTURBATIONS:
                 with self.subTest(dtype=dtype, kind=kind):
-                    buffer = torch.randn(3 + 70001, dtype=torch.float64).to(dtype)
+                    generator = torch.Generator().manual_seed(11)
+                    buffer = torch.randn(3 + 70001, dtype=torch.float64, generator=generator).to(dtype)
                     w, head = buffer[3:], buffer[:3].clone()  # w's data_ptr is not 16-byte aligned
                     alpha = spec.effective_alpha(kind, dtype, 1e-2)
                     expected = w.clone()
@@ -94,6 +95,39 @@ class TestTritonKernelsInterpreted(unittest.TestCase):
                     w.copy_(backup)  # the in-place mechanism's restore
                     self.assertTrue(same_bits(w, original))
 
+    def test_exact_ties_round_to_nearest_even_in_every_dtype(self):
+        """Crafted ties: Rademacher z is +-1, so with alpha half an ulp of w every w + alpha z
+        lies exactly halfway between two neighbours in w's dtype. Weights 1 + k ulp (k =
+        1..63) alternate the parity of the last mantissa bit; two binades, both signs. The
+        expected bits are derived here from the two neighbours: the one whose mantissa is
+        even. Triton, the torch reference and (float32) numba all write it. Canary: rounding
+        half away from zero misses a quarter or more of them."""
+        bits_of = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+        k = torch.arange(1, 64, dtype=torch.float64)
+        for dtype, int_dtype in bits_of.items():
+            ulp = torch.finfo(dtype).eps  # the spacing in [1, 2)
+            for binade, sign in ((1.0, 1.0), (1.0, -1.0), (0.5, 1.0), (0.5, -1.0)):
+                with self.subTest(dtype=dtype, binade=binade, sign=sign):
+                    exact_src = sign * binade * (1 + k * ulp)
+                    src = exact_src.to(dtype)
+                    self.assertTrue(torch.equal(src.double(), exact_src))
+                    alpha = binade * ulp / 2  # half an ulp in this binade (a power of two: exact)
+                    key = tensor_key(int(binade * 4 + sign), "tie")
+                    z = spec.z_chunk("rademacher", key, 0, k.numel()).double()
+                    tie = src.double() + alpha * z
+                    lo, hi = (tie - alpha).to(dtype), (tie + alpha).to(dtype)  # the neighbours, exactly
+                    self.assertTrue(torch.equal(lo.double(), tie - alpha) and torch.equal(hi.double(), tie + alpha))
+                    want = torch.where((lo.view(int_dtype) & 1) == 0, lo, hi)
+                    implementations = {"reference": spec.axpy_, "triton": triton_kernels.axpy_}
+                    if dtype == torch.float32:
+                        implementations["numba"] = numba_kernels.axpy_
+                    for name, axpy in implementations.items():
+                        written = torch.empty_like(src)
+                        axpy(written, src, "rademacher", key, spec.effective_alpha("rademacher", dtype, alpha))
+                        self.assertTrue(same_bits(written, want), name)
+                    away_from_zero = torch.where(tie > 0, hi, lo)
+                    self.assertGreaterEqual(int((away_from_zero != want).sum()), k.numel() // 4)
+
     def test_update_with_momentum_and_weight_decay_matches_reference(self):
         """One update with q=3 terms (one of them zero), weight decay and momentum, and one
         without momentum, equal the reference's in every dtype, weights and buffers."""
@@ -102,8 +136,9 @@ class TestTritonKernelsInterpreted(unittest.TestCase):
         for dtype in (*HALF_DTYPES, torch.float64):
             for kind in spec.PERTURBATIONS:
                 with self.subTest(dtype=dtype, kind=kind):
-                    w0 = torch.randn(9000, dtype=torch.float64).to(dtype)
-                    m0 = torch.randn(9000)
+                    generator = torch.Generator().manual_seed(12)
+                    w0 = torch.randn(9000, dtype=torch.float64, generator=generator).to(dtype)
+                    m0 = torch.randn(9000, generator=generator)
                     w, m = w0.clone(), m0.clone()
                     triton_kernels.update_([UpdateTarget(w, m, keys, 0.1)], kind, coefs, 1e-2, 0.9)
                     w_ref, m_ref = w0.clone(), m0.clone()
