@@ -119,6 +119,14 @@ def forward_reduction_length(config, tokens: int) -> int:
     return config.num_hidden_layers * per_layer + 2 * hidden
 
 
+def rotary_angle_error(config, tokens: int) -> float:
+    """The relative error rotary position embeddings add to a forward in any dtype:
+    transformers computes the angles p f (f <= 1) and their cos and sin in float32 whatever
+    the model's dtype, so each angle is off by up to (p + 2) float32 roundings (the product,
+    cos/sin, the cast), moving q and k each that much relative, in every layer."""
+    return config.num_hidden_layers * 2 * (tokens + 2) * 2.0**-24
+
+
 def logprob_tolerance(model: torch.nn.Module, batch: dict) -> float:
     """How far two implementations of `model`'s forward in its dtype (other GEMM blocking, fused
     kernels, attention backends, ISAs, tensor-parallel partial sums) may put one labelled
@@ -126,7 +134,8 @@ def logprob_tolerance(model: torch.nn.Module, batch: dict) -> float:
 
     Each logit z_j = sum_i h_i W_ji. An implementation's rounding errors reach it as a
     relative error of at most gamma = lambda sqrt(K) u on h (K = `forward_reduction_length`,
-    every rounding upstream; u the unit roundoff of `model`'s dtype, 2^-24 in float32) and
+    every rounding upstream; u the unit roundoff of `model`'s dtype, 2^-24 in float32; plus
+    the float32 rotary angles' `rotary_angle_error`) and
     on the LM head's own sum (a LoRA branch runs its sums beside the base's and adds one
     rounding per projection), so |dz_j| <= gamma S with
     S = max_j sum_i |h_i| |W_ji|, the logits' absolute scale at this token (the magnitude
@@ -146,6 +155,7 @@ def logprob_tolerance(model: torch.nn.Module, batch: dict) -> float:
             scale, tokens = max(scale, float(per_position.max())), max(tokens, int(ids.numel()))
     unit_roundoff = torch.finfo(next(model.parameters()).dtype).eps / 2
     gamma = PROBABILISTIC_LAMBDA * math.sqrt(forward_reduction_length(model.config, tokens)) * unit_roundoff
+    gamma += rotary_angle_error(model.config, tokens)
     return 4 * gamma * scale
 
 

@@ -19,9 +19,9 @@ from mezo_testing import (
     follow_in_order,
     logprob_tolerance,
     loss_tolerance,
-    tolerance_at,
     smollm2_shaped,
     tiny_tokenizer,
+    tolerance_at,
 )
 from test_mezo_trainer import candidate_batch
 

@@ -363,9 +363,9 @@ class TestTensorParallelPlumbing(unittest.TestCase):
             cpu_thread_binding(3, [0, 1])
 
     def test_bad_tensor_parallel_settings_are_named(self):
-        with self.assertRaisesRegex(ValueError, r"MeZOConfig.tp_size=2: .*backend='sglang'"):
+        with self.assertRaisesRegex(ValueError, r"--tp-size 2 \(MeZOConfig.tp_size\): .*backend='sglang'"):
             MeZOConfig(tp_size=2)
-        with self.assertRaisesRegex(ValueError, r"MeZOConfig.tp_size=0: must be >= 1"):
+        with self.assertRaisesRegex(ValueError, r"--tp-size 0 \(MeZOConfig.tp_size\): must be >= 1"):
             MeZOConfig(tp_size=0, backend="sglang")
         config = tiny_llama(hidden=64).config  # 4 query heads
         with self.assertRaisesRegex(ValueError, r"4 q heads do not split evenly over tp_size=3"):

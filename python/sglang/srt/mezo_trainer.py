@@ -21,9 +21,11 @@ trained weights). Where things live: `sglang.srt.mezo` (see its package docstrin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,10 +47,13 @@ from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
 from sglang.srt.mezo.distributed import agreement_callback, assert_ranks_agree, init_distributed, is_main_process
 from sglang.srt.mezo.model_io import engine_model_dir, load_model_and_tokenizer
-from sglang.srt.mezo.output_dir import OutputDirError, OutputDirLock, StopRequests, prepare_output_dir
+from sglang.srt.mezo.objectives import check_objective_fits
+from sglang.srt.mezo.output_dir import OutputDirClaim, OutputDirLock, StopRequests
+from sglang.srt.mezo.preflight import check_inputs
 from sglang.srt.mezo.primitives import write_json_atomically
 from sglang.srt.mezo.reporting import CONFIG_FILE, EVAL_FILE, StepLog, format_eval, plot_losses
 from sglang.srt.mezo.trainer import MeZOTrainer, StepOutput
+from sglang.srt.mezo.usage_errors import UsageError, reporting_usage_errors, split_debug_flag
 
 __all__ = [
     "MeZOConfig",
@@ -123,88 +128,84 @@ class Run:
             self.lock.__exit__(None, None, None)
 
 
-def claim_output_dir(config: MeZOConfig) -> OutputDirLock:
-    """The output dir, locked for this process, refused if it holds another run (unless
-    resuming), emptied of a previous run's artifacts with ``overwrite_output_dir``."""
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = OutputDirLock(out_dir).__enter__()
-    try:
-        prepare_output_dir(out_dir, resume=config.resume is not None, overwrite=config.overwrite_output_dir)
-    except OutputDirError:
-        lock.__exit__(None, None, None)
-        raise
-    return lock
+def load_data(config: MeZOConfig, tokenizer) -> tuple:
+    """(train loader, eval loader or None); the objective must fit the data (`check_objective_fits`)."""
+    train_set = MeZODataset(config.train_file, tokenizer, **config.dataset_options())
+    check_objective_fits(config.objective, train_set.has_candidates, config.train_file)
+    train_loader = create_dataloader(train_set, config.batch_size, shuffle=True, **config.loader_options())
+    if not config.eval_file:
+        return train_loader, None
+    eval_set = MeZODataset(config.eval_file, tokenizer, **config.dataset_options())
+    check_objective_fits(config.objective, eval_set.has_candidates, config.eval_file)
+    # every rank evaluates the whole eval set: identical results, no gather needed
+    loader = {**config.loader_options(), "group_by_length": False, "drop_last": False}
+    return train_loader, create_dataloader(eval_set, config.batch_size, shuffle=False, distributed=False, **loader)
 
 
 def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
-    """Process group, seed, output dir, model, data, backend; resumes from ``config.resume``.
+    """Process group, seed, model, data, output dir, backend; resumes from ``config.resume``.
 
-    Nothing is written before the output dir is claimed and a resumed checkpoint is known
-    to be of this run."""
-    if config.train_file is None:
-        raise ValueError("train_file is required (see --train-file)")
+    Every input is checked before any work (`preflight.check_inputs`), the model and data
+    are loaded before the output dir is touched, and everything this start does is undone
+    if any later part of it fails (an `ExitStack`: the engine shut down, the output dir
+    left as it was found, `OutputDirClaim`)."""
+    check_inputs(config)
     context = init_distributed()
     main_process = is_main_process()
     if not main_process:
         config = MeZOConfig.from_dict({**config.to_dict(), "disable_tqdm": True})
     torch.manual_seed(config.seed)
     out_dir = Path(config.output_dir)
-    lock = claim_output_dir(config) if main_process else None  # released by Run.close (or at exit)
-    try:
-        identity = run_identity(config)
-        if config.resume:
-            checkpoint = latest_checkpoint(config.resume)
-            if checkpoint is None:
-                raise FileNotFoundError(f"--resume {config.resume}: no checkpoint found there")
-            check_identity(checkpoint, identity)
+    identity = run_identity(config)
+    if config.resume:
+        check_identity(latest_checkpoint(config.resume), identity)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
+    train_loader, eval_loader = load_data(config, tokenizer)
+    with contextlib.ExitStack() as started:
+        claim = None
+        if main_process:  # the only writer of the output dir
+            claim = OutputDirClaim(out_dir, resume=config.resume is not None, overwrite=config.overwrite_output_dir)
+            started.callback(claim.rollback)
+        trainer = build_trainer(config, model, tokenizer, out_dir)
+        started.callback(trainer.backend.shutdown)
+        run = Run(
+            config, trainer, tokenizer, train_loader, eval_loader, out_dir, main_process, context.world_size, None,
+            identity, claim.lock if claim else None,
+        )  # fmt: skip
+        resume(run)
         if main_process:
             write_json_atomically(out_dir / CONFIG_FILE, config.to_dict(), indent=2)
-        if model is None:
-            model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
-        train_set = MeZODataset(config.train_file, tokenizer, **config.dataset_options())
-        train_loader = create_dataloader(train_set, config.batch_size, shuffle=True, **config.loader_options())
-        eval_loader = None
-        if config.eval_file:
-            eval_set = MeZODataset(config.eval_file, tokenizer, **config.dataset_options())
-            # every rank evaluates the whole eval set: identical results, no gather needed
-            loader = {**config.loader_options(), "group_by_length": False, "drop_last": False}
-            eval_loader = create_dataloader(eval_set, config.batch_size, shuffle=False, distributed=False, **loader)
-        trainer = build_trainer(config, model, tokenizer, out_dir)
-    except BaseException:
-        if lock is not None:
-            lock.__exit__(None, None, None)
-        raise
+            run.log = StepLog(
+                out_dir, config.tensorboard, trainer.backend.mechanism, config.estimator, config.defaults_applied
+            )
+            run.log.start_over(trainer.global_step if config.resume else None)
+        started.pop_all()  # the run owns its resources now (`Run.close`)
+    if claim is not None:
+        claim.commit()
     logger.info("perturbation mechanism: %s", trainer.backend.mechanism)
     logger.info(
         "estimator %s: lr %g, epsilon %g, q %d%s", config.estimator, config.learning_rate, config.epsilon,
         config.num_directions, f" (defaults applied: {config.defaults_applied})" if config.defaults_applied else "",
     )  # fmt: skip
-    log = None
-    if main_process:
-        log = StepLog(out_dir, config.tensorboard, trainer.backend.mechanism, config.estimator, config.defaults_applied)
-    run = Run(
-        config, trainer, tokenizer, train_loader, eval_loader, out_dir, main_process, context.world_size, log,
-        identity, lock,
-    )  # fmt: skip
-    try:
-        eval_path = out_dir / EVAL_FILE
-        if config.resume:
-            run.results = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-            resumed = load_checkpoint(trainer, config.resume, identity=identity)
-            logger.info("resumed from %s at step %d", resumed, trainer.global_step)
-            if main_process:
-                dropped = drop_checkpoints_after(out_dir / "checkpoints", trainer.global_step, identity)
-                if dropped:
-                    logger.info("removed the abandoned continuation's checkpoints %s", [p.name for p in dropped])
-        if log is not None:
-            log.start_over(trainer.global_step if config.resume else None)
-        if context.world_size > 1:
-            assert_ranks_agree(trainer, trainer.global_step, include_frozen=True)
-    except BaseException:
-        run.close()
-        raise
     return run
+
+
+def resume(run: Run) -> None:
+    """Loads ``config.resume`` into the trainer (and eval.json's results so far), drops the
+    abandoned continuation's checkpoints, and checks data-parallel ranks agree."""
+    config, trainer = run.config, run.trainer
+    if config.resume:
+        eval_path = run.out_dir / EVAL_FILE
+        run.results = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+        resumed = load_checkpoint(trainer, config.resume, identity=run.identity)
+        logger.info("resumed from %s at step %d", resumed, trainer.global_step)
+        if run.main_process:
+            dropped = drop_checkpoints_after(run.out_dir / "checkpoints", trainer.global_step, run.identity)
+            if dropped:
+                logger.info("removed the abandoned continuation's checkpoints %s", [p.name for p in dropped])
+    if run.world_size > 1:
+        assert_ranks_agree(trainer, trainer.global_step, include_frozen=True)
 
 
 def evaluate(run: Run, when: str) -> None:
@@ -263,6 +264,30 @@ def save(run: Run) -> None:
     run.trainer.backend.export(run.out_dir / "model", run.tokenizer)
 
 
+def keep_resumable(run: Run, error: Exception) -> None:
+    """After a failure past step 0: a checkpoint of the last completed step (a failed pass
+    leaves the weights exact, so it is that step's) and the command that continues the run."""
+    step, checkpoints = run.trainer.global_step, run.out_dir / "checkpoints"
+    if not run.main_process or step == 0:
+        return
+    try:
+        run.checkpoint(checkpoints, keep=run.config.save_total_limit)
+    except Exception as checkpoint_error:  # the failure may have taken the weights with it (a dead engine)
+        print(
+            f"{type(error).__name__} after step {step}; step {step} could not be checkpointed ({checkpoint_error}): "
+            f"resume from the latest checkpoint in {checkpoints}, if there is one",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    print(
+        f"{type(error).__name__} after step {step}; step {step} is checkpointed: once the cause is fixed, continue "
+        f"with the same command and --resume {checkpoints}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
     """The main job: evaluate, fine-tune with MeZO, evaluate again, save everything.
 
@@ -277,6 +302,9 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
         if run.stopped_by is None:
             evaluate(run, "after")
         save(run)
+    except Exception as error:
+        keep_resumable(run, error)
+        raise
     finally:
         run.close()
     if run.stopped_by is not None:
@@ -291,19 +319,53 @@ def mezo_finetune(config: MeZOConfig, model=None, tokenizer=None) -> dict:
 
 
 def parse_args(argv: Optional[list] = None) -> MeZOConfig:
+    """The config of a command line; a bad flag or value raises `UsageError` (one line)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(MeZOConfig, description=__doc__.split("\n\n")[0])
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse's own errors (unknown flag, invalid choice, bad number)
+            raise UsageError(f"{message} (see --help)")
+
+    # allow_abbrev: a misspelt flag must not silently mean another one (--learning-rat)
+    parser = Parser(MeZOConfig, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
     return config
 
 
+# Library messages that say nothing to a user of this CLI (logger -> message pattern):
+# transformers imports torchao whenever it is installed (its quantizer registry, on every
+# from_pretrained / save_pretrained), and torchao's import logs each CUDA-only extension it
+# cannot load on this machine and registers enums torch now warns about.
+LIBRARY_NOISE = {
+    "torchao": re.compile(r"Failed to load .*\.so"),
+    "torch.utils._pytree": re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
+}
+
+
+def quiet_libraries() -> None:
+    """The CLI's output is its own: exactly the messages of `LIBRARY_NOISE` are dropped, and
+    the libraries' loading, data-preparation and writing progress bars (transformers,
+    datasets, huggingface_hub) are off; the training loop's bar stays."""
+    import datasets
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    for name, pattern in LIBRARY_NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, pattern=pattern: not pattern.search(record.getMessage()))
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def main(argv: Optional[list] = None) -> dict:
+    """The CLI: a user's mistake is one line on stderr and exit status 2, before any work
+    (``--debug`` or MEZO_DEBUG=1 shows its traceback)."""
+    argv, debug = split_debug_flag(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
-    if config.resume and latest_checkpoint(config.resume) is None:
-        raise SystemExit(f"--resume {config.resume}: no checkpoint found there")
-    return mezo_finetune(config)
+    quiet_libraries()
+    return reporting_usage_errors(lambda: mezo_finetune(parse_args(argv)), debug)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Optional
 from safetensors.torch import load_file, save_file
 
 from sglang.srt.mezo.config import RESUMABLE_FIELDS, MeZOConfig
+from sglang.srt.mezo.usage_errors import UsageError
 
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -162,12 +163,12 @@ def check_identity(checkpoint: Path, identity: dict) -> None:
     """Raises ValueError naming every field in which `checkpoint`'s run differs from `identity`."""
     recorded = _identity_of(checkpoint)
     if recorded is None:
-        raise ValueError(f"checkpoint {checkpoint} records no run identity: it cannot be matched to this run")
+        raise UsageError(f"checkpoint {checkpoint} records no run identity: it cannot be matched to this run")
     recorded = {**ADDED_IDENTITY_FIELDS, **recorded}
     differing = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
     if differing:
         changes = ", ".join(f"{k}: {recorded.get(k)!r} -> {identity.get(k)!r}" for k in differing[:6])
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {checkpoint} belongs to another run ({changes}"
             f"{f' and {len(differing) - 6} more' if len(differing) > 6 else ''}); only "
             "config.RESUMABLE_FIELDS may change on --resume"

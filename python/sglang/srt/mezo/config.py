@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -13,6 +14,7 @@ from sglang.srt.mezo.data.dataset import OVERLONG_POLICIES
 from sglang.srt.mezo.estimators import ESTIMATORS
 from sglang.srt.mezo.kernels import PERTURBATIONS
 from sglang.srt.mezo.structured_directions import STRUCTURED_ESTIMATORS
+from sglang.srt.mezo.usage_errors import ConfigError
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PEFT_METHODS = ("none", "lora", "prefix")
@@ -99,6 +101,11 @@ def split_list(text: Optional[str]) -> list:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
+def flag(name: str) -> str:
+    """The command-line flag of config field `name`."""
+    return "--" + name.replace("_", "-")
+
+
 def _f(default, help, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
@@ -118,8 +125,8 @@ class MeZOConfig:
     overwrite_output_dir: bool = _f(
         False, "Remove a previous run's artifacts from output_dir first (a non-empty output_dir is refused otherwise)."
     )
-    backend: str = _f("transformers", f"Forward backend: one of {BACKENDS}.")
-    dtype: str = _f("float32", f"Model dtype: one of {DTYPES}.")
+    backend: str = _f("transformers", f"Forward backend: one of {BACKENDS}.", choices=BACKENDS)
+    dtype: str = _f("float32", f"Model dtype: one of {DTYPES}.", choices=DTYPES)
     device: str = _f(
         "auto",
         "Device to train on: auto (cuda when available, else cpu) or any torch device (cpu, cuda, cuda:1, ...). "
@@ -131,7 +138,7 @@ class MeZOConfig:
         "GPUs, or CPU core sets (SGLANG_CPU_OMP_THREADS_BIND, set to an even split of this process's cores "
         "unless already set). Each rank perturbs and updates its own shards; only seeds cross processes.",
     )
-    max_length: int = _f(256, "Maximum tokens per example; prompts are cut from the left.")
+    max_length: int = _f(256, "Maximum tokens per example (>= 2: a prompt token and a completion token); prompts are cut from the left.")
 
     # --- data (see sglang.srt.mezo.data) ----------------------------------------------
     data_split: Optional[str] = _f(None, "The split to read from a DatasetDict or a saved DatasetDict directory.")
@@ -140,7 +147,10 @@ class MeZOConfig:
     candidates_field: str = _f("candidates", "Record field holding the candidate completions (classification).")
     messages_field: str = _f("messages", "Record field holding a chat (loss on its last assistant turn).")
     json_field: Optional[str] = _f(None, "Key of a JSON object file's record list (default: auto-detect 'data').")
-    overlong: str = _f("error", f"An example whose completion alone exceeds max_length: one of {OVERLONG_POLICIES}.")
+    overlong: str = _f(
+        "error", f"An example whose completion alone exceeds max_length: one of {OVERLONG_POLICIES}.",
+        choices=OVERLONG_POLICIES,
+    )
     add_bos: Optional[bool] = _f(None, "Prepend the BOS token (default: when the tokenizer adds one itself).")
     add_eos: bool = _f(False, "Append the EOS token to every completion.")
     data_cache_dir: Optional[str] = _f(None, "Cache of the datasets library for parsed files (default: its own).")
@@ -148,7 +158,7 @@ class MeZOConfig:
     drop_last: bool = _f(
         False, "Data-parallel: drop the examples that do not divide by the world size instead of repeating some."
     )
-    pad_side: str = _f("right", f"Where rows are padded: one of {PAD_SIDES}.")
+    pad_side: str = _f("right", f"Where rows are padded: one of {PAD_SIDES}.", choices=PAD_SIDES)
     pad_to_multiple_of: int = _f(0, "Pad rows to a multiple of this many tokens (0 = the longest row).")
 
     # --- estimator ----------------------------------------------------------------------
@@ -157,6 +167,7 @@ class MeZOConfig:
         f"How a step estimates the gradient: one of {ESTIMATORS} (sglang.srt.mezo.estimators), or auto: "
         f"{RECOMMENDED_ESTIMATOR} with its benchmarked defaults when none of learning_rate, epsilon, "
         "num_directions, perturbation is set, else mezo. The choice is logged in metrics.jsonl.",
+        choices=("auto", *ESTIMATORS),
     )
     learning_rate: Optional[float] = _f(
         None, "ZO-SGD learning rate eta (unset: the estimator's default for the trainable set).", aliases=["--lr"]
@@ -166,7 +177,7 @@ class MeZOConfig:
     )
     seed: int = _f(0, "Run seed: every direction's seed is derived from it and the step.")
     perturbation: Optional[str] = _f(
-        None, f"Direction distribution: one of {PERTURBATIONS} (unset: the estimator's default)."
+        None, f"Direction distribution: one of {PERTURBATIONS} (unset: the estimator's default).", choices=PERTURBATIONS
     )
     perturbation_mechanism: str = _f(
         "auto",
@@ -174,6 +185,7 @@ class MeZOConfig:
         "all weights at once and logs what subtraction would not restore (Rademacher, float32 CPU weights); "
         "unit_scoped swaps a perturbed copy of one unit (a decoder layer) in while it runs; auto picks "
         "restore_log where it applies.",
+        choices=PERTURBATION_MECHANISMS,
     )
     num_directions: Optional[int] = _f(
         None,
@@ -186,12 +198,14 @@ class MeZOConfig:
     )
     lowrank_rank: int = _f(2, "estimator=lowrank: rank r of each matrix's direction U V^T.")
     lowrank_interval: int = _f(50, "estimator=lowrank: steps a basis V is kept before a new one is drawn.")
-    objective: str = _f("auto", f"Loss: one of {OBJECTIVES}; auto = candidate_ce with candidates, else nll.")
+    objective: str = _f(
+        "auto", f"Loss: one of {OBJECTIVES}; auto = candidate_ce with candidates, else nll.", choices=OBJECTIVES
+    )
 
     # --- optimizer ----------------------------------------------------------------------
     max_steps: int = _f(100, "Number of MeZO steps.", aliases=["--steps"])
     batch_size: int = _f(16, "Examples per step (candidate rows of one example stay together).")
-    lr_scheduler: str = _f("constant", f"Learning-rate schedule: one of {LR_SCHEDULERS}.")
+    lr_scheduler: str = _f("constant", f"Learning-rate schedule: one of {LR_SCHEDULERS}.", choices=LR_SCHEDULERS)
     warmup_steps: int = _f(0, "Linear warm-up steps before the schedule.")
     momentum: float = _f(0.0, "Momentum of ZO-SGD (0 = none; its buffer is optimizer state).")
     weight_decay: float = _f(0.0, "Weight decay lambda (not applied to bias and norm weights).")
@@ -199,7 +213,7 @@ class MeZOConfig:
     max_nonfinite_steps: int = _f(3, "Abort after this many consecutive NaN/Inf losses.")
 
     # --- trainable set ------------------------------------------------------------------
-    peft: str = _f("none", f"Trainable set: one of {PEFT_METHODS} (none = full or patterns).")
+    peft: str = _f("none", f"Trainable set: one of {PEFT_METHODS} (none = full or patterns).", choices=PEFT_METHODS)
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: int = _f(16, "LoRA alpha.")
     lora_target_modules: str = _f("q_proj,v_proj", "Comma-separated module names LoRA wraps.")
@@ -208,7 +222,8 @@ class MeZOConfig:
         None, "Comma-separated regexes: train only parameters whose name matches one."
     )
     quantize_base: str = _f(
-        "none", "Weight-only quantize the frozen linear layers (torchao): none or int8. Never perturbed."
+        "none", "Weight-only quantize the frozen linear layers (torchao): none or int8. Never perturbed.",
+        choices=QUANTIZATIONS,
     )
     fp32_trainable: bool = _f(False, "Keep float32 master copies of trainable tensors over a half-precision model.")
 
@@ -226,9 +241,9 @@ class MeZOConfig:
     frozen_store_mb: float = _f(0.0, "Budget of the cross-step store of frozen hidden states.")
 
     # --- logging and evaluation ---------------------------------------------------------
-    eval_steps: int = _f(0, "Evaluate every N steps (0 = only before and after training).")
+    eval_steps: int = _f(0, "Evaluate on --eval-file every N steps (0 = only before and after training).")
     save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
-    save_total_limit: int = _f(2, "Keep the last N checkpoints.")
+    save_total_limit: int = _f(2, "Keep the last N checkpoints (>= 1: the final one is the run's resume point).")
     disable_tqdm: bool = _f(False, "Hide progress bars.")
     tensorboard: bool = _f(False, "Also log step metrics to TensorBoard in OUTPUT_DIR/tensorboard.")
     check_ranks_every: int = _f(
@@ -237,7 +252,7 @@ class MeZOConfig:
 
     def __post_init__(self):
         def bad(name, why):
-            raise ValueError(f"MeZOConfig.{name}={getattr(self, name)!r}: {why}")
+            raise ConfigError(f"{flag(name)} {getattr(self, name)!r} (MeZOConfig.{name}): {why}")
 
         if self.estimator not in ("auto", *ESTIMATORS):
             bad("estimator", f"expected auto or one of {ESTIMATORS}")
@@ -269,9 +284,15 @@ class MeZOConfig:
             "tp_size",
             "lowrank_rank",
             "lowrank_interval",
+            "lora_rank",
+            "lora_alpha",
+            "num_virtual_tokens",
+            "save_total_limit",
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
+        if self.max_length < 2:
+            bad("max_length", "must be >= 2 (a prompt token and a completion token)")
         for name in (
             "max_steps",
             "warmup_steps",
@@ -281,14 +302,35 @@ class MeZOConfig:
             "frozen_store_mb",
             "check_ranks_every",
             "pad_to_multiple_of",
+            "micro_batch_size",
+            "memory_budget_mb",
         ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        for pattern in split_list(self.trainable_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                bad("trainable_patterns", f"{pattern!r} is not a regular expression ({error})")
+        if self.eval_steps and not self.eval_file:
+            bad("eval_steps", "evaluates on --eval-file, which is not set: pass one, or drop --eval-steps")
+        if self.overwrite_output_dir and self.resume:
+            bad("overwrite_output_dir", "would remove the run --resume continues: pass one of the two")
+        if self.backend == "sglang":
+            engine_refuses = {
+                "momentum": "the engine keeps no momentum buffers in its checkpoints: use --backend transformers",
+                "fp32_trainable": "the engine trains its tensors in their own dtype: use --dtype float32",
+                "micro_batch_size": "the engine schedules its own batches: drop it",
+                "memory_budget_mb": "the engine schedules its own batches (see its mem_fraction_static): drop it",
+            }
+            for name, why in engine_refuses.items():
+                if getattr(self, name):
+                    bad(name, f"not supported with --backend sglang ({why})")
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as error:
-                bad("device", f"not a torch device ({error})")
+                bad("device", f"not a torch device ({error}); e.g. cpu, cuda, cuda:1 or auto")
         if self.quantize_base != "none" and self.backend != "transformers":
             bad(
                 "quantize_base", "quantizes the host model of the transformers backend; the SGLang engine loads its own"
@@ -359,7 +401,7 @@ class MeZOConfig:
     def preset(cls, trainable: str, **overrides) -> "MeZOConfig":
         """The MeZO paper's hyperparameters for ``full``, ``lora`` or ``prefix``, then `overrides`."""
         if trainable not in PRESETS:
-            raise ValueError(f"unknown preset {trainable!r}; expected one of {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {trainable!r}; expected one of {sorted(PRESETS)}")
         peft = "none" if trainable == "full" else trainable
         return cls(**{"peft": peft, **PRESETS[trainable], **overrides})
 
@@ -371,5 +413,5 @@ class MeZOConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown MeZOConfig fields: {unknown}")
+            raise ConfigError(f"unknown MeZOConfig fields: {unknown}")
         return cls(**values)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from sglang.srt.mezo.usage_errors import ConfigError
+
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -30,9 +32,14 @@ def load_model_and_tokenizer(model: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {}
+    name = model
     if model == DEFAULT_MODEL:
         model, kwargs["gguf_file"] = smollm2_location()
-    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+    except OSError as error:  # transformers' way of saying "no such local dir, and the Hub has none"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--model {name}: could not be loaded ({reason})") from error
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kwargs)
     if "gguf_file" in kwargs:
         # GGUF weights arrive dequantized into plain tensors; the leftover GGUF quantizer only

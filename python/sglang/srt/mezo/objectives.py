@@ -15,6 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
+from sglang.srt.mezo.usage_errors import ConfigError
+
 IGNORE_INDEX = -100
 # log_softmax runs on row blocks of about this many logits. On a CPU, 4 MiB in float32: the
 # block's output stays in cache for the gather (on one whole [tokens, vocab] tensor it writes
@@ -180,6 +182,24 @@ def accuracy_counts(sums, counts, batch) -> tuple:
 
 def has_candidates(batch: dict) -> bool:
     return "example_id" in batch and "is_gold" in batch
+
+
+CANDIDATE_OBJECTIVES = ("candidate_ce", "accuracy")
+
+
+def check_objective_fits(name: str, candidates: bool, source: str) -> None:
+    """Refuses an objective the data cannot serve: candidate objectives need candidates, and
+    plain NLL on candidate rows would train every candidate, wrong ones included."""
+    if name in CANDIDATE_OBJECTIVES and not candidates:
+        raise ConfigError(
+            f"--objective {name} scores candidates, and {source} has none (no candidates field): "
+            "use --objective nll or auto, or add candidates to the data"
+        )
+    if name == "nll" and candidates:
+        raise ConfigError(
+            f"--objective nll on {source}, which holds candidates, would raise the likelihood of every candidate, "
+            "wrong ones included: use --objective candidate_ce or auto"
+        )
 
 
 def make_objective(name: str, batch: dict) -> RowObjective:

@@ -1,8 +1,9 @@
 """One run per output directory: refusal, overwrite, one writer at a time, stopping on a signal.
 
 * A non-empty output directory is refused unless the run resumes (``--resume``) or was
-  told to start over (``--overwrite-output-dir``, which first removes every artifact a
-  previous run wrote: nothing of two runs is ever mixed).
+  told to start over (``--overwrite-output-dir``, which removes every artifact a previous
+  run wrote once the new run has started: nothing of two runs is ever mixed, and a start
+  that fails leaves the directory as it found it, `OutputDirClaim`).
 * `OutputDirLock`: an advisory ``fcntl`` lock on ``OUTPUT_DIR/.mezo.lock`` for the run's
   whole life; a second process fails at once, naming the holder. The kernel releases it
   when the holder exits, however it exits.
@@ -20,7 +21,10 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from sglang.srt.mezo.usage_errors import UsageError
+
 LOCK_FILE = ".mezo.lock"
+SET_ASIDE = ".mezo-previous-run"  # an overwritten run's artifacts until the new run has started
 # Everything a run writes into its output directory (and nothing else is ever removed).
 RUN_ARTIFACTS = (
     "config.json",
@@ -36,28 +40,78 @@ RUN_ARTIFACTS = (
 )
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(UsageError):
     """The output directory holds another run, or another process is writing to it."""
 
 
-def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuses a directory that holds anything (but the lock) unless resuming; with
-    `overwrite`, removes the previous run's artifacts first."""
-    entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_FILE)
-    if not entries or resume:
+def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuses, without touching anything, a directory that holds anything (but the lock)
+    unless the run resumes or overwrites it; a missing directory is fine."""
+    if not out_dir.exists():
         return
-    if not overwrite:
+    if not out_dir.is_dir():
+        raise OutputDirError(f"--output-dir {out_dir} is a file: choose a directory")
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name not in (LOCK_FILE, SET_ASIDE))
+    if entries and not resume and not overwrite:
         raise OutputDirError(
             f"output directory {out_dir} is not empty (it holds {entries[:8]}"
             f"{' and more' if len(entries) > 8 else ''}): pass --resume {out_dir / 'checkpoints'} to continue "
             "that run, --overwrite-output-dir to replace it, or another --output-dir"
         )
-    for name in RUN_ARTIFACTS:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+
+
+class OutputDirClaim:
+    """The output directory taken for one run's start: locked, checked, and with
+    `overwrite` the previous run's artifacts set aside (moved into ``.mezo-previous-run``).
+
+    `commit()` (the start succeeded) deletes what was set aside; `rollback()` (it failed)
+    removes everything this start added, puts the previous run back and removes a directory
+    the start created: a failed start leaves the directory as it found it.
+    """
+
+    def __init__(self, out_dir: Path, *, resume: bool, overwrite: bool):
+        self.out_dir = Path(out_dir)
+        self.created = not self.out_dir.exists()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.found = {p.name for p in self.out_dir.iterdir()}
+        self.lock = OutputDirLock(self.out_dir).__enter__()
+        try:
+            check_output_dir(self.out_dir, resume=resume, overwrite=overwrite)
+        except OutputDirError:
+            self.rollback()
+            raise
+        self.set_aside = self.out_dir / SET_ASIDE
+        if overwrite and not resume:
+            self.set_aside.mkdir(exist_ok=True)
+            for name in RUN_ARTIFACTS:
+                if (self.out_dir / name).exists() or (self.out_dir / name).is_symlink():
+                    (self.out_dir / name).rename(self.set_aside / name)
+
+    def commit(self) -> None:
+        if self.set_aside.exists():
+            shutil.rmtree(self.set_aside)
+
+    def rollback(self) -> None:
+        self.lock.__exit__(None, None, None)
+        if self.created:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+            return
+        for path in self.out_dir.iterdir():
+            if path.name not in self.found and path.name != SET_ASIDE:
+                _remove(path)
+        set_aside = self.out_dir / SET_ASIDE
+        if set_aside.is_dir():
+            for path in set_aside.iterdir():
+                _remove(self.out_dir / path.name)
+                path.rename(self.out_dir / path.name)
+            set_aside.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 class OutputDirLock:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from sglang.srt.mezo.checkpoint import TRAINABLE_FILE, latest_checkpoint
 from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.usage_errors import UsageError, reporting_usage_errors, split_debug_flag
 
 
 def read_log(run_dir: Path, up_to_step: int | None = None) -> list:
@@ -35,10 +36,16 @@ def replay(run_dir: str | Path, model=None, tokenizer=None, up_to_step: int | No
     from sglang.srt.mezo.trainer import MeZOTrainer
 
     run_dir = Path(run_dir)
+    for name in ("config.json", "metrics.jsonl"):
+        if not (run_dir / name).is_file():
+            raise UsageError(f"{run_dir} is not a MeZO run directory (no {name}): pass a run's --output-dir")
     recorded = json.loads((run_dir / "config.json").read_text())
     config = MeZOConfig.from_dict({**recorded, "device": device})
     if config.momentum > 0:
-        raise ValueError("replay rebuilds plain ZO-SGD runs; momentum makes each update depend on all before it")
+        raise UsageError(
+            f"{run_dir}: replay rebuilds plain ZO-SGD runs; momentum makes each update depend on all before it "
+            "(resume from its checkpoints instead)"
+        )
     torch.manual_seed(config.seed)  # the same LoRA initialisation as the run
     if model is None:
         model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
@@ -65,13 +72,25 @@ def log_bytes_per_step(run_dir: Path) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The CLI; a bad input is one line on stderr and exit status 2 (``--debug`` shows the traceback)."""
+    argv, debug = split_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    return reporting_usage_errors(lambda: _main(argv), debug)
+
+
+def _main(argv: list) -> int:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(f"{message} (see --help)")
+
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--output-dir", type=Path, help="save the replayed model here")
     parser.add_argument("--check", action="store_true", help="compare with the run's latest checkpoint")
     parser.add_argument("--device", default="auto", help="where to replay (auto: cuda when available, else cpu)")
     args = parser.parse_args(argv)
     checkpoint = latest_checkpoint(args.run_dir / "checkpoints") if args.check else None
+    if args.check and checkpoint is None:
+        raise UsageError(f"--check: {args.run_dir / 'checkpoints'} holds no checkpoint to compare with")
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else None
     trainer = replay(args.run_dir, up_to_step=step, device=args.device)
     print(f"replayed {trainer.global_step} steps; log: {log_bytes_per_step(args.run_dir):.0f} bytes/step")

@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from sglang.srt.mezo.config import MeZOConfig, split_list
+from sglang.srt.mezo.usage_errors import ConfigError
 
 ADAPTER_NAME = "default"
 
@@ -18,6 +19,7 @@ def apply_peft(model: nn.Module, config: MeZOConfig) -> nn.Module:
     import peft
 
     if config.peft == "lora":
+        check_lora_targets(model, split_list(config.lora_target_modules))
         peft_config = peft.LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
@@ -32,6 +34,19 @@ def apply_peft(model: nn.Module, config: MeZOConfig) -> nn.Module:
     return peft.get_peft_model(model, peft_config, autocast_adapter_dtype=True)
 
 
+def check_lora_targets(model: nn.Module, targets: list) -> None:
+    """Every LoRA target names a module of `model` (as peft matches them: the whole name or
+    its last dotted parts), or the flag is refused with the model's linear layers listed."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing or not targets:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"--lora-target-modules {','.join(targets)!r}: {missing or 'empty'} match no module of the model; "
+            f"its linear layers are {linears}"
+        )
+
+
 def trainable_names(model: nn.Module, config: MeZOConfig) -> list:
     """Names (as in ``model.named_parameters()``) of the tensors MeZO perturbs and updates."""
     if config.peft != "none":
@@ -42,7 +57,7 @@ def trainable_names(model: nn.Module, config: MeZOConfig) -> list:
         patterns = [re.compile(p) for p in split_list(config.trainable_patterns)]
         names = [n for n in names if any(p.search(n) for p in patterns)]
         if not names:
-            raise ValueError(f"trainable_patterns={config.trainable_patterns!r} matches no parameter")
+            raise ConfigError(f"--trainable-patterns {config.trainable_patterns!r} matches no parameter of the model")
     if not names:
         raise ValueError("the trainable set is empty")
     return names

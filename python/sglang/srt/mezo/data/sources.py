@@ -16,10 +16,12 @@ import json
 import os
 import re
 
+from sglang.srt.mezo.usage_errors import UsageError
+
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad training data; the message names the source, the line/row and the field."""
 
 

@@ -12,9 +12,10 @@ plugin) never loads numba or changes its settings.
 `implementation(tensor)` is the one place that decides which implementation writes a
 tensor; `forced(name)` overrides it within a block (tests run the Triton kernels on CPU
 tensors this way, under ``TRITON_INTERPRET=1``). A tensor-parallel shard (a
-`sharding.ShardLayout` that is not the whole tensor) is written by the reference, which
-draws z at the elements' offsets in the unsharded tensor; the fast kernels take whole
-tensors.
+`sharding.ShardLayout` that is not the whole tensor) draws z at its elements' offsets in the
+unsharded tensor: on CPU, a block of rows that starts on a 64-element boundary of the
+unsharded tensor goes to numba from that offset (`_fast_start`); column shards, unaligned
+rows and every shard on a GPU go to the reference. Whole tensors take the fast kernels.
 """
 
 from __future__ import annotations
