@@ -36,7 +36,10 @@ BAD_INPUTS = {
     "unknown --objective": (["--objective", "f1"], "argument --objective: invalid choice: 'f1'"),
     "unknown --perturbation": (["--perturbation", "uniform"], "argument --perturbation: invalid choice"),
     "unknown --backend": (["--backend", "vllm"], "argument --backend: invalid choice: 'vllm'"),
-    "unknown --lr-scheduler": (["--lr-scheduler", "step"], "argument --lr_scheduler/--lr-scheduler: invalid choice: 'step'"),
+    "unknown --lr-scheduler": (
+        ["--lr-scheduler", "step"],
+        "argument --lr_scheduler/--lr-scheduler: invalid choice: 'step'",
+    ),
     "not a number": (["--steps", "ten"], "argument --max_steps/--max-steps/--steps: invalid int value: 'ten'"),
     "unknown flag": (["--lr-rate", "1e-3"], "unrecognized arguments: --lr-rate 1e-3"),
     "abbreviated flag": (["--learning-rat", "1e-3"], "unrecognized arguments: --learning-rat 1e-3"),
@@ -67,10 +70,22 @@ BAD_INPUTS = {
     "fp32 masters on the engine": (["--backend", "sglang", "--fp32-trainable"], "--fp32-trainable True"),
     "micro-batches on the engine": (["--backend", "sglang", "--micro-batch-size", "4"], "--micro-batch-size 4"),
     "--max-length 1": (["--max-length", "1"], "--max-length 1 (MeZOConfig.max_length): must be >= 2"),
-    "negative --micro-batch-size": (["--micro-batch-size", "-1"], "--micro-batch-size -1 (MeZOConfig.micro_batch_size): must be >= 0"),
-    "negative --memory-budget-mb": (["--memory-budget-mb", "-5"], "--memory-budget-mb -5.0 (MeZOConfig.memory_budget_mb)"),
-    "--save-total-limit 0": (["--save-total-limit", "0"], "--save-total-limit 0 (MeZOConfig.save_total_limit): must be >= 1"),
-    "--eval-steps without --eval-file": (["--eval-steps", "5"], "--eval-steps 5 (MeZOConfig.eval_steps): evaluates on --eval-file"),
+    "negative --micro-batch-size": (
+        ["--micro-batch-size", "-1"],
+        "--micro-batch-size -1 (MeZOConfig.micro_batch_size): must be >= 0",
+    ),
+    "negative --memory-budget-mb": (
+        ["--memory-budget-mb", "-5"],
+        "--memory-budget-mb -5.0 (MeZOConfig.memory_budget_mb)",
+    ),
+    "--save-total-limit 0": (
+        ["--save-total-limit", "0"],
+        "--save-total-limit 0 (MeZOConfig.save_total_limit): must be >= 1",
+    ),
+    "--eval-steps without --eval-file": (
+        ["--eval-steps", "5"],
+        "--eval-steps 5 (MeZOConfig.eval_steps): evaluates on --eval-file",
+    ),
     "--overwrite-output-dir with --resume": (
         ["--overwrite-output-dir", "--resume", "{tmp}/checkpoints"],
         "--overwrite-output-dir True (MeZOConfig.overwrite_output_dir): would remove the run --resume continues",
@@ -199,12 +214,16 @@ class TestReplayMistakes(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             status, stderr = run_cli(replay.main, [tmp])
             self.assertEqual(status, 2)
-            self.assertEqual(stderr, f"error: {tmp} is not a MeZO run directory (no config.json): pass a run's --output-dir\n")
+            self.assertEqual(
+                stderr, f"error: {tmp} is not a MeZO run directory (no config.json): pass a run's --output-dir\n"
+            )
             Path(tmp, "config.json").write_text(json.dumps(MeZOConfig().to_dict()))
             Path(tmp, "metrics.jsonl").write_text("")
             status, stderr = run_cli(replay.main, [tmp, "--check"])
             self.assertEqual(status, 2)
-            self.assertEqual(stderr, f"error: --check: {Path(tmp) / 'checkpoints'} holds no checkpoint to compare with\n")
+            self.assertEqual(
+                stderr, f"error: --check: {Path(tmp) / 'checkpoints'} holds no checkpoint to compare with\n"
+            )
             status, stderr = run_cli(replay.main, [tmp, "--chek"])
             self.assertEqual((status, stderr), (2, "error: unrecognized arguments: --chek (see --help)\n"))
 

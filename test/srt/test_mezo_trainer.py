@@ -1788,9 +1788,11 @@ class TestMeZOIntegration(unittest.TestCase):
                       f"the same command and --resume {checkpoints}", stderr.getvalue())  # fmt: skip
         self.run_main(failed, *extra, "--resume", checkpoints)
         self.assert_same_training(whole, failed, step=6)
-        with mock.patch("sglang.srt.mezo_trainer.keep_resumable"), mock.patch.object(
-            Trainer, "_loss", failing_in_step_three
-        ), self.assertRaises(RuntimeError):
+        with (
+            mock.patch("sglang.srt.mezo_trainer.keep_resumable"),
+            mock.patch.object(Trainer, "_loss", failing_in_step_three),
+            self.assertRaises(RuntimeError),
+        ):
             calls["n"] = 0
             self.run_main(self.out("failure-canary"), *extra)
         self.assertFalse(os.path.exists(os.path.join(self.out("failure-canary"), "checkpoints")))
@@ -2457,7 +2459,9 @@ class TestMeZOEdgeCases(unittest.TestCase):
                         self.assertTrue(torch.equal(t.value, u.value), t.name)
                     torch.manual_seed(0)
                     whole_trainer = MeZOTrainer(tiny_llama(**model_args), MeZOConfig(**config))
-                    tolerance = tolerance_at(loss_tolerance, whole_trainer, batch, out.seed, whole_trainer.config.epsilon)
+                    tolerance = tolerance_at(
+                        loss_tolerance, whole_trainer, batch, out.seed, whole_trainer.config.epsilon
+                    )
                     whole = whole_trainer.step(batch)
                     self.assertLessEqual(abs(whole.loss_plus - out.loss_plus), tolerance)
         trainer = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
@@ -2511,7 +2515,9 @@ class TestMeZOEdgeCases(unittest.TestCase):
         self.assertEqual(mechanism(perturbation="rademacher", perturbation_mechanism="unit_scoped"), "unit_scoped")
         with self.assertRaisesRegex(ValueError, "restore_log.*Rademacher.*perturbation='gaussian'"):
             mechanism(perturbation="gaussian", perturbation_mechanism="restore_log")
-        with self.assertRaisesRegex(ValueError, r"--perturbation-mechanism 'fast' \(MeZOConfig.perturbation_mechanism\)"):
+        with self.assertRaisesRegex(
+            ValueError, r"--perturbation-mechanism 'fast' \(MeZOConfig.perturbation_mechanism\)"
+        ):
             MeZOConfig(perturbation_mechanism="fast")
         trainer = MeZOTrainer(tiny_llama(), MeZOConfig(perturbation="rademacher", disable_tqdm=True))
         with tempfile.TemporaryDirectory() as out:

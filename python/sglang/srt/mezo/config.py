@@ -138,7 +138,9 @@ class MeZOConfig:
         "GPUs, or CPU core sets (SGLANG_CPU_OMP_THREADS_BIND, set to an even split of this process's cores "
         "unless already set). Each rank perturbs and updates its own shards; only seeds cross processes.",
     )
-    max_length: int = _f(256, "Maximum tokens per example (>= 2: a prompt token and a completion token); prompts are cut from the left.")
+    max_length: int = _f(
+        256, "Maximum tokens per example (>= 2: a prompt token and a completion token); prompts are cut from the left."
+    )
 
     # --- data (see sglang.srt.mezo.data) ----------------------------------------------
     data_split: Optional[str] = _f(None, "The split to read from a DatasetDict or a saved DatasetDict directory.")
@@ -148,7 +150,8 @@ class MeZOConfig:
     messages_field: str = _f("messages", "Record field holding a chat (loss on its last assistant turn).")
     json_field: Optional[str] = _f(None, "Key of a JSON object file's record list (default: auto-detect 'data').")
     overlong: str = _f(
-        "error", f"An example whose completion alone exceeds max_length: one of {OVERLONG_POLICIES}.",
+        "error",
+        f"An example whose completion alone exceeds max_length: one of {OVERLONG_POLICIES}.",
         choices=OVERLONG_POLICIES,
     )
     add_bos: Optional[bool] = _f(None, "Prepend the BOS token (default: when the tokenizer adds one itself).")
@@ -222,7 +225,8 @@ class MeZOConfig:
         None, "Comma-separated regexes: train only parameters whose name matches one."
     )
     quantize_base: str = _f(
-        "none", "Weight-only quantize the frozen linear layers (torchao): none or int8. Never perturbed.",
+        "none",
+        "Weight-only quantize the frozen linear layers (torchao): none or int8. Never perturbed.",
         choices=QUANTIZATIONS,
     )
     fp32_trainable: bool = _f(False, "Keep float32 master copies of trainable tensors over a half-precision model.")

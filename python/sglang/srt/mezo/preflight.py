@@ -26,7 +26,9 @@ from sglang.srt.mezo.usage_errors import ConfigError
 def check_inputs(config: MeZOConfig) -> None:
     """Raises a `ConfigError` (or `OutputDirError`) naming the first bad input."""
     if config.train_file is None:
-        raise ConfigError(f"{flag('train_file')} is required: the training data (JSONL, JSON, CSV, Parquet or a dataset dir)")
+        raise ConfigError(
+            f"{flag('train_file')} is required: the training data (JSONL, JSON, CSV, Parquet or a dataset dir)"
+        )
     for name in ("train_file", "eval_file"):
         if getattr(config, name) is not None:
             check_readable(getattr(config, name), flag(name))
@@ -62,7 +64,9 @@ def check_model(name: str) -> None:
     if looks_like_a_path:
         raise ConfigError(f"--model {name}: no such directory or file")
     if difflib.get_close_matches(name, [DEFAULT_MODEL], n=1, cutoff=0.8):
-        raise ConfigError(f"--model {name}: no such directory, and not a model this tool knows: did you mean {DEFAULT_MODEL}?")
+        raise ConfigError(
+            f"--model {name}: no such directory, and not a model this tool knows: did you mean {DEFAULT_MODEL}?"
+        )
 
 
 def check_device(config: MeZOConfig) -> None:
