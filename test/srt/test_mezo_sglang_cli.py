@@ -33,6 +33,33 @@ class TestSGLangEngineCrash(unittest.TestCase):
         engine_processes = [c for c in psutil.Process().children(recursive=True) if c.name().startswith("sglang::")]
         self.assertEqual(engine_processes, [])  # none left running, none left a zombie
 
+    def test_a_scheduler_dying_after_start_up_raises_in_the_trainer(self):
+        """A request the scheduler cannot serve (a token id past the vocabulary: its
+        embedding raises and the scheduler dies, SIGQUITting this process) ends in
+        `EngineCrashed` at the backend's call, the engine's processes stopped, and this
+        process goes on. (Without the watch, upstream's running-phase handler kills this
+        process's whole tree, the test runner included, so that canary is not run here:
+        it is what the TP failure under ATEN_CPU_CAPABILITY=avx2 did to the suite.)"""
+        from sglang.srt.mezo.backends.sglang_backend import EngineCrashWatch, SGLangBackend
+        from sglang.srt.mezo.config import MeZOConfig
+
+        with tempfile.TemporaryDirectory(prefix="mezo-engine-dies-") as root:
+            tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(root)
+            tiny_tokenizer().save_pretrained(root)
+            engine = launch_engine(root)
+            config = MeZOConfig(learning_rate=0.0, epsilon=1e-3, disable_tqdm=True)
+            backend = SGLangBackend(engine, config, root, crash_watch=EngineCrashWatch(engine))
+            ids = torch.tensor([[5, 6, 7, 10**6]])  # the vocabulary has 384 tokens
+            batch = {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": torch.tensor([[-100, -100, 7, 8]]),
+            }
+            with self.assertRaisesRegex(EngineCrashed, "scheduler process died while serving a request"):
+                backend.row_logprobs(batch)
+        engine_processes = [c for c in psutil.Process().children(recursive=True) if c.name().startswith("sglang::")]
+        self.assertEqual(engine_processes, [])
+
 
 class TestSGLangMainJob(unittest.TestCase):
     """``--backend sglang`` end to end: the engine trains, the saved HF dir holds its weights."""

@@ -1690,7 +1690,7 @@ class TestMeZOIntegration(unittest.TestCase):
             f.write(json.dumps({"prompt": "Review: fine. Sentiment:", "completion": " positive"}) + "\n")
         resume = ["--resume", os.path.join(out, "checkpoints")]
         with self.assertRaisesRegex(ValueError, r"another run \(train_data_sha256: '[0-9a-f]+' -> '[0-9a-f]+'\)"):
-            self.run_main(out, "--train-file", data, "--steps", "3", *resume)
+            self.run_main(out, "--train-file", data, "--steps", "3", *resume, "--debug")
         shutil.copyfile(self.train_file, data)
         results = self.run_main(
             out, "--train-file", data, "--steps", "3", "--save-steps", "1", "--eval-steps", "1", *resume

@@ -77,7 +77,12 @@ def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTr
     """The trainer on the configured backend (the SGLang engine starts here for --backend sglang)."""
     if config.backend == "transformers":
         return MeZOTrainer(model, config, tokenizer=tokenizer)
-    from sglang.srt.mezo.backends.sglang_backend import SGLangBackend, launch_engine, lora_engine_args
+    from sglang.srt.mezo.backends.sglang_backend import (
+        EngineCrashWatch,
+        SGLangBackend,
+        launch_engine,
+        lora_engine_args,
+    )
     from sglang.srt.mezo.trainable import apply_peft
 
     model_dir = engine_model_dir(config.model, model, tokenizer, out_dir)
@@ -87,10 +92,16 @@ def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTr
         # then served by the engine's LoRA path; the host copy is not used afterwards
         adapter_dir = out_dir / "initial_adapter"
         apply_peft(model, config).save_pretrained(adapter_dir)
-    engine = launch_engine(
-        model_dir, dtype=config.dtype, device=config.device, tp_size=config.tp_size, **lora_engine_args(config)
-    )
-    backend = SGLangBackend(engine, config, model_dir, adapter_path=adapter_dir, host_model=model)
+    with contextlib.ExitStack() as started:  # an engine whose backend fails to set up is shut down
+        engine = launch_engine(
+            model_dir, dtype=config.dtype, device=config.device, tp_size=config.tp_size, **lora_engine_args(config)
+        )
+        started.callback(engine.shutdown)
+        crash_watch = EngineCrashWatch(engine)
+        backend = SGLangBackend(
+            engine, config, model_dir, adapter_path=adapter_dir, host_model=model, crash_watch=crash_watch
+        )
+        started.pop_all()
     return MeZOTrainer(None, config, tokenizer=tokenizer, backend=backend)
 
 

@@ -60,6 +60,34 @@ def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
         )
 
 
+def check_not_locked(out_dir: Path) -> None:
+    """Refuses, without taking the lock, a directory another process is writing to."""
+    holder = lock_holder(Path(out_dir) / LOCK_FILE)
+    if holder is not None:
+        raise _held_by(holder, Path(out_dir))
+
+
+def lock_holder(path: Path) -> Optional[str]:
+    """The pid written in a lock file that another process holds now (None: not held),
+    found without taking or writing it."""
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+def _held_by(holder: str, out_dir: Path) -> OutputDirError:
+    return OutputDirError(
+        f"another MeZO process (pid {holder}) is writing to {out_dir}: wait for it to finish or choose another "
+        "--output-dir"
+    )
+
+
 class OutputDirClaim:
     """The output directory taken for one run's start: locked, checked, and with
     `overwrite` the previous run's artifacts set aside (moved into ``.mezo-previous-run``).
@@ -129,10 +157,7 @@ class OutputDirLock:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise OutputDirError(
-                f"another MeZO process (pid {holder}) is writing to {self.path.parent}: wait for it to finish "
-                "or choose another --output-dir"
-            ) from None
+            raise _held_by(holder, self.path.parent) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

@@ -19,7 +19,7 @@ import torch
 from sglang.srt.mezo.checkpoint import latest_checkpoint
 from sglang.srt.mezo.config import MeZOConfig, flag
 from sglang.srt.mezo.model_io import DEFAULT_MODEL, smollm2_location
-from sglang.srt.mezo.output_dir import check_output_dir
+from sglang.srt.mezo.output_dir import check_not_locked, check_output_dir
 from sglang.srt.mezo.usage_errors import ConfigError
 
 
@@ -39,6 +39,7 @@ def check_inputs(config: MeZOConfig) -> None:
         )
     check_model(config.model)
     check_device(config)
+    check_not_locked(Path(config.output_dir))
     check_output_dir(Path(config.output_dir), resume=config.resume is not None, overwrite=config.overwrite_output_dir)
 
 

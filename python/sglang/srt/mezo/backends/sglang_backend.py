@@ -21,8 +21,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import types
 import uuid
 from pathlib import Path
@@ -80,8 +82,51 @@ class EngineRPCError(RuntimeError):
 
 
 class EngineCrashed(RuntimeError):
-    """An SGLang engine process died during start-up; raised in the trainer instead of killing
-    it (after start-up upstream's running-phase SIGQUIT handler replaces this one)."""
+    """An SGLang engine process died (during start-up, or while serving a request once
+    `EngineCrashWatch` watches the engine); raised in the trainer instead of killing it."""
+
+
+class EngineCrashWatch:
+    """Turns a scheduler that dies after start-up into `EngineCrashed` at the engine call
+    that was waiting for it.
+
+    A dying scheduler SIGQUITs its parent; upstream's running-phase handler (installed on
+    the engine's event loop with its first request) then kills the whole process tree,
+    the trainer included. The watch creates that loop now and replaces the handler with
+    one that stops the loop: the call waiting on it returns, and `calls` reports the crash.
+    (Only in the main thread, where upstream installs its handler too; an RPC waiting on a
+    dead scheduler is not on the loop and is not covered.)
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.died = False
+        if threading.current_thread() is threading.main_thread():
+
+            async def create_handle_loop():  # on the engine's loop, as its first request would
+                engine.tokenizer_manager.auto_create_handle_loop()  # upstream's handler goes in here ...
+
+            engine.loop.run_until_complete(create_handle_loop())
+            engine.loop.add_signal_handler(signal.SIGQUIT, self._scheduler_died)  # ... and is replaced
+
+    def _scheduler_died(self) -> None:
+        self.died = True
+        self.engine.loop.stop()
+
+    @contextlib.contextmanager
+    def calls(self):
+        """An engine call; raises `EngineCrashed` if a scheduler died meanwhile (the engine's
+        other processes are stopped: the engine cannot serve again)."""
+        try:
+            yield
+        except RuntimeError as error:
+            if not self.died:
+                raise
+            _stop_engine_processes(exclude=set())
+            raise EngineCrashed(
+                "an SGLang scheduler process died while serving a request (its traceback is above); the weights "
+                "it held are gone with it: continue from the last checkpoint (--save-steps sets how often)"
+            ) from error
 
 
 def _raise_engine_crashed(signum, frame):
@@ -267,6 +312,7 @@ class SGLangBackend:
         flush_on_version_change: bool = True,
         adapter_path: Optional[str] = None,
         host_model=None,
+        crash_watch: Optional[EngineCrashWatch] = None,
     ):
         if config.peft == "prefix":
             raise NotImplementedError("prefix tuning has no SGLang serving path: use the transformers backend")
@@ -282,6 +328,7 @@ class SGLangBackend:
             )
         self.host_model = host_model
         self.engine = engine
+        self.crash_watch = crash_watch
         self.config = config
         self.model = engine
         self.model_path = model_path
@@ -376,7 +423,8 @@ class SGLangBackend:
 
     def _ensure_fresh_cache(self) -> None:
         if self.flush_on_version_change and self.cache_version != self.weight_version:
-            self.engine.flush_cache()
+            with self._engine_call():
+                self.engine.flush_cache()
             self.cache_version = self.weight_version
 
     # -- backend interface ---------------------------------------------------------------
@@ -510,13 +558,18 @@ class SGLangBackend:
 
     def _generate(self, input_ids: list, starts: list) -> list:
         lora = {} if self.lora_name is None else {"lora_path": [self.lora_name] * len(input_ids)}
-        return self.engine.generate(
-            input_ids=input_ids,
-            sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-            return_logprob=True,
-            logprob_start_len=starts,
-            **lora,
-        )
+        with self._engine_call():
+            return self.engine.generate(
+                input_ids=input_ids,
+                sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                return_logprob=True,
+                logprob_start_len=starts,
+                **lora,
+            )
+
+    def _engine_call(self):
+        """The context of a call to the engine: `EngineCrashWatch.calls` when watched."""
+        return contextlib.nullcontext() if self.crash_watch is None else self.crash_watch.calls()
 
     def save_adapter(self, directory) -> Path:
         """The trained LoRA adapter in peft format (the initial adapter's config, trained weights)."""
