@@ -180,14 +180,17 @@ class TestCommandLineMistakes(unittest.TestCase):
 
 
 class TestQuietStart(unittest.TestCase):
-    def test_a_plain_run_prints_no_library_noise(self):
-        """A plain CLI run in a fresh process: its stderr holds the run's own INFO lines and
-        progress bar only, none of the `LIBRARY_NOISE` that transformers' import of torchao
-        prints, nor the libraries' loading bars. Canary: the same import without the CLI's
-        filters prints that noise on this machine (skipped where torchao loads quietly)."""
+    def test_a_plain_run_is_quiet_and_records_the_defaults_it_used(self):
+        """A plain CLI run (no hyperparameter set) in a fresh process: its stderr holds the
+        run's own INFO lines only, none of the `LIBRARY_NOISE` that transformers' import of
+        torchao prints, nor the libraries' loading bars; its metrics.jsonl header records
+        the estimator auto chose, fzoo, and the full-parameter defaults filled in. Canary: the
+        same import without the CLI's filters prints that noise on this machine (skipped
+        where torchao loads quietly)."""
         import subprocess
         import sys
 
+        from sglang.srt.mezo.config import ESTIMATOR_DEFAULTS
         from sglang.srt.mezo_trainer import LIBRARY_NOISE
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +202,10 @@ class TestQuietStart(unittest.TestCase):
             run = subprocess.run(
                 [sys.executable, "-m", "sglang.srt.mezo_trainer", *argv], capture_output=True, text=True, timeout=300
             )
-        self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+            self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+            header = json.loads(Path(tmp, "out", "metrics.jsonl").read_text().splitlines()[0])
+        self.assertEqual(header["estimator"], "fzoo")
+        self.assertEqual(header["defaults"], {"estimator": "fzoo", **ESTIMATOR_DEFAULTS["fzoo"]["full"]})
         lines = run.stderr.splitlines()
         self.assertTrue(lines and all(line.startswith("INFO ") for line in lines), run.stderr)
         plain = subprocess.run(

@@ -363,7 +363,8 @@ class TestEstimatorConfig(unittest.TestCase):
             config.defaults_applied, {"estimator": "mezo", "num_directions": 1, "perturbation": "gaussian"}
         )
         chosen = MeZOConfig(peft="lora")
-        expected = ESTIMATOR_DEFAULTS[chosen.estimator]["lora"]
+        self.assertEqual(chosen.estimator, "fzoo")  # the recommendation, by name
+        expected = ESTIMATOR_DEFAULTS["fzoo"]["lora"]
         self.assertEqual(
             {k: getattr(chosen, k) for k in expected}, expected, "unset hyperparameters take the estimator's defaults"
         )

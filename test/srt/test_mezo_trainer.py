@@ -1728,35 +1728,46 @@ class TestMeZOIntegration(unittest.TestCase):
         holder.wait()
         self.assertEqual(self.run_main(out, "--steps", "1")["steps"], 1)
 
+    INTERRUPTED_RUN = ["--steps", "6", "--lr-scheduler", "cosine", "--momentum", "0.5"]
+
+    def uninterrupted(self) -> str:
+        """The output dir of one uninterrupted run of INTERRUPTED_RUN (made once, shared)."""
+        out = self.out("uninterrupted")
+        if not os.path.isdir(os.path.join(out, "model")):
+            self.run_main(out, *self.INTERRUPTED_RUN)
+        return out
+
+    @staticmethod
+    def in_step_three(action):
+        """A patch under which `action()` runs when step 3's L+ starts (the fifth pass)."""
+        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
+
+        real_loss, calls = Trainer._loss, {"n": 0}
+
+        def loss(trainer, *args):
+            calls["n"] += 1
+            if calls["n"] == 5:  # two passes per step
+                action()
+            return real_loss(trainer, *args)
+
+        return mock.patch.object(Trainer, "_loss", loss)
+
     def test_sigterm_finishes_the_step_checkpoints_and_resumes_bit_identically(self):
         """SIGTERM arriving inside step 3 (momentum, cosine schedule): the step completes, its
         checkpoint and 3 metrics lines are written, no final model, and the run exits with
         128 + 15 telling how to resume; resumed, it ends with the metrics and the weights and
         momentum of an uninterrupted run, bit for bit."""
-        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
-
-        extra = ["--steps", "6", "--lr-scheduler", "cosine", "--momentum", "0.5"]
-        whole = self.out("no-signal")
-        self.run_main(whole, *extra)
         stopped = self.out("sigterm")
-        real_loss, calls = Trainer._loss, {"n": 0}
-
-        def signal_in_step_three(trainer, *args):
-            calls["n"] += 1
-            if calls["n"] == 5:  # step 3's L+ (two passes per step)
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real_loss(trainer, *args)
-
         handler = signal.getsignal(signal.SIGTERM)
-        with mock.patch.object(Trainer, "_loss", signal_in_step_three), self.assertRaises(SystemExit) as exit_:
-            self.run_main(stopped, *extra)
+        with self.in_step_three(lambda: os.kill(os.getpid(), signal.SIGTERM)), self.assertRaises(SystemExit) as exit_:
+            self.run_main(stopped, *self.INTERRUPTED_RUN)
         self.assertEqual(exit_.exception.code, 128 + signal.SIGTERM)
         self.assertEqual(os.listdir(os.path.join(stopped, "checkpoints")), ["step-3"])
         self.assertEqual(len(Path(stopped, "metrics.jsonl").read_text().splitlines()), 3)
         self.assertFalse(os.path.exists(os.path.join(stopped, "model")))
         self.assertEqual(signal.getsignal(signal.SIGTERM), handler)  # the process's handler is back
-        self.run_main(stopped, *extra, "--resume", os.path.join(stopped, "checkpoints"))
-        self.assert_same_training(whole, stopped, step=6)
+        self.run_main(stopped, *self.INTERRUPTED_RUN, "--resume", os.path.join(stopped, "checkpoints"))
+        self.assert_same_training(self.uninterrupted(), stopped, step=6)
 
     def test_a_failure_in_a_later_step_leaves_a_resumable_checkpoint(self):
         """The objective raises inside step 3 (momentum, cosine schedule, no periodic
@@ -1764,38 +1775,25 @@ class TestMeZOIntegration(unittest.TestCase):
         weights exact), stderr says how to continue, and the resumed run ends with the metrics,
         weights and momentum of an uninterrupted one, bit for bit. Canary: without the
         failure-time checkpoint there is nothing to resume from."""
-        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
 
-        extra = ["--steps", "6", "--lr-scheduler", "cosine", "--momentum", "0.5"]
-        whole = self.out("no-failure")
-        self.run_main(whole, *extra)
-        failed = self.out("failure")
-        real_loss, calls = Trainer._loss, {"n": 0}
+        def unreachable():
+            raise RuntimeError("reward server unreachable")
 
-        def failing_in_step_three(trainer, *args):
-            calls["n"] += 1
-            if calls["n"] == 5:  # step 3's L+ (two passes per step)
-                raise RuntimeError("reward server unreachable")
-            return real_loss(trainer, *args)
-
-        stderr = io.StringIO()
-        with mock.patch.object(Trainer, "_loss", failing_in_step_three), contextlib.redirect_stderr(stderr):
+        failed, stderr = self.out("failure"), io.StringIO()
+        with self.in_step_three(unreachable), contextlib.redirect_stderr(stderr):
             with self.assertRaisesRegex(RuntimeError, "reward server unreachable"):
-                self.run_main(failed, *extra)
+                self.run_main(failed, *self.INTERRUPTED_RUN)
         checkpoints = os.path.join(failed, "checkpoints")
         self.assertEqual(os.listdir(checkpoints), ["step-2"])
         self.assertIn(f"RuntimeError after step 2; step 2 is checkpointed: once the cause is fixed, continue with "
                       f"the same command and --resume {checkpoints}", stderr.getvalue())  # fmt: skip
-        self.run_main(failed, *extra, "--resume", checkpoints)
-        self.assert_same_training(whole, failed, step=6)
-        with (
-            mock.patch("sglang.srt.mezo_trainer.keep_resumable"),
-            mock.patch.object(Trainer, "_loss", failing_in_step_three),
-            self.assertRaises(RuntimeError),
-        ):
-            calls["n"] = 0
-            self.run_main(self.out("failure-canary"), *extra)
-        self.assertFalse(os.path.exists(os.path.join(self.out("failure-canary"), "checkpoints")))
+        self.run_main(failed, *self.INTERRUPTED_RUN, "--resume", checkpoints)
+        self.assert_same_training(self.uninterrupted(), failed, step=6)
+        canary = self.out("failure-canary")
+        with mock.patch("sglang.srt.mezo_trainer.keep_resumable"), self.in_step_three(unreachable):
+            with self.assertRaises(RuntimeError):
+                self.run_main(canary, *self.INTERRUPTED_RUN)
+        self.assertFalse(os.path.exists(os.path.join(canary, "checkpoints")))
 
     def test_rotation_removes_only_older_checkpoints_of_the_same_run(self):
         """Rotation keeps the checkpoint just written and the newest others of its own run by

@@ -136,7 +136,7 @@ class Run:
             self.log.close()
         self.trainer.backend.shutdown()
         if self.lock is not None:
-            self.lock.__exit__(None, None, None)
+            self.lock.release()
 
 
 def load_data(config: MeZOConfig, tokenizer) -> tuple:

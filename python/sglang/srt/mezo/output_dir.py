@@ -102,7 +102,7 @@ class OutputDirClaim:
         self.created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.found = {p.name for p in self.out_dir.iterdir()}
-        self.lock = OutputDirLock(self.out_dir).__enter__()
+        self.lock = OutputDirLock(self.out_dir).acquire()
         try:
             check_output_dir(self.out_dir, resume=resume, overwrite=overwrite)
         except OutputDirError:
@@ -120,7 +120,7 @@ class OutputDirClaim:
             shutil.rmtree(self.set_aside)
 
     def rollback(self) -> None:
-        self.lock.__exit__(None, None, None)
+        self.lock.release()
         if self.created:
             shutil.rmtree(self.out_dir, ignore_errors=True)
             return
@@ -150,6 +150,14 @@ class OutputDirLock:
         self._file = None
 
     def __enter__(self) -> "OutputDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+    def acquire(self) -> "OutputDirLock":
+        """Takes the lock (or raises `OutputDirError` naming the holder) and writes this pid."""
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -165,12 +173,12 @@ class OutputDirLock:
         self._file = handle
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def release(self) -> None:
+        """Gives the lock up (once; later calls do nothing)."""
         if self._file is not None:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
-        return False
 
 
 class StopRequests:
