@@ -85,10 +85,11 @@ def run_first_layer_linears(model, pre_hook) -> None:
     with `pre_hook` as a forward pre-hook (registered after a perturbation's own, so it sees
     the perturbed weights), each rank's partial sum (no process group here)."""
     layer = model.model.layers[0]
+    generator = torch.Generator().manual_seed(0)
     for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         linear.register_forward_pre_hook(pre_hook)
         linear.reduce_results = False
-        linear(torch.randn(2, getattr(linear, "input_size_per_partition", linear.input_size)))
+        linear(torch.randn(2, getattr(linear, "input_size_per_partition", linear.input_size), generator=generator))
 
 
 class TestShardMaps(unittest.TestCase):

@@ -422,8 +422,9 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         from sglang.srt.mezo.kernels import reference as spec
 
         key = tensor_key(5, "w")
+        generator = torch.Generator().manual_seed(5)
         for n in (3 * D.CHUNK // 2 + 17, 1000 + 13):
-            w = torch.randn(n)
+            w = torch.randn(n, generator=generator)
             for kind in D.PERTURBATIONS:
                 fused = w.clone()
                 axpy_direction_(fused, w, kind, key, 1e-3)
@@ -438,7 +439,8 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                 axpy_direction_(in_place, in_place, kind, key, 1e-3)
                 self.assertTrue(torch.equal(in_place, reference))
         # the chunked path undoes its partial write when a chunk fails
-        w64, backup = torch.randn(3 * D.CHUNK, dtype=torch.float64), torch.empty(3 * D.CHUNK, dtype=torch.float64)
+        w64 = torch.randn(3 * D.CHUNK, dtype=torch.float64, generator=generator)
+        backup = torch.empty(3 * D.CHUNK, dtype=torch.float64)
         start = w64.clone()
         real, calls = spec.z_chunk, {"n": 0}
 
