@@ -17,5 +17,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
-python -c "import sglang.srt.mezo_trainer, sglang.srt.entrypoints.engine" 2>/dev/null \
+python -c "import sglang.srt.mezo_trainer
+from sglang.srt.mezo.backends import cpu_standins
+cpu_standins.install()
+import sglang.srt.entrypoints.engine" 2>/dev/null \
   || { echo "setup_env: the overlay or upstream SGLang does not import" >&2; exit 1; }

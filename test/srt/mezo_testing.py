@@ -174,6 +174,36 @@ def loss_tolerance(model: torch.nn.Module, batch: dict) -> float:
     return candidate_loss_tolerance(token) if "is_gold" in batch else token
 
 
+def candidate_batch(examples=4, candidates=3, seed=0, vocab=384, pad_side="right"):
+    """Rows = prompt + one candidate, as the collator builds them (adjacent per example)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, meta = [], []
+    for e in range(examples):
+        prompt = torch.randint(3, vocab, (5 + 2 * e,), generator=g).tolist()
+        gold = e % candidates
+        for c in range(candidates):
+            cand = torch.randint(3, vocab, (1 + (c + e) % 3,), generator=g).tolist()
+            rows.append((prompt + cand, [-100] * len(prompt) + cand))
+            meta.append((e, c, c == gold, len(prompt)))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (tokens, lab) in enumerate(rows):
+        span = slice(0, len(tokens)) if pad_side == "right" else slice(width - len(tokens), width)
+        ids[i, span], labels[i, span], mask[i, span] = torch.tensor(tokens), torch.tensor(lab), 1
+    e, c, gold, plen = zip(*meta)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "example_id": torch.tensor(e),
+        "candidate_id": torch.tensor(c),
+        "is_gold": torch.tensor(gold),
+        "prompt_length": torch.tensor(plen),
+    }
+
+
 def lm_batch(batch_size=4, length=12, prompt=6, seed=1, vocab=384) -> dict:
     """Random token rows whose last `length - prompt` tokens carry labels (seeded)."""
     g = torch.Generator().manual_seed(seed)

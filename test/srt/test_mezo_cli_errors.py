@@ -150,7 +150,7 @@ class TestCommandLineMistakes(unittest.TestCase):
         """A start that fails after the output dir was claimed (the backend's construction
         raising here, as an engine's self-test would) removes the directory it created,
         lock file included, and leaves a pre-existing empty directory empty."""
-        import sglang.srt.mezo_trainer as recipe
+        from sglang.srt.mezo import recipe
 
         for existed in (False, True):
             with self.subTest(existed=existed):

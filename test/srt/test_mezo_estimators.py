@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 from mezo_testing import assert_bit_identical, lm_batch, snapshot, tiny_llama, tiny_tokenizer
 from torch import nn
-from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective
+from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective, toy_trainer
 
 from sglang.srt.mezo import estimators, structured_directions
 from sglang.srt.mezo.config import ESTIMATOR_DEFAULTS, MeZOConfig
@@ -53,12 +53,6 @@ class MatrixQuadratic(nn.Module):
 
     def grad(self) -> torch.Tensor:
         return (self.H @ self.theta.detach().reshape(-1) + self.b).view(self.theta.shape)
-
-
-def toy_trainer(model, estimator: str, **overrides) -> MeZOTrainer:
-    values = dict(estimator=estimator, learning_rate=1e-6, epsilon=1e-3, seed=0, disable_tqdm=True)
-    values.update(overrides)
-    return MeZOTrainer(model, MeZOConfig(**values), objective=toy_objective)
 
 
 def steps_from(trainer: MeZOTrainer, model, count: int) -> torch.Tensor:
@@ -110,7 +104,9 @@ class TestOneSidedNormalised(unittest.TestCase):
 
         def run(canary: bool) -> torch.Tensor:
             model = Quadratic(8, seed=1)
-            trainer = toy_trainer(model, "fzoo", epsilon=eps, num_directions=q, perturbation="rademacher")
+            trainer = toy_trainer(
+                model, estimator="fzoo", learning_rate=1e-6, epsilon=eps, num_directions=q, perturbation="rademacher"
+            )
             if canary:
                 trainer.estimator = TwoPointNormalised(0, eps, q)
             grad = model.grad() * eps
@@ -186,7 +182,7 @@ class TestMagnitudeMasked(unittest.TestCase):
         tau = model.theta.detach().abs().sort().values[k - 1]
         support = model.theta.detach().abs() <= tau
         self.assertEqual(int(support.sum()), k)
-        trainer = toy_trainer(model, "sparse", sparse_fraction=fraction)
+        trainer = toy_trainer(model, estimator="sparse", learning_rate=1e-6, sparse_fraction=fraction)
         samples = steps_from(trainer, model, 2000)
         moved = (samples != 0).any(0)
         self.assertTrue(torch.equal(moved, support))
@@ -205,7 +201,7 @@ class TestMagnitudeMasked(unittest.TestCase):
                     piece.float().abs() >= tau, dense(seed, start, piece), 0.0
                 )
 
-        canary = toy_trainer(Quadratic(d, seed=2), "sparse", sparse_fraction=fraction)
+        canary = toy_trainer(Quadratic(d, seed=2), estimator="sparse", learning_rate=1e-6, sparse_fraction=fraction)
         canary.backend.perturbation.family = Largest("gaussian", fraction)
         moved = (steps_from(canary, canary.backend.model, 5) != 0).any(0)
         self.assertFalse(torch.equal(moved, support))
@@ -219,7 +215,7 @@ class TestMagnitudeMasked(unittest.TestCase):
             model = Quadratic(10, seed=6)
             with torch.no_grad():
                 model.theta.zero_()
-            trainer = toy_trainer(model, "sparse", sparse_fraction=0.3)
+            trainer = toy_trainer(model, estimator="sparse", learning_rate=1e-6, sparse_fraction=0.3)
             if strict:
                 family = trainer.backend.perturbation.family
                 dense = structured_directions.dense_source
@@ -255,7 +251,7 @@ class TestLowRank(unittest.TestCase):
 
         def ranks(interval_respected: bool) -> tuple:
             model = MatrixQuadratic(7, 6, seed=4)
-            trainer = toy_trainer(model, "lowrank", lowrank_rank=2, lowrank_interval=3)
+            trainer = toy_trainer(model, estimator="lowrank", learning_rate=1e-6, lowrank_rank=2, lowrank_interval=3)
             if not interval_respected:
                 seed_of = trainer.estimator.seed_of
                 trainer.estimator.seed_of = lambda step, d: seed_of(step * 3, d)
@@ -276,9 +272,11 @@ class TestLowRank(unittest.TestCase):
         two-point SPSA); N = 2000 steps, 5 standard errors. Canary: z without the 1/sqrt(r)
         scale (r = 4): g and Z both grow by 2, E = 4 grad."""
         model = MatrixQuadratic(5, 4, seed=5)
-        trainer = toy_trainer(model, "lowrank", lowrank_rank=4, lowrank_interval=1)
+        trainer = toy_trainer(model, estimator="lowrank", learning_rate=1e-6, lowrank_rank=4, lowrank_interval=1)
         assert_mean_close(self, steps_from(trainer, model, 2000), model.grad())
-        canary = toy_trainer(MatrixQuadratic(5, 4, seed=5), "lowrank", lowrank_rank=4, lowrank_interval=1)
+        canary = toy_trainer(
+            MatrixQuadratic(5, 4, seed=5), estimator="lowrank", learning_rate=1e-6, lowrank_rank=4, lowrank_interval=1
+        )
         canary.backend.perturbation.family.scale = 1.0
         with self.assertRaises(AssertionError):
             assert_mean_close(self, steps_from(canary, canary.backend.model, 2000), model.grad())

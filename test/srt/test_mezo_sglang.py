@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from mezo_testing import (
+    candidate_batch,
     candidate_loss_tolerance,
     follow_in_order,
     logprob_tolerance,
@@ -23,7 +24,6 @@ from mezo_testing import (
     tiny_tokenizer,
     tolerance_at,
 )
-from test_mezo_trainer import candidate_batch
 
 from sglang.srt.mezo.backends.engine_plugin import ack_file
 from sglang.srt.mezo.backends.sglang_backend import (

@@ -398,6 +398,7 @@ class TestTensorParallelPlumbing(unittest.TestCase):
         """``--backend sglang --tp-size 2`` reaches ``launch_engine`` (the engine itself, the heavy
         loader, is mocked here; `test_mezo_sglang.TestTensorParallelEngine` trains on a real one)."""
         from sglang.srt import mezo_trainer
+        from sglang.srt.mezo import recipe
         from sglang.srt.mezo.backends import sglang_backend
 
         config = mezo_trainer.parse_args(["--backend", "sglang", "--tp-size", "2", "--model", "unused"])
@@ -408,7 +409,7 @@ class TestTensorParallelPlumbing(unittest.TestCase):
             mock.patch.object(sglang_backend, "SGLangBackend") as backend,
         ):
             backend.return_value.tp_size = 2
-            mezo_trainer.build_trainer(config, model, tiny_tokenizer(), Path(out))
+            recipe.build_trainer(config, model, tiny_tokenizer(), Path(out))
         self.assertEqual(launch.call_args.kwargs["tp_size"], 2)
 
     def test_gathering_refuses_diverged_replicas_and_missing_elements(self):

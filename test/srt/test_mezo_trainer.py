@@ -49,6 +49,7 @@ import numba
 import torch
 from mezo_testing import (
     assert_bit_identical,
+    candidate_batch,
     follow_in_order,
     lm_batch,
     logprob_tolerance,
@@ -61,7 +62,7 @@ from mezo_testing import (
 )
 from scipy import stats
 from tokenizers import processors
-from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective
+from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective, toy_trainer
 
 from sglang.srt.mezo import perturbation as perturbation_module
 from sglang.srt.mezo.data import DataError, MeZOCollator, MeZODataset, create_dataloader, tokenizer_adds_bos
@@ -80,12 +81,6 @@ def gamma(k: int, u: float = U64) -> float:
     return k * u / (1 - k * u)
 
 
-def toy_trainer(model, **overrides) -> MeZOTrainer:
-    values = dict(learning_rate=0.0, epsilon=1e-3, seed=0, disable_tqdm=True)
-    values.update(overrides)
-    return MeZOTrainer(model, MeZOConfig(**values), objective=toy_objective)
-
-
 def use_mechanism(trainer: MeZOTrainer, mechanism_cls, **kwargs) -> None:
     """Swaps the backend's perturbation mechanism for `mechanism_cls` over the same tensors."""
     old = trainer.backend.perturbation
@@ -96,36 +91,6 @@ def use_mechanism(trainer: MeZOTrainer, mechanism_cls, **kwargs) -> None:
 def z_of(trainer: MeZOTrainer, seed: int, name: str = "theta", shape=None) -> torch.Tensor:
     t = next(t for t in trainer.backend.tensors if t.name == name)
     return direction(trainer.config.perturbation, seed, name, shape or t.param.shape).double()
-
-
-def candidate_batch(examples=4, candidates=3, seed=0, vocab=384, pad_side="right"):
-    """Rows = prompt + one candidate, as the collator builds them (adjacent per example)."""
-    g = torch.Generator().manual_seed(seed)
-    rows, meta = [], []
-    for e in range(examples):
-        prompt = torch.randint(3, vocab, (5 + 2 * e,), generator=g).tolist()
-        gold = e % candidates
-        for c in range(candidates):
-            cand = torch.randint(3, vocab, (1 + (c + e) % 3,), generator=g).tolist()
-            rows.append((prompt + cand, [-100] * len(prompt) + cand))
-            meta.append((e, c, c == gold, len(prompt)))
-    width = max(len(r[0]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (tokens, lab) in enumerate(rows):
-        span = slice(0, len(tokens)) if pad_side == "right" else slice(width - len(tokens), width)
-        ids[i, span], labels[i, span], mask[i, span] = torch.tensor(tokens), torch.tensor(lab), 1
-    e, c, gold, plen = zip(*meta)
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "example_id": torch.tensor(e),
-        "candidate_id": torch.tensor(c),
-        "is_gold": torch.tensor(gold),
-        "prompt_length": torch.tensor(plen),
-    }
 
 
 def parity_batch(examples=16, seed=0, vocab=384):
@@ -1703,7 +1668,7 @@ class TestMeZOIntegration(unittest.TestCase):
         """While another process holds the output dir's lock a run fails at once (before
         loading anything), naming that process; once the holder dies, even by SIGKILL, the
         kernel has released the lock and the run proceeds."""
-        from sglang.srt import mezo_trainer
+        from sglang.srt.mezo import recipe
         from sglang.srt.mezo.output_dir import LOCK_FILE, OutputDirError
 
         out = self.out("locked")
@@ -1722,9 +1687,9 @@ class TestMeZOIntegration(unittest.TestCase):
         )
         self.addCleanup(holder.kill)
         self.assertEqual(holder.stdout.readline().strip(), "held")
-        with mock.patch.object(mezo_trainer, "load_model_and_tokenizer") as loader:
+        with mock.patch.object(recipe, "load_model_and_tokenizer") as loader:
             with self.assertRaisesRegex(OutputDirError, f"another MeZO process \\(pid {holder.pid}\\)"):
-                mezo_trainer.mezo_finetune(MeZOConfig(output_dir=out, train_file=self.train_file, max_steps=1))
+                recipe.mezo_finetune(MeZOConfig(output_dir=out, train_file=self.train_file, max_steps=1))
         loader.assert_not_called()
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -1792,7 +1757,7 @@ class TestMeZOIntegration(unittest.TestCase):
         self.run_main(failed, *self.INTERRUPTED_RUN, "--resume", checkpoints)
         self.assert_same_training(self.uninterrupted(), failed, step=6)
         canary = self.out("failure-canary")
-        with mock.patch("sglang.srt.mezo_trainer.keep_resumable"), self.in_step_three(unreachable):
+        with mock.patch("sglang.srt.mezo.recipe.keep_resumable"), self.in_step_three(unreachable):
             with self.assertRaises(RuntimeError):
                 self.run_main(canary, *self.INTERRUPTED_RUN)
         self.assertFalse(os.path.exists(os.path.join(canary, "checkpoints")))
@@ -2178,12 +2143,19 @@ class TestMeZOEdgeCases(unittest.TestCase):
         instead of compress-storing them (LLVM would scalarise a compress-store lane by
         lane). That path passes the same bit-exactness tests, in a process that numba
         compiles for LLVM's "generic" CPU (on x86-64: SSE2 only), with its own kernel cache."""
-        tests = "special_values or logged_moves_equal or log_overflow_undoes"
+        tests = [
+            f"{__file__}::{test.__qualname__.replace('.', '::')}"
+            for test in (
+                TestMeZOEdgeCases.test_logged_restore_is_bitwise_for_special_values,
+                TestMeZOGradientEstimation.test_logged_moves_equal_module_scoped_backups,
+                TestMeZOEdgeCases.test_log_overflow_undoes_the_move_and_falls_back_exactly,
+            )
+        ]  # named, not selected by pattern: a renamed test fails the child instead of vanishing from it
         child = (
             "import sys, pytest\n"
             "from sglang.srt.mezo.kernels import numba_restore_log\n"
             "print('compress-store path:', numba_restore_log._COMPRESS_STORE)\n"
-            f"sys.exit(pytest.main([{__file__!r}, '-q', '-p', 'no:cacheprovider', '-k', {tests!r}]))\n"
+            f"sys.exit(pytest.main([*{tests!r}, '-q', '-p', 'no:cacheprovider', '-rs']))\n"
         )
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=cache)
@@ -2191,7 +2163,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
             run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
         self.assertEqual(run.returncode, 0, run.stdout[-3000:] + run.stderr[-3000:])
         self.assertIn("compress-store path: False", run.stdout)
-        self.assertRegex(run.stdout, r"\b3 passed")
+        self.assertNotRegex(run.stdout, r"\bskipped\b")
 
     def test_log_overflow_undoes_the_move_and_falls_back_exactly(self):
         """A log too small for a move: the half-done move is undone exactly (items already

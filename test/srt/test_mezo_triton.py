@@ -35,14 +35,16 @@ class TestTritonKernels(unittest.TestCase):
                 "-q",
                 "-p",
                 "no:cacheprovider",
+                "-rs",
             ],
             env=env,
             capture_output=True,
             text=True,
             timeout=600,
         )
+        # exit 0: something ran and nothing failed (pytest exits 5 when nothing is collected)
         self.assertEqual(run.returncode, 0, run.stdout[-4000:] + run.stderr[-2000:])
-        self.assertRegex(run.stdout, r"\b7 passed")
+        self.assertNotRegex(run.stdout, r"\bskipped\b")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.trainer import MeZOTrainer
+
 
 class Linear(nn.Module):
     """f(theta) = b . theta + c."""
@@ -56,3 +59,10 @@ def toy_objective(model, batch):
 
 
 TOY_BATCH = {"x": torch.zeros(1)}
+
+
+def toy_trainer(model: nn.Module, **overrides) -> MeZOTrainer:
+    """A MeZOTrainer of a toy model on `toy_objective` (lr 0, eps 1e-3, seed 0 unless overridden)."""
+    values = dict(learning_rate=0.0, epsilon=1e-3, seed=0, disable_tqdm=True)
+    values.update(overrides)
+    return MeZOTrainer(model, MeZOConfig(**values), objective=toy_objective)

@@ -76,13 +76,18 @@ def missing_roots() -> list:
     return [root for root in STANDIN_ROOTS if importlib.util.find_spec(root) is None]
 
 
+def installed() -> bool:
+    """Whether this process serves the stand-ins (`install` ran here and had something to do)."""
+    return any(isinstance(f, _StandInFinder) for f in sys.meta_path)
+
+
 def install() -> list:
     """Serves stand-ins for missing GPU-only modules on a CPU-only machine; returns their names."""
     import torch
 
     if torch.cuda.is_available():
         return []
-    if any(isinstance(f, _StandInFinder) for f in sys.meta_path):
+    if installed():
         return [r for f in sys.meta_path if isinstance(f, _StandInFinder) for r in f.roots]
     roots = missing_roots()
     if roots:
