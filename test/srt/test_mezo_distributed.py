@@ -108,8 +108,14 @@ def _worker(out_dir):
     loader = _Recording(create_dataloader(dataset, BATCH_SIZE, seed=DATA_SEED))
     trainer = MeZOTrainer(tiny_llama(seed=3), _config())
     report["checksum_start"] = assert_ranks_agree(trainer, 0, include_frozen=True)
-    history = trainer.train(loader, on_step=agreement_callback(trainer, every=1))
-    report["A"] = {"history": [out.metrics() for out in history], "batches": loader.batches}
+    history, check = [], agreement_callback(trainer, every=1)
+
+    def keep_and_check(out, seconds):
+        history.append(out.metrics())
+        check(out, seconds)
+
+    trainer.train(loader, on_step=keep_and_check)
+    report["A"] = {"history": history, "batches": loader.batches}
     torch.save(snapshot(trainer.model), os.path.join(out_dir, f"A_rank{rank}.pt"))
 
     # B: the float64 row-by-row objective; rank 0 keeps the weights after every step.
@@ -117,8 +123,14 @@ def _worker(out_dir):
     model = tiny_llama(seed=4, dtype=torch.float64)
     trainer = MeZOTrainer(model, _config(dtype="float64"), objective=RowByRowNLL())
     snapshots = [snapshot(model)]
-    history = trainer.train(loader, on_step=lambda out, seconds: snapshots.append(snapshot(model)))
-    report["B"] = {"history": [out.metrics() for out in history], "batches": loader.batches}
+    history = []
+
+    def keep_with_weights(out, seconds):
+        history.append(out.metrics())
+        snapshots.append(snapshot(model))
+
+    trainer.train(loader, on_step=keep_with_weights)
+    report["B"] = {"history": history, "batches": loader.batches}
     report["checksum_end"] = assert_ranks_agree(trainer, trainer.global_step)
     torch.save(snapshot(model), os.path.join(out_dir, f"B_rank{rank}.pt"))
     if rank == 0:

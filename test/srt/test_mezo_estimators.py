@@ -345,10 +345,10 @@ class TestEstimatorExactness(unittest.TestCase):
                     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
                     self.assertEqual(rows[0]["estimator"], estimator)
                     checkpoint = Path(out) / "checkpoints" / "step-4"
-                    self.assertEqual(replay.matches_checkpoint(replay.replay(out), checkpoint), [])
+                    self.assertEqual(replay.differing_tensors(replay.replay(out), checkpoint), [])
                     rows[1]["directions"][0][1] *= 1.5
                     Path(out, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-                    self.assertNotEqual(replay.matches_checkpoint(replay.replay(out), checkpoint), [])
+                    self.assertNotEqual(replay.differing_tensors(replay.replay(out), checkpoint), [])
 
 
 class TestEstimatorConfig(unittest.TestCase):

@@ -236,8 +236,7 @@ class TestEnginePluginDeviceHandling(unittest.TestCase):
         """The plugin meets engine tensors (on whatever device SGLang runs) only through
         `same_bits` (compared on the tensor's device) and `host_bytes` (an explicit copy to the
         host). Canary: torch.equal calls -0.0 and +0.0 equal and a NaN unequal to itself."""
-        from sglang.srt.mezo.backends.engine_plugin import same_bits
-        from sglang.srt.mezo.primitives import host_bytes
+        from sglang.srt.mezo.primitives import host_bytes, same_bits
 
         reference = torch.tensor([1.5, -0.0, float("nan"), 3.0])
         engine = reference.clone().to(torch.bfloat16)[1:]  # a view with a storage offset

@@ -1800,13 +1800,13 @@ class TestMeZOIntegration(unittest.TestCase):
         self.run_main(out, "--steps", "5", "--num-directions", "2", "--grad-clip", "0.5")
         trainer = replay.replay(out)
         self.assertEqual(trainer.global_step, 5)
-        self.assertEqual(replay.matches_checkpoint(trainer, Path(out) / "checkpoints" / "step-5"), [])
+        self.assertEqual(replay.differing_tensors(trainer, Path(out) / "checkpoints" / "step-5"), [])
         self.assertLess(replay.log_bytes_per_step(Path(out)), 200)
         # canary: dropping one step's update is detected
         rows = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.write("\n".join(rows[:2] + [json.dumps({**json.loads(rows[2]), "skipped": True})] + rows[3:]) + "\n")
-        self.assertNotEqual(replay.matches_checkpoint(replay.replay(out), Path(out) / "checkpoints" / "step-5"), [])
+        self.assertNotEqual(replay.differing_tensors(replay.replay(out), Path(out) / "checkpoints" / "step-5"), [])
 
     def test_crash_while_saving_keeps_the_previous_checkpoint(self):
         from sglang.srt.mezo import checkpoint
@@ -2164,6 +2164,24 @@ class TestMeZOEdgeCases(unittest.TestCase):
         self.assertEqual(run.returncode, 0, run.stdout[-3000:] + run.stderr[-3000:])
         self.assertIn("compress-store path: False", run.stdout)
         self.assertNotRegex(run.stdout, r"\bskipped\b")
+
+    def test_train_returns_a_summary_and_keeps_no_outputs(self):
+        """`train` returns steps, global step, mean loss and skipped steps, equal to what its
+        `on_step` callback saw (the caller keeps outputs if it wants them; the trainer holds
+        none, so a long run's memory stays flat)."""
+        from sglang.srt.mezo.trainer import TrainOutput
+
+        trainer = MeZOTrainer(
+            tiny_llama(), MeZOConfig(learning_rate=1e-3, epsilon=1e-2, max_steps=3, disable_tqdm=True)
+        )
+        seen = []
+        summary = trainer.train([lm_batch(seed=s) for s in range(2)], on_step=lambda out, seconds: seen.append(out))
+        self.assertIsInstance(summary, TrainOutput)
+        self.assertEqual((summary.steps, summary.global_step, summary.skipped_steps), (3, 3, 0))
+        self.assertEqual(summary.mean_loss, sum((o.loss_plus + o.loss_minus) / 2 for o in seen) / 3)
+        self.assertFalse(
+            any(isinstance(v, list) and v and isinstance(v[0], type(seen[0])) for v in vars(trainer).values())
+        )
 
     def test_log_overflow_undoes_the_move_and_falls_back_exactly(self):
         """A log too small for a move: the half-done move is undone exactly (items already

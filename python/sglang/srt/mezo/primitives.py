@@ -69,3 +69,12 @@ class DeferredInterrupts:
             if self.received is not None and callable(self.previous):
                 self.previous(*self.received)
         return False
+
+
+def same_bits(reference: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` holds exactly `reference` (a host tensor, cast to its dtype), bit for
+    bit, compared on `tensor`'s device (NaN payloads and the sign of zero count)."""
+    if tuple(reference.shape) != tuple(tensor.shape):
+        return False
+    expected = reference.to(device=tensor.device, dtype=tensor.dtype).contiguous()
+    return torch.equal(expected.view(torch.uint8), tensor.detach().contiguous().view(torch.uint8))

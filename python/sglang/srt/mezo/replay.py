@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from sglang.srt.mezo.checkpoint import TRAINABLE_FILE, latest_checkpoint
 from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.primitives import same_bits
 from sglang.srt.mezo.usage_errors import UsageError, reporting_usage_errors, split_debug_flag
 
 
@@ -57,11 +58,11 @@ def replay(run_dir: str | Path, model=None, tokenizer=None, up_to_step: int | No
     return trainer
 
 
-def matches_checkpoint(trainer, checkpoint_dir: Path) -> list:
+def differing_tensors(trainer, checkpoint_dir: Path) -> list:
     """Names of trainable tensors that differ (bitwise) from the checkpoint's."""
     saved = load_file(str(checkpoint_dir / TRAINABLE_FILE))
     state = trainer.backend.trainable_state()
-    return [name for name, value in state.items() if not torch.equal(value, saved[name])]
+    return [name for name, value in state.items() if not same_bits(saved[name], value)]
 
 
 def log_bytes_per_step(run_dir: Path) -> float:
@@ -97,7 +98,7 @@ def _main(argv: list) -> int:
     if args.output_dir:
         trainer.backend.export(args.output_dir, trainer.tokenizer)
     if checkpoint is not None:
-        differ = matches_checkpoint(trainer, checkpoint)
+        differ = differing_tensors(trainer, checkpoint)
         print(f"{checkpoint}: {'bit-identical' if not differ else f'{len(differ)} tensors differ: {differ[:3]}'}")
         return 1 if differ else 0
     return 0

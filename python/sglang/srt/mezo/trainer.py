@@ -38,6 +38,17 @@ def learning_rate_at(config: MeZOConfig, step: int) -> float:
 
 
 @dataclass
+class TrainOutput:
+    """What one `MeZOTrainer.train` call did (per-step values go to its `on_step` callback:
+    the run's outputs are not kept, so a long run's memory stays flat)."""
+
+    steps: int  # steps taken by this call
+    global_step: int  # the trainer's step count after it
+    mean_loss: float  # mean of (L+ + L-) / 2 over the steps that were not skipped (nan: none)
+    skipped_steps: int  # of this call's steps, skipped for a non-finite loss
+
+
+@dataclass
 class StepOutput:
     """What one MeZO step measured; losses and projected_grad are means over directions."""
 
@@ -207,13 +218,15 @@ class MeZOTrainer:
         dataloader: Iterable,
         on_step: Optional[Callable[[StepOutput, float], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
-    ) -> list:
-        """Runs until ``config.max_steps``, cycling epochs; returns the per-step metrics.
+    ) -> TrainOutput:
+        """Runs until ``config.max_steps``, cycling epochs; returns a `TrainOutput`.
 
-        `on_step(output, seconds)` is called after each step (logging, checkpoints);
-        `should_stop()`, asked after each step, ends the loop early (a signal, say).
+        `on_step(output, seconds)` is called after each step (logging, checkpoints, keeping
+        the outputs if you want them); `should_stop()`, asked after each step, ends the loop
+        early (a signal, say).
         """
-        history = []
+        steps = skipped = 0
+        loss_sum = 0.0
         bar = tqdm(
             total=self.config.max_steps,
             initial=self.global_step,
@@ -234,7 +247,11 @@ class MeZOTrainer:
                 self.batches_seen_in_epoch = index + 1
                 seconds = time.perf_counter() - started
                 progressed = True
-                history.append(out)
+                steps += 1
+                if out.skipped:
+                    skipped += 1
+                else:
+                    loss_sum += (out.loss_plus + out.loss_minus) / 2
                 bar.update(1)
                 bar.set_postfix(loss=f"{(out.loss_plus + out.loss_minus) / 2:.4f}", g=f"{out.projected_grad:.3g}")
                 if on_step is not None:
@@ -249,7 +266,8 @@ class MeZOTrainer:
             if should_stop is not None and should_stop():
                 break
         bar.close()
-        return history
+        mean_loss = loss_sum / (steps - skipped) if steps > skipped else math.nan
+        return TrainOutput(steps, self.global_step, mean_loss, skipped)
 
     def evaluate(self, dataloader: Iterable) -> dict:
         """Unperturbed loss (and candidate accuracy when batches carry candidates)."""

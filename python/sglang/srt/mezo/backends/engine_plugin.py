@@ -50,7 +50,7 @@ from sglang.srt.mezo.perturbation import (
     prepare_update,
     weight_decay_applies,
 )
-from sglang.srt.mezo.primitives import require_all, write_json_atomically
+from sglang.srt.mezo.primitives import require_all, same_bits, write_json_atomically
 from sglang.srt.mezo.sharding import ShardLayout, gather
 
 # engine tensor suffix -> [(HF tensor suffix, which block of rows)] in row order
@@ -386,14 +386,7 @@ class EngineMeZO:
 
 
 # The only places engine tensors (on whatever device the engine runs) meet host memory:
-# `same_bits` here and `primitives.host_bytes`.
-def same_bits(reference: torch.Tensor, tensor: torch.Tensor) -> bool:
-    """Whether `tensor` holds exactly `reference` (a host tensor, cast to its dtype), bit for
-    bit, compared on `tensor`'s device (NaN payloads and the sign of zero count)."""
-    if tuple(reference.shape) != tuple(tensor.shape):
-        return False
-    expected = reference.to(device=tensor.device, dtype=tensor.dtype).contiguous()
-    return torch.equal(expected.view(torch.uint8), tensor.detach().contiguous().view(torch.uint8))
+# `primitives.same_bits` and `primitives.host_bytes`.
 
 
 # ----------------------------------------------------------------------------- shard files
