@@ -37,9 +37,9 @@ from sglang.srt.mezo.backends.engine_plugin import (
 )
 from sglang.srt.mezo.backends.sglang_backend import cpu_thread_binding
 from sglang.srt.mezo.config import MeZOConfig
-from sglang.srt.mezo.perturbation import commit_update, prepare_update
 from sglang.srt.mezo.sharding import ShardLayout, gather
 from sglang.srt.mezo.trainer import MeZOTrainer
+from sglang.srt.mezo.zo_sgd import commit_update, prepare_update
 
 
 def tiny_qwen2_tied():

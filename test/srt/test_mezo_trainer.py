@@ -2242,7 +2242,8 @@ class TestMeZOEdgeCases(unittest.TestCase):
     def test_zero_update_writes_nothing(self):
         """lr=0 (or g=0): no sweep over the weights, no version change, and -0.0 stays -0.0,
         which the arithmetic w + 0 * z would turn into +0.0 (the canary below)."""
-        from sglang.srt.mezo.perturbation import WeightVersions, collect_trainable, commit_update, prepare_update
+        from sglang.srt.mezo.perturbation import WeightVersions, collect_trainable
+        from sglang.srt.mezo.zo_sgd import commit_update, prepare_update
 
         model = Linear(8)
         with torch.no_grad():

@@ -1,8 +1,13 @@
 """Internals of the MeZO trainer; the public API is `sglang.srt.mezo_trainer`.
 
-Where things live (imports run downward only: entry point -> trainer -> backends ->
-perturbation -> kernels; config, data, objectives, sharding and primitives are leaves):
+Where things live (imports run downward only: entry point -> recipe -> preflight and
+trainer -> backends -> perturbation -> zo_sgd -> kernels -> sharding; config sits below
+them and imports data, estimators, kernels and structured_directions; usage_errors and
+primitives import nothing of the project):
 
+* `recipe`: the main job (setup, train, evaluate, save; a failed start undone, a late
+  failure checkpointed); `preflight`: a run's inputs checked before any work;
+  `usage_errors`: a user's mistake as one line (the CLIs exit 2);
 * `trainer`: the step (the estimator's passes, one update) and the train / evaluate loops;
 * `estimators`: how a step turns losses at seeded perturbations into update terms (MeZO's
   two points, FZOO's normalised one-sided differences); `structured_directions`: masked
@@ -11,8 +16,8 @@ perturbation -> kernels; config, data, objectives, sharding and primitives are l
 * `backends/`: the `Backend` protocol and its two implementations, transformers in this
   process and an upstream SGLang engine (with the plugin that perturbs inside it);
 * `perturbation`: how a perturbation is scoped and undone exactly (per-unit copies
-  swapped in while a unit runs; the ZO-SGD update), `offset_log` the whole-model restore
-  log for Rademacher on float32 CPU weights;
+  swapped in while a unit runs), `offset_log` the whole-model restore log for Rademacher
+  on float32 CPU weights; `zo_sgd`: the atomic two-phase update;
 * `kernels/`: z and every write made with it: the torch reference (the specification),
   numba for float32 CPU tensors, Triton for GPUs, one dispatch;
 * `sharding`: where a tensor-parallel shard's elements sit in the unsharded tensor (z is
@@ -21,5 +26,6 @@ perturbation -> kernels; config, data, objectives, sharding and primitives are l
 * `objectives`: losses as (sum, count); `trainable`: which tensors train (peft, patterns);
 * `data/`: sources, tokenization, the dataset, batching and data-parallel sharding;
 * `checkpoint`, `replay`, `distributed`, `model_io` (loading, GGUF), `reporting`
-  (metrics.jsonl, the loss plot), `primitives` (digests, atomic writes, Ctrl-C guard).
+  (metrics.jsonl, the loss plot), `output_dir` (one run per directory, its lock, stopping
+  on a signal), `primitives` (digests, bitwise comparison, atomic writes, Ctrl-C guard).
 """

@@ -2,7 +2,7 @@
 
 Every estimator returns `DirectionEstimate`s whose (seed, projected_grad) pairs are the
 update's terms: the backend applies ``w <- w - lr * sum_i (g_i / q) z_i(seed_i)`` with z
-regenerated from the seed (`perturbation.commit_update`), and ``metrics.jsonl`` logs the
+regenerated from the seed (`zo_sgd.commit_update`), and ``metrics.jsonl`` logs the
 pairs, so replay (`replay.py`) and bit-exact restores work alike for all of them. Which
 z a seed names (dense, magnitude-masked, low-rank) is the backend's direction family
 (`structured_directions`), chosen by the same config field.

@@ -35,13 +35,12 @@ from sglang.srt.mezo import kernels
 from sglang.srt.mezo.kernels import RADEMACHER, tensor_key
 from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
-    UpdatePlan,
     WeightVersions,
-    commit_update,
     largest_module_bytes,
 )
 from sglang.srt.mezo.primitives import DeferredInterrupts
 from sglang.srt.mezo.sharding import is_shard
+from sglang.srt.mezo.zo_sgd import UpdatePlan, commit_update
 
 logger = logging.getLogger(__name__)
 

@@ -46,12 +46,11 @@ from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
     TrainableTensor,
     WeightVersions,
-    commit_update,
-    prepare_update,
     weight_decay_applies,
 )
 from sglang.srt.mezo.primitives import require_all, same_bits, write_json_atomically
 from sglang.srt.mezo.sharding import ShardLayout, gather
+from sglang.srt.mezo.zo_sgd import commit_update, prepare_update
 
 # engine tensor suffix -> [(HF tensor suffix, which block of rows)] in row order
 FUSED = {

@@ -17,12 +17,12 @@ from sglang.srt.mezo.perturbation import (
     ModuleScopedPerturbation,
     WeightVersions,
     collect_trainable,
-    prepare_update,
     vanishing_fraction,
 )
 from sglang.srt.mezo.primitives import require_all
 from sglang.srt.mezo.structured_directions import direction_family
 from sglang.srt.mezo.trainable import apply_peft, canonical_name, quantize_frozen_linears, trainable_names
+from sglang.srt.mezo.zo_sgd import prepare_update
 
 logger = logging.getLogger(__name__)
 
