@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from common import build_tiny_llama
 
-from sglang.srt.mezo.backends.sglang_backend import SGLangBackend, launch_engine
+from sglang.srt.mezo.backends.engine_launch import launch_engine
+from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.trainer import MeZOTrainer
 from sglang.srt.mezo_trainer import load_model_and_tokenizer

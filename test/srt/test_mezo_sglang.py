@@ -25,13 +25,9 @@ from mezo_testing import (
     tolerance_at,
 )
 
+from sglang.srt.mezo.backends.engine_launch import launch_engine, lora_engine_args
 from sglang.srt.mezo.backends.engine_plugin import ack_file
-from sglang.srt.mezo.backends.sglang_backend import (
-    EngineRPCError,
-    SGLangBackend,
-    launch_engine,
-    lora_engine_args,
-)
+from sglang.srt.mezo.backends.sglang_backend import EngineRPCError, SGLangBackend
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.objectives import CompletionNLL
 from sglang.srt.mezo.primitives import tensor_digest

@@ -16,7 +16,7 @@ import psutil
 import torch
 from mezo_testing import tiny_llama, tiny_tokenizer
 
-from sglang.srt.mezo.backends.sglang_backend import EngineCrashed, launch_engine
+from sglang.srt.mezo.backends.engine_launch import EngineCrashed, launch_engine
 
 
 class TestSGLangEngineCrash(unittest.TestCase):
@@ -40,7 +40,8 @@ class TestSGLangEngineCrash(unittest.TestCase):
         process goes on. (Without the watch, upstream's running-phase handler kills this
         process's whole tree, the test runner included, so that canary is not run here:
         it is what the TP failure under ATEN_CPU_CAPABILITY=avx2 did to the suite.)"""
-        from sglang.srt.mezo.backends.sglang_backend import EngineCrashWatch, SGLangBackend
+        from sglang.srt.mezo.backends.engine_launch import EngineCrashWatch
+        from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
         from sglang.srt.mezo.config import MeZOConfig
 
         with tempfile.TemporaryDirectory(prefix="mezo-engine-dies-") as root:

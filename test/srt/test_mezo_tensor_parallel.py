@@ -24,6 +24,7 @@ from unittest import mock
 import torch
 from mezo_testing import sglang_model_on_rank, sglang_rank, smollm2_shaped, tiny_llama, tiny_tokenizer
 
+from sglang.srt.mezo.backends.engine_launch import cpu_thread_binding
 from sglang.srt.mezo.backends.engine_plugin import (
     LORA_STACKS,
     EngineMeZO,
@@ -35,7 +36,6 @@ from sglang.srt.mezo.backends.engine_plugin import (
     same_bits,
     split_sizes,
 )
-from sglang.srt.mezo.backends.sglang_backend import cpu_thread_binding
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.sharding import ShardLayout, gather
 from sglang.srt.mezo.trainer import MeZOTrainer
@@ -399,13 +399,14 @@ class TestTensorParallelPlumbing(unittest.TestCase):
         loader, is mocked here; `test_mezo_sglang.TestTensorParallelEngine` trains on a real one)."""
         from sglang.srt import mezo_trainer
         from sglang.srt.mezo import recipe
-        from sglang.srt.mezo.backends import sglang_backend
+        from sglang.srt.mezo.backends import engine_launch, sglang_backend
 
         config = mezo_trainer.parse_args(["--backend", "sglang", "--tp-size", "2", "--model", "unused"])
         model = tiny_llama()
         with (
             tempfile.TemporaryDirectory() as out,
-            mock.patch.object(sglang_backend, "launch_engine") as launch,
+            mock.patch.object(engine_launch, "launch_engine") as launch,
+            mock.patch.object(engine_launch, "EngineCrashWatch"),
             mock.patch.object(sglang_backend, "SGLangBackend") as backend,
         ):
             backend.return_value.tp_size = 2

@@ -44,12 +44,8 @@ def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTr
     """The trainer on the configured backend (the SGLang engine starts here for --backend sglang)."""
     if config.backend == "transformers":
         return MeZOTrainer(model, config, tokenizer=tokenizer)
-    from sglang.srt.mezo.backends.sglang_backend import (
-        EngineCrashWatch,
-        SGLangBackend,
-        launch_engine,
-        lora_engine_args,
-    )
+    from sglang.srt.mezo.backends.engine_launch import EngineCrashWatch, launch_engine, lora_engine_args
+    from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
     from sglang.srt.mezo.trainable import apply_peft
 
     model_dir = engine_model_dir(config.model, model, tokenizer, out_dir)

@@ -3,7 +3,8 @@
 * `transformers_backend`: any transformers causal LM in this process;
 * `sglang_backend`: an upstream SGLang engine (tensor-parallel or not), its weights perturbed
   inside its processes, each rank its own shards, by `engine_plugin` (an SGLang plugin);
-  `engine_bootstrap` and `cpu_standins` let the engine start on a CPU-only machine.
+  `engine_launch` starts the engine and notices when its processes die; `engine_bootstrap`
+  and `cpu_standins` let it start on a CPU-only machine.
 """
 
 from sglang.srt.mezo.backends.base import Backend

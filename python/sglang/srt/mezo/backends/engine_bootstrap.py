@@ -1,4 +1,4 @@
-"""Run as ``__main__`` of SGLang's spawned engine processes (see `sglang_backend.launch_engine`).
+"""Run as ``__main__`` of SGLang's spawned engine processes (see `engine_launch.launch_engine`).
 
 multiprocessing's 'spawn' re-runs the parent's main module in every child before it
 unpickles the process target; upstream's scheduler imports torchvision while unpickling,
