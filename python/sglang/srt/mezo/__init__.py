@@ -26,6 +26,7 @@ primitives import nothing of the project):
 * `objectives`: losses as (sum, count); `trainable`: which tensors train (peft, patterns);
 * `data/`: sources, tokenization, the dataset, batching and data-parallel sharding;
 * `checkpoint`, `replay`, `distributed`, `model_io` (loading, GGUF), `reporting`
-  (metrics.jsonl, the loss plot), `output_dir` (one run per directory, its lock, stopping
-  on a signal), `primitives` (digests, bitwise comparison, atomic writes, Ctrl-C guard).
+  (metrics.jsonl, the loss plot), `output_dir` (one run per directory and its lock),
+  `signals` (stopping after a step; Ctrl-C held during an update),
+  `primitives` (digests, bitwise comparison, atomic writes).
 """

@@ -38,8 +38,8 @@ from sglang.srt.mezo.perturbation import (
     WeightVersions,
     largest_module_bytes,
 )
-from sglang.srt.mezo.primitives import DeferredInterrupts
 from sglang.srt.mezo.sharding import is_shard
+from sglang.srt.mezo.signals import DeferredInterrupts
 from sglang.srt.mezo.zo_sgd import UpdatePlan, commit_update
 
 logger = logging.getLogger(__name__)

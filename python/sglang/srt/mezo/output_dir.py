@@ -1,4 +1,4 @@
-"""One run per output directory: refusal, overwrite, one writer at a time, stopping on a signal.
+"""One run per output directory: refusal, overwrite, one writer at a time.
 
 * A non-empty output directory is refused unless the run resumes (``--resume``) or was
   told to start over (``--overwrite-output-dir``, which removes every artifact a previous
@@ -7,8 +7,6 @@
 * `OutputDirLock`: an advisory ``fcntl`` lock on ``OUTPUT_DIR/.mezo.lock`` for the run's
   whole life; a second process fails at once, naming the holder. The kernel releases it
   when the holder exits, however it exits.
-* `StopRequests`: SIGINT and SIGTERM ask the training loop to stop after the step in
-  flight (a second SIGINT interrupts at once), so the main job can checkpoint and exit.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import signal
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -179,31 +175,3 @@ class OutputDirLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
-
-
-class StopRequests:
-    """Within the block, SIGINT and SIGTERM set `requested` (the signal's name) instead of
-    killing the process; a second SIGINT raises KeyboardInterrupt at once. Handlers are
-    restored on exit. Outside the main thread signals cannot be caught: nothing changes."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested: Optional[str] = None
-        self.signum: Optional[int] = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested, self.signum = signal.Signals(signum).name, signum
-
-    def __exit__(self, *exc) -> bool:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False

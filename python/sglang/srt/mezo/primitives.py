@@ -3,16 +3,14 @@
 * `host_bytes` / `tensor_digest`: a tensor's bytes, copied to the host explicitly, and
   their BLAKE2b digest (checksums across ranks, engines and devices; cache keys);
 * `write_json_atomically`: a JSON file that is either the old one or the new one;
-* `DeferredInterrupts`: Ctrl-C held until a block (an update) is complete;
-* `require_all`: the one policy for loading tensors by name: every expected one present.
+* `require_all`: the one policy for loading tensors by name: every expected one present;
+* `same_bits`: bitwise equality of a host tensor and one on any device.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import signal
-import threading
 from pathlib import Path
 from typing import Container, Iterable
 
@@ -48,27 +46,6 @@ def require_all(expected: Iterable[str], weights: Container, what: str = "traina
     missing = [name for name in expected if name not in weights]
     if missing:
         raise ValueError(f"missing {what}: {missing[:5]} ({len(missing)} of them)")
-
-
-class DeferredInterrupts:
-    """Holds SIGINT until the block ends, so an update is never cut in half by Ctrl-C."""
-
-    def __enter__(self):
-        self.received = None
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._hold)
-        return self
-
-    def _hold(self, signum, frame):
-        self.received = (signum, frame)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            if self.received is not None and callable(self.previous):
-                self.previous(*self.received)
-        return False
 
 
 def same_bits(reference: torch.Tensor, tensor: torch.Tensor) -> bool:

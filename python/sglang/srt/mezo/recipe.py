@@ -31,10 +31,11 @@ from sglang.srt.mezo.data import MeZODataset, create_dataloader
 from sglang.srt.mezo.distributed import agreement_callback, assert_ranks_agree, init_distributed, is_main_process
 from sglang.srt.mezo.model_io import engine_model_dir, load_model_and_tokenizer
 from sglang.srt.mezo.objectives import check_objective_fits
-from sglang.srt.mezo.output_dir import OutputDirClaim, OutputDirLock, StopRequests
+from sglang.srt.mezo.output_dir import OutputDirClaim, OutputDirLock
 from sglang.srt.mezo.preflight import check_inputs
 from sglang.srt.mezo.primitives import write_json_atomically
 from sglang.srt.mezo.reporting import CONFIG_FILE, EVAL_FILE, StepLog, format_eval, plot_losses
+from sglang.srt.mezo.signals import StopRequests
 from sglang.srt.mezo.trainer import MeZOTrainer, StepOutput
 
 logger = logging.getLogger("sglang.srt.mezo_trainer")

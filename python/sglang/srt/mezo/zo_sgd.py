@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from sglang.srt.mezo.kernels import UpdateTarget, reference, tensor_key, update_
-from sglang.srt.mezo.primitives import DeferredInterrupts
+from sglang.srt.mezo.signals import DeferredInterrupts
 from sglang.srt.mezo.structured_directions import DirectionFamily
 
 if TYPE_CHECKING:  # the perturbation mechanisms import this module
