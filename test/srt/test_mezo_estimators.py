@@ -33,7 +33,7 @@ from toy_models import TOY_BATCH, Linear, Quadratic, toy_objective, toy_trainer
 
 from sglang.srt.mezo import estimators, structured_directions
 from sglang.srt.mezo.config import ESTIMATOR_DEFAULTS, MeZOConfig
-from sglang.srt.mezo.perturbation import ModuleScopedPerturbation
+from sglang.srt.mezo.perturbation import UnitScopedPerturbation
 from sglang.srt.mezo.trainer import MeZOTrainer
 
 
@@ -315,7 +315,7 @@ class TestEstimatorExactness(unittest.TestCase):
                 assert_bit_identical(self, trainer.model, before)
         trainer = MeZOTrainer(tiny_llama(), MeZOConfig(estimator="sparse", learning_rate=0.0, epsilon=1e-2))
         before = snapshot(trainer.model)
-        with mock.patch.object(ModuleScopedPerturbation, "_restore", lambda self, unit, saved: None):
+        with mock.patch.object(UnitScopedPerturbation, "_restore", lambda self, unit, saved: None):
             trainer.step(lm_batch())
         with self.assertRaises(AssertionError):
             assert_bit_identical(self, trainer.model, before)

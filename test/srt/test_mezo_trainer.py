@@ -69,8 +69,8 @@ from sglang.srt.mezo.data import DataError, MeZOCollator, MeZODataset, create_da
 from sglang.srt.mezo.kernels import axpy_direction_, direction, tensor_key
 from sglang.srt.mezo.kernels.numba_restore_log import ITEM
 from sglang.srt.mezo.objectives import candidate_scores, positions, row_logprobs
-from sglang.srt.mezo.offset_log import LoggedPerturbation
-from sglang.srt.mezo.perturbation import ModuleScopedPerturbation, WeightVersions, collect_trainable
+from sglang.srt.mezo.perturbation import UnitScopedPerturbation, WeightVersions, collect_trainable
+from sglang.srt.mezo.restore_log import RestoreLogPerturbation
 from sglang.srt.mezo_trainer import MeZOConfig, MeZOTrainer
 
 U64 = 2.0**-53  # unit roundoff of float64
@@ -428,13 +428,13 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         for overrides in (dict(weight_decay=0.1), dict(num_directions=3), dict(momentum=0.9)):
             with self.subTest(**overrides):
                 runs = []
-                for mechanism in (LoggedPerturbation, ModuleScopedPerturbation):
+                for mechanism in (RestoreLogPerturbation, UnitScopedPerturbation):
                     model = tiny_llama(tie_word_embeddings=True)
                     config = MeZOConfig(
                         perturbation="rademacher", learning_rate=1e-2, epsilon=1e-2, disable_tqdm=True, **overrides
                     )
                     trainer = MeZOTrainer(model, config)
-                    self.assertIsInstance(trainer.backend.perturbation, LoggedPerturbation)
+                    self.assertIsInstance(trainer.backend.perturbation, RestoreLogPerturbation)
                     use_mechanism(trainer, mechanism)
                     outs = [trainer.step(lm_batch(seed=s)) for s in range(4)]
                     runs.append(([(o.loss_plus, o.loss_minus) for o in outs], snapshot(model)))
@@ -1272,7 +1272,7 @@ class TestKVCacheOptimization(unittest.TestCase):
         one layer too high (reusing a trainable layer's output) in a store that ignores
         versions."""
         from sglang.srt.mezo import kv_cache
-        from sglang.srt.mezo.offset_log import LoggedPerturbation
+        from sglang.srt.mezo.restore_log import RestoreLogPerturbation
 
         top = r"layers\.2\.|^model\.norm\.|^lm_head\."
         # eps: the canaries' errors grow with it (a state computed under another perturbation)
@@ -1288,7 +1288,7 @@ class TestKVCacheOptimization(unittest.TestCase):
             """Worst difference between the cached and the cache-off trainer, in tolerances."""
             config = dict(perturbation="rademacher", learning_rate=1e-1, **overrides)
             cached, plain = self._trainer(**config), self._trainer(mechanisms=False, **config)
-            if mechanism is not LoggedPerturbation:
+            if mechanism is not RestoreLogPerturbation:
                 use_mechanism(cached, mechanism, root=cached.model)
             triples = follow_in_order(cached, plain, batch, order, tolerance=loss_tolerance)
             return max(abs(a - b) / tolerance for a, b, tolerance in triples)
@@ -1301,7 +1301,7 @@ class TestKVCacheOptimization(unittest.TestCase):
 
         for workload, (batch, overrides) in workloads.items():
             for name, order in orders.items():
-                for mechanism in (LoggedPerturbation, ModuleScopedPerturbation):
+                for mechanism in (RestoreLogPerturbation, UnitScopedPerturbation):
                     with self.subTest(workload=workload, order=name, mechanism=mechanism.__name__):
                         self.assertLessEqual(mismatch(batch, overrides, order, mechanism), 1.0)
                 with self.subTest(workload=workload, order=name, canary=True):
@@ -1313,7 +1313,7 @@ class TestKVCacheOptimization(unittest.TestCase):
                             broken.enter_context(
                                 mock.patch.object(kv_cache, "first_trainable_layer", one_layer_too_high)
                             )
-                        self.assertGreater(mismatch(batch, overrides, order, LoggedPerturbation), 100.0)
+                        self.assertGreater(mismatch(batch, overrides, order, RestoreLogPerturbation), 100.0)
 
     def test_canary_cache_ignoring_versions_biases_the_estimate(self):
         """Serving the + pass's prompt KV in the - pass (a cache keyed on tokens only) leaves
@@ -1460,7 +1460,7 @@ class TestKVCacheOptimization(unittest.TestCase):
         official = peak_bytes(lambda: official_step(original), list(original.parameters())) - forward
         self.assertGreaterEqual(official, largest_parameter)
 
-        class WholeModelBackup(ModuleScopedPerturbation):
+        class WholeModelBackup(UnitScopedPerturbation):
             @contextlib.contextmanager
             def scope(self, seed, scale):
                 backup = [t.param.detach().clone() for t in self.tensors]  # noqa: F841 - held for the pass
@@ -2066,7 +2066,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
         model, ref = self._lr0_steps(torch.float32, kind="rademacher")
         assert_bit_identical(self, model, ref)
 
-        class RestoreBySubtraction(ModuleScopedPerturbation):
+        class RestoreBySubtraction(UnitScopedPerturbation):
             def _restore(self, module, saved):
                 _, scale, keys = self._scope
                 for t, _ in saved:
@@ -2076,7 +2076,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
         changed = sum(not torch.equal(p.detach(), ref[n]) for n, p in model.named_parameters())
         self.assertGreater(changed, 0, "restore-by-subtraction should drift in bf16 (canary)")
 
-        class ForgetfulLog(LoggedPerturbation):
+        class ForgetfulLog(RestoreLogPerturbation):
             def _move_to(self, destination, update=None):
                 if self._at is not None:
                     self._at.log.count[:] = 0  # restore by subtraction alone
@@ -2120,7 +2120,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
         tail = model.storage[37:].clone()
         ref = snapshot(model)
         tensors = collect_trainable(model, list(ref), fp32_master=False)
-        mechanism = LoggedPerturbation(tensors, "rademacher", WeightVersions())
+        mechanism = RestoreLogPerturbation(tensors, "rademacher", WeightVersions())
         seed = 11
         with mechanism.holding():
             for scale in (1e-3, -1e-3):
@@ -2201,9 +2201,9 @@ class TestMeZOEdgeCases(unittest.TestCase):
             with self.subTest(log_bytes=log_bytes):
                 model, tensors = self._model_and_tensors()
                 ref = snapshot(model)
-                logged = LoggedPerturbation(tensors, "rademacher", WeightVersions(), log_bytes=log_bytes)
+                logged = RestoreLogPerturbation(tensors, "rademacher", WeightVersions(), log_bytes=log_bytes)
                 reference_model, reference_tensors = self._model_and_tensors()
-                backups = ModuleScopedPerturbation(reference_tensors, "rademacher", WeightVersions())
+                backups = UnitScopedPerturbation(reference_tensors, "rademacher", WeightVersions())
                 seen = {}
                 for mechanism, m in ((logged, model), (backups, reference_model)):
                     with torch.no_grad(), mechanism.holding():
@@ -2593,7 +2593,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
             trainer = MeZOTrainer(model, config)
             old = trainer.backend.perturbation
             old.remove()
-            trainer.backend.perturbation = ModuleScopedPerturbation(
+            trainer.backend.perturbation = UnitScopedPerturbation(
                 old.tensors, old.kind, old.versions, root=model if root else None
             )
             units = trainer.backend.perturbation._by_unit
@@ -2605,7 +2605,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
         for name, value in merged_weights.items():
             self.assertTrue(torch.equal(value, owner_weights[name]), name)
         with mock.patch.object(perturbation_module, "MERGE_MIN_BYTES", 0):  # budget: the largest module
-            units = ModuleScopedPerturbation(old.tensors, old.kind, old.versions, root=model)._by_unit
+            units = UnitScopedPerturbation(old.tensors, old.kind, old.versions, root=model)._by_unit
         names = {id(m): n for n, m in model.named_modules()}
         self.assertIn("model.layers.0", {names[id(u)] for u in units})
 
@@ -2633,7 +2633,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
                 old = trainer.backend.perturbation
                 old.remove()
                 with mock.patch.object(perturbation_module, "perturbation_units", units_fn):
-                    trainer.backend.perturbation = ModuleScopedPerturbation(old.tensors, old.kind, old.versions, model)
+                    trainer.backend.perturbation = UnitScopedPerturbation(old.tensors, old.kind, old.versions, model)
             return trainer.step(TOY_BATCH)
 
         out = plus_loss()

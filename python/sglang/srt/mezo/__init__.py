@@ -16,7 +16,7 @@ primitives import nothing of the project):
 * `backends/`: the `Backend` protocol and its two implementations, transformers in this
   process and an upstream SGLang engine (with the plugin that perturbs inside it);
 * `perturbation`: how a perturbation is scoped and undone exactly (per-unit copies
-  swapped in while a unit runs), `offset_log` the whole-model restore log for Rademacher
+  swapped in while a unit runs), `restore_log` the whole-model restore log for Rademacher
   on float32 CPU weights; `zo_sgd`: the atomic two-phase update;
 * `kernels/`: z and every write made with it: the torch reference (the specification),
   numba for float32 CPU tensors, Triton for GPUs, one dispatch;

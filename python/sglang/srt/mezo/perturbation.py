@@ -2,7 +2,7 @@
 
 The trainer sees one interface, ``scope(seed, scale)`` / ``holding()`` / ``commit(plan)``
 (the ZO-SGD update of `zo_sgd`),
-with two exact implementations. `ModuleScopedPerturbation` (Gaussian directions, half
+with two exact implementations. `UnitScopedPerturbation` (Gaussian directions, half
 precision, GPUs, the SGLang engine): inside a scope every module that owns trainable
 tensors is perturbed *just before it runs* and put back *right after*, so only one
 module's tensors are ever perturbed and the extra memory is the largest module's
@@ -13,7 +13,7 @@ is exact in every dtype and costs nothing). A tensor that is a view into a large
 (the SGLang engine's fused and LoRA-pool tensors) cannot be swapped: it is perturbed in
 place, its backup written in the same pass, and restored by copy. Either way any number
 of lr=0 steps is bit-exact. Leaving the scope, by return or by exception, puts back
-whatever is still perturbed. `offset_log.LoggedPerturbation` (Rademacher directions on
+whatever is still perturbed. `restore_log.RestoreLogPerturbation` (Rademacher directions on
 float32 CPU tensors, where memory traffic is the whole cost) moves all weights at once
 and restores by subtraction plus a log of the elements that subtraction would miss.
 
@@ -187,7 +187,7 @@ def perturbation_units(root: Optional[nn.Module], tensors: list, budget: int) ->
     return units
 
 
-class ModuleScopedPerturbation:
+class UnitScopedPerturbation:
     """Perturbs each unit's trainable tensors only while that unit runs (`perturbation_units`).
 
     Its name in `MeZOConfig.perturbation_mechanism` and metrics.jsonl is ``unit_scoped``.
@@ -237,7 +237,7 @@ class ModuleScopedPerturbation:
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
-        """Every scope restores on exit here: nothing to hold (see `LoggedPerturbation`)."""
+        """Every scope restores on exit here: nothing to hold (see `RestoreLogPerturbation`)."""
         yield
 
     def settle(self) -> None:

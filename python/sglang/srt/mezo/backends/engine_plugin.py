@@ -6,7 +6,7 @@ the trainer calls them with ``Engine.collective_rpc``. Only seeds and scalars cr
 process boundary; z is regenerated here from (seed, HF parameter name, offset), so the
 engine draws exactly the z the transformers backend draws.
 
-The engine's parameters are perturbed in place with the same `ModuleScopedPerturbation`
+The engine's parameters are perturbed in place with the same `UnitScopedPerturbation`
 as the transformers backend: a module's tensors are perturbed just before it runs and
 restored from a backup right after, so weights are bit-exact after any lr=0 step. Fused
 engine tensors (``qkv_proj``, ``gate_up_proj``) are split into row-slice views, one per
@@ -43,8 +43,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from sglang.srt.mezo.perturbation import (
-    ModuleScopedPerturbation,
     TrainableTensor,
+    UnitScopedPerturbation,
     WeightVersions,
     weight_decay_applies,
 )
@@ -350,7 +350,7 @@ class EngineMeZO:
             TrainableTensor(t.name, t.view, t.owners, decay=weight_decay_applies(t.name, t.view), layout=t.layout)
             for t in tensors
         ]
-        self.perturbation = ModuleScopedPerturbation(self.tensors, kind, self.versions)
+        self.perturbation = UnitScopedPerturbation(self.tensors, kind, self.versions)
         self.scope = contextlib.ExitStack()
         self.reference = reference
         self.residency = residency  # () -> raises when the trained tensors moved (LoRA eviction)

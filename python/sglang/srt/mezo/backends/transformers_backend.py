@@ -12,14 +12,14 @@ from torch import nn
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.kv_cache import CachedRowForward
 from sglang.srt.mezo.objectives import RowObjective, example_groups
-from sglang.srt.mezo.offset_log import LoggedPerturbation
 from sglang.srt.mezo.perturbation import (
-    ModuleScopedPerturbation,
+    UnitScopedPerturbation,
     WeightVersions,
     collect_trainable,
     vanishing_fraction,
 )
 from sglang.srt.mezo.primitives import require_all
+from sglang.srt.mezo.restore_log import RestoreLogPerturbation
 from sglang.srt.mezo.structured_directions import direction_family
 from sglang.srt.mezo.trainable import apply_peft, canonical_name, quantize_frozen_linears, trainable_names
 from sglang.srt.mezo.zo_sgd import prepare_update
@@ -111,7 +111,7 @@ class TransformersBackend:
         on float32 CPU weights) and per-unit scratch copies elsewhere (structured directions
         always: the restore log subtracts dense z; and an all-zero tensor)."""
         kind = self.config.perturbation
-        logged = self.family is None and LoggedPerturbation.supports(self.tensors, kind)
+        logged = self.family is None and RestoreLogPerturbation.supports(self.tensors, kind)
         if requested == "restore_log" and not logged:
             raise ValueError(
                 "perturbation_mechanism='restore_log' needs dense Rademacher directions over float32 CPU tensors "
@@ -125,8 +125,8 @@ class TransformersBackend:
         if requested == "restore_log" or (
             requested == "auto" and logged and all(bool(t.value.any()) for t in self.tensors)
         ):
-            return LoggedPerturbation(self.tensors, kind, self.versions)
-        return ModuleScopedPerturbation(self.tensors, kind, self.versions, root=self.model, family=self.family)
+            return RestoreLogPerturbation(self.tensors, kind, self.versions)
+        return UnitScopedPerturbation(self.tensors, kind, self.versions, root=self.model, family=self.family)
 
     @property
     def mechanism(self) -> str:

@@ -1,4 +1,4 @@
-"""The restore-log kernel of `offset_log.LoggedPerturbation`: numba, CPU float32 only.
+"""The restore-log kernel of `restore_log.RestoreLogPerturbation`: numba, CPU float32 only.
 
 One sweep moves every trainable float32 weight from one offset along Rademacher z to
 another (restore from the old offset and its log, optional ZO-SGD update at theta, move

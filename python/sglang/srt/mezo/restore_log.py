@@ -1,9 +1,9 @@
 """Whole-model offsets along z, undone exactly by a log of the few elements subtraction misses.
 
-`ModuleScopedPerturbation` backs up each module's weights around its call, so every pass
+`UnitScopedPerturbation` backs up each module's weights around its call, so every pass
 costs a perturbation sweep plus a restore copy per module (and ~270 kernel launches).
 With Rademacher directions z is nearly free to regenerate, so that memory traffic *is*
-the cost of a step. `LoggedPerturbation` moves all trainable weights at once instead:
+the cost of a step. `RestoreLogPerturbation` moves all trainable weights at once instead:
 
 * a move from offset ``a z_a`` to ``b z_b`` is one sweep: each element is first restored
   to θ, then written as ``round(θ + b z_b)``;
@@ -19,7 +19,7 @@ the cost of a step. `LoggedPerturbation` moves all trainable weights at once ins
 The log holds at most `log_bytes` (default: the larger of 4 MiB and the largest module's
 trainable bytes, the memory the module-scoped backup would use). If a move would overflow
 it (a very large eps), it is undone exactly and this object falls back to
-`ModuleScopedPerturbation` for the rest of the run.
+`UnitScopedPerturbation` for the rest of the run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 from sglang.srt.mezo import kernels
 from sglang.srt.mezo.kernels import RADEMACHER, tensor_key
 from sglang.srt.mezo.perturbation import (
-    ModuleScopedPerturbation,
+    UnitScopedPerturbation,
     WeightVersions,
     largest_module_bytes,
 )
@@ -77,10 +77,10 @@ class _Offset:
         return self.keys, self.alpha, self.log.off, self.log.val, self.log.count, positions
 
 
-class LoggedPerturbation:
+class RestoreLogPerturbation:
     """Moves all trainable float32 CPU tensors between offsets along Rademacher directions.
 
-    Same contract as `ModuleScopedPerturbation` (inside `scope` forwards see ``w + scale z``,
+    Same contract as `UnitScopedPerturbation` (inside `scope` forwards see ``w + scale z``,
     the weights are bit-exact after), plus `holding()`, in which a scope's weights stay
     where they are until the next scope or `commit` moves them on in the same sweep.
 
@@ -93,7 +93,7 @@ class LoggedPerturbation:
     def __init__(self, tensors: list, kind: str, versions: WeightVersions, log_bytes: Optional[int] = None):
         if not self.supports(tensors, kind):
             raise ValueError(
-                "LoggedPerturbation needs Rademacher directions over whole float32 CPU tensors (no masters, no shards)"
+                "RestoreLogPerturbation needs Rademacher directions over whole float32 CPU tensors (no masters, no shards)"
             )
         from sglang.srt.mezo.kernels import numba_restore_log  # numba: only for CPU float32 runs
 
@@ -127,7 +127,7 @@ class LoggedPerturbation:
         self._at: Optional[_Offset] = None  # where the weights rest (None: at θ)
         self._holding = False
         self._in_scope = False
-        self.fallback: Optional[ModuleScopedPerturbation] = None  # after a log overflow
+        self.fallback: Optional[UnitScopedPerturbation] = None  # after a log overflow
         self.last_log_entries = 0
 
     @property
@@ -274,4 +274,4 @@ class LoggedPerturbation:
             self.log_bytes / 2**20,
             abs(scale),
         )
-        self.fallback = ModuleScopedPerturbation(self.tensors, self.kind, self.versions)
+        self.fallback = UnitScopedPerturbation(self.tensors, self.kind, self.versions)
