@@ -26,7 +26,7 @@ from mezo_testing import (
 )
 
 from sglang.srt.mezo.backends.engine_launch import launch_engine, lora_engine_args
-from sglang.srt.mezo.backends.engine_plugin import ack_file
+from sglang.srt.mezo.backends.engine_protocol import ack_file
 from sglang.srt.mezo.backends.sglang_backend import EngineRPCError, SGLangBackend
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.objectives import CompletionNLL

@@ -25,18 +25,11 @@ import torch
 from mezo_testing import sglang_model_on_rank, sglang_rank, smollm2_shaped, tiny_llama, tiny_tokenizer
 
 from sglang.srt.mezo.backends.engine_launch import cpu_thread_binding
-from sglang.srt.mezo.backends.engine_plugin import (
-    LORA_STACKS,
-    EngineMeZO,
-    EngineTensor,
-    TensorParallel,
-    engine_adapter,
-    logical_tensors,
-    lora_placement,
-    same_bits,
-    split_sizes,
-)
+from sglang.srt.mezo.backends.engine_plugin import EngineMeZO
+from sglang.srt.mezo.backends.lora_pool import LORA_STACKS, engine_adapter, lora_placement
+from sglang.srt.mezo.backends.shard_maps import EngineTensor, TensorParallel, logical_tensors, split_sizes
 from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.primitives import same_bits
 from sglang.srt.mezo.sharding import ShardLayout, gather
 from sglang.srt.mezo.trainer import MeZOTrainer
 from sglang.srt.mezo.zo_sgd import commit_update, prepare_update

@@ -2536,7 +2536,8 @@ class TestMeZOEdgeCases(unittest.TestCase):
         """Decay applies to matrices whose name has no "norm" in any case: the transformers
         backend and the engine plugin pick the same tensors (the plugin once matched "norm"
         case-sensitively and decayed a 2-D "PreNorm" weight)."""
-        from sglang.srt.mezo.backends.engine_plugin import EngineMeZO, EngineTensor
+        from sglang.srt.mezo.backends.engine_plugin import EngineMeZO
+        from sglang.srt.mezo.backends.shard_maps import EngineTensor
         from sglang.srt.mezo.sharding import ShardLayout
 
         class Mixed(torch.nn.Module):

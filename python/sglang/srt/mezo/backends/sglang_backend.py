@@ -146,10 +146,10 @@ class SGLangBackend:
     def _adapter_for_engine(self) -> Path:
         """The adapter dir to hand the engine's LoRA loader: `adapter_path`, or a copy padded
         to the engine's padded heads and rows where its CPU path padded them
-        (`engine_plugin.engine_adapter`); MeZO trains and saves the unpadded parts."""
+        (`lora_pool.engine_adapter`); MeZO trains and saves the unpadded parts."""
         from safetensors.torch import load_file, save_file
 
-        from sglang.srt.mezo.backends.engine_plugin import engine_adapter
+        from sglang.srt.mezo.backends.lora_pool import engine_adapter
 
         sizes = self._rpc("mezo_split_sizes")[0]
         if all(checkpoint == engine for checkpoint, engine, _ in sizes.values()):
@@ -166,7 +166,7 @@ class SGLangBackend:
         result (JSON), in rank order, checking the outcome every rank acknowledged
         (`engine_plugin._acknowledged`): a failure raises `EngineRPCError` naming the method
         and the rank, also under ``python -O``."""
-        from sglang.srt.mezo.backends.engine_plugin import ack_file
+        from sglang.srt.mezo.backends.engine_protocol import ack_file
 
         acks = Path(tempfile.mkdtemp(prefix=f"{method}-", dir=self._tmp.name))
         try:
@@ -256,8 +256,8 @@ class SGLangBackend:
 
     def trainable_state(self) -> dict:
         """HF (or peft) name -> the engine's current trainable tensor, unsharded: every rank
-        saves its parts, gathered here (`engine_plugin.read_gathered`)."""
-        from sglang.srt.mezo.backends.engine_plugin import read_gathered
+        saves its parts, gathered here (`engine_protocol.read_gathered`)."""
+        from sglang.srt.mezo.backends.engine_protocol import read_gathered
 
         shards = Path(tempfile.mkdtemp(prefix="trainable-", dir=self._tmp.name))
         try:
