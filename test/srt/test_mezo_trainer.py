@@ -69,8 +69,9 @@ from sglang.srt.mezo.data import DataError, MeZOCollator, MeZODataset, create_da
 from sglang.srt.mezo.kernels import axpy_direction_, direction, tensor_key
 from sglang.srt.mezo.kernels.numba_restore_log import ITEM
 from sglang.srt.mezo.objectives import candidate_scores, positions, row_logprobs
-from sglang.srt.mezo.perturbation import UnitScopedPerturbation, WeightVersions, collect_trainable
+from sglang.srt.mezo.perturbation import UnitScopedPerturbation, WeightVersions
 from sglang.srt.mezo.restore_log import RestoreLogPerturbation
+from sglang.srt.mezo.trainable import collect_trainable
 from sglang.srt.mezo_trainer import MeZOConfig, MeZOTrainer
 
 U64 = 2.0**-53  # unit roundoff of float64
@@ -2242,7 +2243,8 @@ class TestMeZOEdgeCases(unittest.TestCase):
     def test_zero_update_writes_nothing(self):
         """lr=0 (or g=0): no sweep over the weights, no version change, and -0.0 stays -0.0,
         which the arithmetic w + 0 * z would turn into +0.0 (the canary below)."""
-        from sglang.srt.mezo.perturbation import WeightVersions, collect_trainable
+        from sglang.srt.mezo.perturbation import WeightVersions
+        from sglang.srt.mezo.trainable import collect_trainable
         from sglang.srt.mezo.zo_sgd import commit_update, prepare_update
 
         model = Linear(8)

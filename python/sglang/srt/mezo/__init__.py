@@ -23,7 +23,8 @@ primitives import nothing of the project):
 * `sharding`: where a tensor-parallel shard's elements sit in the unsharded tensor (z is
   drawn there), and gathering shards back;
 * `kv_cache`: exact prompt-prefix sharing and frozen-layer reuse, keyed on weight versions;
-* `objectives`: losses as (sum, count); `trainable`: which tensors train (peft, patterns);
+* `objectives`: losses as (sum, count); `trainable`: which tensors train (peft, patterns)
+  and each as the perturbation and the update see it (`TrainableTensor`);
 * `data/`: sources, tokenization, the dataset, batching and data-parallel sharding;
 * `checkpoint`, `replay`, `distributed`, `model_io` (loading, GGUF), `reporting`
   (metrics.jsonl, the loss plot), `output_dir` (one run per directory and its lock),

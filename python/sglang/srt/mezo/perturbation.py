@@ -27,8 +27,7 @@ import contextlib
 import itertools
 import logging
 import weakref
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -41,8 +40,9 @@ from sglang.srt.mezo.kernels import (
     tensor_key,
 )
 from sglang.srt.mezo.kernels.reference import axpy_values, effective_alpha
-from sglang.srt.mezo.sharding import ShardLayout, is_shard
+from sglang.srt.mezo.sharding import is_shard
 from sglang.srt.mezo.structured_directions import DirectionFamily
+from sglang.srt.mezo.trainable import TrainableTensor
 from sglang.srt.mezo.zo_sgd import UpdatePlan, commit_update
 
 logger = logging.getLogger(__name__)
@@ -66,63 +66,6 @@ class WeightVersions:
 
     def get(self, module: nn.Module) -> int:
         return self._versions.get(module, 0)
-
-
-@dataclass
-class TrainableTensor:
-    """One trainable tensor: its canonical (HF) name keys its direction z; a tensor-parallel
-    shard's `layout` places it in the unsharded tensor (z at the unsharded offsets)."""
-
-    name: str
-    param: nn.Parameter
-    owners: list  # modules that hold it directly (several when tied)
-    decay: bool  # weight decay applies (not bias / norm)
-    master: Optional[torch.Tensor] = None  # float32 master copy over a half-precision param
-    momentum: Optional[torch.Tensor] = field(default=None, repr=False)
-    layout: Optional[ShardLayout] = None  # None: a whole tensor
-
-    @property
-    def value(self) -> torch.Tensor:
-        """The tensor the optimizer updates (the master copy when there is one)."""
-        return self.master if self.master is not None else self.param.detach()
-
-    def sync_param(self) -> None:
-        if self.master is not None:
-            self.param.detach().copy_(self.master)
-
-
-def weight_decay_applies(name: str, tensor: torch.Tensor) -> bool:
-    """Weight decay applies to matrices, not to biases and normalisation weights: a tensor of
-    two or more dimensions whose name does not contain "norm" in any case (LayerNorm,
-    layernorm, post_attention_layernorm, RMSNorm)."""
-    return tensor.dim() >= 2 and "norm" not in name.lower()
-
-
-def collect_trainable(model: nn.Module, selected: Iterable[str], fp32_master: bool, canonical=lambda n: n) -> list:
-    """TrainableTensors for the selected parameter names (first name of a tied tensor wins).
-
-    `canonical` maps a parameter's module path to the name that keys its direction.
-    """
-    selected = set(selected)
-    owners: dict[int, list] = {}
-    for module in model.modules():
-        for _, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(module)
-    tensors, seen = [], set()
-    for name, p in model.named_parameters(remove_duplicate=True):
-        if name not in selected or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if not p.is_contiguous():
-            raise ValueError(f"trainable parameter {name} is not contiguous")
-        if type(p.data) is not torch.Tensor or not p.is_floating_point():
-            raise ValueError(
-                f"trainable parameter {name} is {type(p.data).__name__} {p.dtype}: MeZO perturbs plain float tensors"
-            )
-        decay = weight_decay_applies(name, p)
-        master = p.detach().float().clone() if fp32_master and p.dtype != torch.float32 else None
-        tensors.append(TrainableTensor(canonical(name), p, owners[id(p)], decay, master))
-    return tensors
 
 
 def largest_module_bytes(tensors: list) -> int:

@@ -1,13 +1,20 @@
-"""Which tensors MeZO trains: all of them, a name-pattern subset, or a peft adapter."""
+"""Which tensors MeZO trains (all of them, a name-pattern subset, or a peft adapter), and
+each one as the perturbation and the update see it (`TrainableTensor`)."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Optional
 
+import torch
 from torch import nn
 
-from sglang.srt.mezo.config import MeZOConfig, split_list
+from sglang.srt.mezo.sharding import ShardLayout
 from sglang.srt.mezo.usage_errors import ConfigError
+
+if TYPE_CHECKING:  # the engine's processes import this module: config (and data) stay out of them
+    from sglang.srt.mezo.config import MeZOConfig
 
 ADAPTER_NAME = "default"
 
@@ -17,6 +24,8 @@ def apply_peft(model: nn.Module, config: MeZOConfig) -> nn.Module:
     if config.peft == "none":
         return model
     import peft
+
+    from sglang.srt.mezo.config import split_list
 
     if config.peft == "lora":
         check_lora_targets(model, split_list(config.lora_target_modules))
@@ -49,6 +58,8 @@ def check_lora_targets(model: nn.Module, targets: list) -> None:
 
 def trainable_names(model: nn.Module, config: MeZOConfig) -> list:
     """Names (as in ``model.named_parameters()``) of the tensors MeZO perturbs and updates."""
+    from sglang.srt.mezo.config import split_list
+
     if config.peft != "none":
         names = [n for n, p in model.named_parameters() if p.requires_grad]
     else:
@@ -99,3 +110,60 @@ def canonical_name(name: str) -> str:
     and a reloaded adapter draw the same direction z for it.
     """
     return name.replace(f".{ADAPTER_NAME}.", ".").replace(f".{ADAPTER_NAME}", "")
+
+
+@dataclass
+class TrainableTensor:
+    """One trainable tensor: its canonical (HF) name keys its direction z; a tensor-parallel
+    shard's `layout` places it in the unsharded tensor (z at the unsharded offsets)."""
+
+    name: str
+    param: nn.Parameter
+    owners: list  # modules that hold it directly (several when tied)
+    decay: bool  # weight decay applies (not bias / norm)
+    master: Optional[torch.Tensor] = None  # float32 master copy over a half-precision param
+    momentum: Optional[torch.Tensor] = field(default=None, repr=False)
+    layout: Optional[ShardLayout] = None  # None: a whole tensor
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The tensor the optimizer updates (the master copy when there is one)."""
+        return self.master if self.master is not None else self.param.detach()
+
+    def sync_param(self) -> None:
+        if self.master is not None:
+            self.param.detach().copy_(self.master)
+
+
+def weight_decay_applies(name: str, tensor: torch.Tensor) -> bool:
+    """Weight decay applies to matrices, not to biases and normalisation weights: a tensor of
+    two or more dimensions whose name does not contain "norm" in any case (LayerNorm,
+    layernorm, post_attention_layernorm, RMSNorm)."""
+    return tensor.dim() >= 2 and "norm" not in name.lower()
+
+
+def collect_trainable(model: nn.Module, selected: Iterable[str], fp32_master: bool, canonical=lambda n: n) -> list:
+    """TrainableTensors for the selected parameter names (first name of a tied tensor wins).
+
+    `canonical` maps a parameter's module path to the name that keys its direction.
+    """
+    selected = set(selected)
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for _, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    tensors, seen = [], set()
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if name not in selected or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not p.is_contiguous():
+            raise ValueError(f"trainable parameter {name} is not contiguous")
+        if type(p.data) is not torch.Tensor or not p.is_floating_point():
+            raise ValueError(
+                f"trainable parameter {name} is {type(p.data).__name__} {p.dtype}: MeZO perturbs plain float tensors"
+            )
+        decay = weight_decay_applies(name, p)
+        master = p.detach().float().clone() if fp32_master and p.dtype != torch.float32 else None
+        tensors.append(TrainableTensor(canonical(name), p, owners[id(p)], decay, master))
+    return tensors

@@ -45,14 +45,10 @@ import torch
 from sglang.srt.mezo.backends.engine_protocol import ack_file, write_shards
 from sglang.srt.mezo.backends.lora_pool import lora_pool_tensors
 from sglang.srt.mezo.backends.shard_maps import SINGLE_PROCESS, TensorParallel, logical_tensors, split_sizes
-from sglang.srt.mezo.perturbation import (
-    TrainableTensor,
-    UnitScopedPerturbation,
-    WeightVersions,
-    weight_decay_applies,
-)
+from sglang.srt.mezo.perturbation import UnitScopedPerturbation, WeightVersions
 from sglang.srt.mezo.primitives import require_all, same_bits, write_json_atomically
 from sglang.srt.mezo.sharding import ShardLayout
+from sglang.srt.mezo.trainable import TrainableTensor, weight_decay_applies
 from sglang.srt.mezo.zo_sgd import commit_update, prepare_update
 
 

@@ -15,13 +15,18 @@ from sglang.srt.mezo.objectives import RowObjective, example_groups
 from sglang.srt.mezo.perturbation import (
     UnitScopedPerturbation,
     WeightVersions,
-    collect_trainable,
     vanishing_fraction,
 )
 from sglang.srt.mezo.primitives import require_all
 from sglang.srt.mezo.restore_log import RestoreLogPerturbation
 from sglang.srt.mezo.structured_directions import direction_family
-from sglang.srt.mezo.trainable import apply_peft, canonical_name, quantize_frozen_linears, trainable_names
+from sglang.srt.mezo.trainable import (
+    apply_peft,
+    canonical_name,
+    collect_trainable,
+    quantize_frozen_linears,
+    trainable_names,
+)
 from sglang.srt.mezo.zo_sgd import prepare_update
 
 logger = logging.getLogger(__name__)
