@@ -32,7 +32,7 @@ from sglang.srt.mezo.data import MeZODataset, create_dataloader
 from sglang.srt.mezo.model_io import load_model_and_tokenizer
 from sglang.srt.mezo.recipe import mezo_finetune
 from sglang.srt.mezo.trainer import MeZOTrainer, StepOutput
-from sglang.srt.mezo.usage_errors import UsageError, reporting_usage_errors, split_debug_flag
+from sglang.srt.mezo.usage_errors import ParserErrorsAreUsageErrors, reporting_usage_errors, split_debug_flag
 
 __all__ = [
     "MeZOConfig",
@@ -50,15 +50,14 @@ def parse_args(argv: Optional[list] = None) -> MeZOConfig:
     """The config of a command line; a bad flag or value raises `UsageError` (one line)."""
     from transformers import HfArgumentParser
 
-    class Parser(HfArgumentParser):
-        def error(self, message):  # argparse's own errors (unknown flag, invalid choice, bad number)
-            raise UsageError(f"{message} (see --help)")
+    class Parser(ParserErrorsAreUsageErrors, HfArgumentParser):
+        pass
 
     # allow_abbrev: a misspelt flag must not silently mean another one (--learning-rat)
     parser = Parser(MeZOConfig, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if unknown:
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+    if unknown:  # HfArgumentParser returns these instead of refusing them as argparse would
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return config
 
 

@@ -258,32 +258,19 @@ class MeZOConfig:
         def bad(name, why):
             raise ConfigError(f"{flag(name)} {getattr(self, name)!r} (MeZOConfig.{name}): {why}")
 
-        if self.estimator not in ("auto", *ESTIMATORS):
-            bad("estimator", f"expected auto or one of {ESTIMATORS}")
-        if self.peft not in PEFT_METHODS:
-            bad("peft", f"expected one of {PEFT_METHODS}")
+        for spec in fields(self):  # the enumerated fields: the same choices the CLI offers
+            choices = spec.metadata.get("choices")
+            unset = (None,) if spec.default is None else ()  # an optional field may be left unset
+            if choices is not None and getattr(self, spec.name) not in (*unset, *choices):
+                bad(spec.name, f"expected one of {choices}")
         self.resolve_defaults()
         if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
             bad("epsilon", "must be a finite number > 0")
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             bad("learning_rate", "must be a finite number >= 0")
-        for name, choices in (
-            ("perturbation", PERTURBATIONS),
-            ("lr_scheduler", LR_SCHEDULERS),
-            ("objective", OBJECTIVES),
-            ("backend", BACKENDS),
-            ("dtype", DTYPES),
-            ("quantize_base", QUANTIZATIONS),
-            ("perturbation_mechanism", PERTURBATION_MECHANISMS),
-            ("overlong", OVERLONG_POLICIES),
-            ("pad_side", PAD_SIDES),
-        ):
-            if getattr(self, name) not in choices:
-                bad(name, f"expected one of {choices}")
         for name in (
             "num_directions",
             "batch_size",
-            "max_length",
             "max_nonfinite_steps",
             "tp_size",
             "lowrank_rank",

@@ -98,13 +98,13 @@ class OutputDirClaim:
         self.created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.found = {p.name for p in self.out_dir.iterdir()}
+        self.set_aside = self.out_dir / SET_ASIDE
         self.lock = OutputDirLock(self.out_dir).acquire()
         try:
             check_output_dir(self.out_dir, resume=resume, overwrite=overwrite)
         except OutputDirError:
             self.rollback()
             raise
-        self.set_aside = self.out_dir / SET_ASIDE
         if overwrite and not resume:
             self.set_aside.mkdir(exist_ok=True)
             for name in RUN_ARTIFACTS:
@@ -121,14 +121,13 @@ class OutputDirClaim:
             shutil.rmtree(self.out_dir, ignore_errors=True)
             return
         for path in self.out_dir.iterdir():
-            if path.name not in self.found and path.name != SET_ASIDE:
+            if path.name not in self.found and path != self.set_aside:
                 _remove(path)
-        set_aside = self.out_dir / SET_ASIDE
-        if set_aside.is_dir():
-            for path in set_aside.iterdir():
+        if self.set_aside.is_dir():
+            for path in self.set_aside.iterdir():
                 _remove(self.out_dir / path.name)
                 path.rename(self.out_dir / path.name)
-            set_aside.rmdir()
+            self.set_aside.rmdir()
 
 
 def _remove(path: Path) -> None:

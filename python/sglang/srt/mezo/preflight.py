@@ -61,7 +61,7 @@ def check_model(name: str) -> None:
         return
     if os.path.exists(name):
         return
-    looks_like_a_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    looks_like_a_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # a Hub id is org/name
     if looks_like_a_path:
         raise ConfigError(f"--model {name}: no such directory or file")
     if difflib.get_close_matches(name, [DEFAULT_MODEL], n=1, cutoff=0.8):

@@ -22,7 +22,12 @@ from safetensors.torch import load_file
 from sglang.srt.mezo.checkpoint import TRAINABLE_FILE, latest_checkpoint
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.primitives import same_bits
-from sglang.srt.mezo.usage_errors import UsageError, reporting_usage_errors, split_debug_flag
+from sglang.srt.mezo.usage_errors import (
+    ParserErrorsAreUsageErrors,
+    UsageError,
+    reporting_usage_errors,
+    split_debug_flag,
+)
 
 
 def read_log(run_dir: Path, up_to_step: int | None = None) -> list:
@@ -79,9 +84,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list) -> int:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UsageError(f"{message} (see --help)")
+    class Parser(ParserErrorsAreUsageErrors, argparse.ArgumentParser):
+        pass
 
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)

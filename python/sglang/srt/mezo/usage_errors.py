@@ -28,6 +28,15 @@ class ConfigError(UsageError):
     """A `MeZOConfig` field (a CLI flag) holds a value that cannot work; the message names both."""
 
 
+class ParserErrorsAreUsageErrors:
+    """A mixin for an argparse parser: its own errors (unknown flag, invalid choice, bad
+    number) raise `UsageError`, reported like every other mistake, instead of printing the
+    usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 def exit_with_usage_error(message: str) -> None:
     """Prints ``error: message`` on stderr and exits with status 2."""
     print(f"error: {message}", file=sys.stderr, flush=True)
