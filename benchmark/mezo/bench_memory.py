@@ -11,7 +11,7 @@ operation once and reads VmHWM:
 Modes: ``forward`` (a no-grad forward of the trainer's loss, the baseline),
 ``mezo-rademacher`` / ``mezo-gaussian`` (one `MeZOTrainer.step`, trainer built before the
 reset, so its scratch buffers count), ``official`` (the official MeZO step pattern, the
-reference in bench_step.py), ``sgd`` / ``adamw`` (one backprop step with torch.optim, the
+reference in `sglang.srt.mezo.official_mezo`), ``sgd`` / ``adamw`` (one backprop step with torch.optim, the
 optimizer built before the reset, so its state counts: AdamW allocates it on step one).
 
 Children run with MALLOC_MMAP_THRESHOLD_ fixed (glibc), so every large block is mmap-ed and
@@ -110,9 +110,10 @@ def prepare(mode: str, model, batch: dict):
         return lambda: trainer.step(batch)
 
     if mode == "official":
-        from bench_step import EPSILON, LEARNING_RATE, OfficialMeZOReference
+        from bench_step import EPSILON, LEARNING_RATE
 
         from sglang.srt.mezo.objectives import CompletionNLL
+        from sglang.srt.mezo.official_mezo import OfficialMeZOReference
 
         reference = OfficialMeZOReference(model, CompletionNLL(), LEARNING_RATE, EPSILON)
         reference.step(tiny(batch))

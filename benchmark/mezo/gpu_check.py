@@ -16,7 +16,7 @@ transformers and this overlay. Every row is measured side by side in this one ru
   Target (GPU): >= 0.8 of the per-tensor copy.
 * overhead = t_step / (2 t_forward), t_forward a no-grad forward of the same loss on the
   same 16 x 256 batch (every position labelled), and speed-up = t_official / t_step against
-  the official MeZO step pattern (`bench_step.OfficialMeZOReference`). Targets at 1B and
+  the official MeZO step pattern (`sglang.srt.mezo.official_mezo.OfficialMeZOReference`). Targets at 1B and
   above: overhead <= 1.10, speed-up >= 3.
 * memory: extra peak of a step over a forward (``torch.cuda.max_memory_allocated``, reset
   after load; peak RSS on a CPU). Target: <= the largest module's trainable bytes + 16 MiB.
@@ -44,12 +44,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_step import OfficialMeZOReference  # noqa: E402
 
 from sglang.srt.mezo import kernels  # noqa: E402
 from sglang.srt.mezo.config import MeZOConfig  # noqa: E402
 from sglang.srt.mezo.kernels import reference as spec  # noqa: E402
 from sglang.srt.mezo.objectives import CompletionNLL  # noqa: E402
+from sglang.srt.mezo.official_mezo import OfficialMeZOReference  # noqa: E402
 from sglang.srt.mezo.perturbation import largest_module_bytes  # noqa: E402
 from sglang.srt.mezo.sharding import ShardLayout  # noqa: E402
 from sglang.srt.mezo.trainer import MeZOTrainer  # noqa: E402
@@ -489,7 +489,7 @@ def check_model(device: torch.device, shape: str, rows: int, length: int, repeat
         trainer = trainer_for(model, device, "gaussian", lr=0.0)
         outs = [trainer.step(batch) for _ in range(20)]
         differ = [n for n, p in model.named_parameters() if not same_bits(p, before[n])]
-        moved = all(o.loss_plus != o.loss_minus for o in outs)
+        moved = all(o.loss_perturbed != o.loss_baseline for o in outs)
         row(
             "lr=0 x 20 steps",
             f"{'bit-identical' if not differ else f'{len(differ)} tensors DIFFER'} (z reached the forward: {moved})",

@@ -322,8 +322,8 @@ def follow_in_order(trainer, reference, batch: dict, order: str, tolerance=None)
             continue
         out = trainer.step(batch)
         objective, eps = make_objective("auto", batch), trainer.config.epsilon
-        pairs.append((out.loss_plus, reference._loss(objective, batch, out.seed, eps), *at(out.seed, eps)))
-        pairs.append((out.loss_minus, reference._loss(objective, batch, out.seed, -eps), *at(out.seed, -eps)))
+        pairs.append((out.loss_perturbed, reference._loss(objective, batch, out.seed, eps), *at(out.seed, eps)))
+        pairs.append((out.loss_baseline, reference._loss(objective, batch, out.seed, -eps), *at(out.seed, -eps)))
         reference.backend.apply_update(out.applied, out.lr)
     return pairs
 

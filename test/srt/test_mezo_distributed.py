@@ -298,13 +298,13 @@ class TestDataParallelMeZO(unittest.TestCase):
             dist_out = history[step]
             self.assertEqual(single.seed, dist_out["seed"])
             bound_l = 2 * _gamma(n + 1)
-            for key in ("loss_plus", "loss_minus"):
+            for key in ("loss_perturbed", "loss_baseline"):
                 self.assertLessEqual(abs(getattr(single, key) - dist_out[key]), bound_l * abs(dist_out[key]), key)
-            bound_g = _gamma(n + 1) * (abs(dist_out["loss_plus"]) + abs(dist_out["loss_minus"])) / EPSILON
-            bound_g += 4 * u * abs(dist_out["projected_grad"])
-            self.assertLessEqual(abs(single.projected_grad - dist_out["projected_grad"]), bound_g, f"step {step}")
+            bound_g = _gamma(n + 1) * (abs(dist_out["loss_perturbed"]) + abs(dist_out["loss_baseline"])) / EPSILON
+            bound_g += 4 * u * abs(dist_out["coefficient"])
+            self.assertLessEqual(abs(single.coefficient - dist_out["coefficient"]), bound_g, f"step {step}")
             g_examples = (means[+1] - means[-1]) / (2 * EPSILON)
-            weighting_gaps.append(abs(g_examples - dist_out["projected_grad"]) / bound_g)
+            weighting_gaps.append(abs(g_examples - dist_out["coefficient"]) / bound_g)
         self.assertGreater(max(weighting_gaps), 1e3)  # example weighting would fail the bound by far
 
 

@@ -114,7 +114,7 @@ class TestOneSidedNormalised(unittest.TestCase):
             samples = []
             for _ in range(n):
                 out = trainer.step(TOY_BATCH)
-                losses = torch.tensor([d.loss_plus for d in out.per_direction], dtype=torch.float64)
+                losses = torch.tensor([d.loss_perturbed for d in out.per_direction], dtype=torch.float64)
                 sigma = losses.std().item()  # sample std (n - 1), as the estimator's statistics.stdev
                 samples.append(-(model.theta.detach() - start) / trainer.config.learning_rate * sigma)
                 with torch.no_grad():
@@ -164,7 +164,7 @@ class TestOneSidedNormalised(unittest.TestCase):
         out = trainer.step(TOY_BATCH)
         self.assertEqual(len(calls), 4)
         self.assertEqual(trainer.estimator.passes_per_step(), 4)
-        self.assertEqual({d.loss_minus for d in out.per_direction}, {unperturbed})  # L0, once
+        self.assertEqual({d.loss_baseline for d in out.per_direction}, {unperturbed})  # L0, once
         with self.assertRaisesRegex(ValueError, "num_directions.*q >= 2"):
             MeZOConfig(estimator="fzoo", num_directions=1)
 

@@ -152,9 +152,9 @@ class TestSGLangBackendProtocol(unittest.TestCase):
         self.assertEqual(begin_plus, {"seed": out.seed, "scale": 1e-2})
         self.assertEqual(begin_minus, {"seed": out.seed, "scale": -1e-2})
         # every labelled token's log-prob moved by +-eps, so the mean NLL by -+eps: g = -1
-        self.assertAlmostEqual(out.projected_grad, -1.0, places=9)
+        self.assertAlmostEqual(out.coefficient, -1.0, places=9)
         update = engine.calls[-1][1]
-        self.assertEqual(update["terms"], [[out.seed, out.projected_grad]])
+        self.assertEqual(update["terms"], [[out.seed, out.coefficient]])
         self.assertEqual((update["lr"], update["weight_decay"], update["momentum"]), (0.5, 0.0, 0.0))
         # an unperturbed pass right after the update flushes once, a second one reuses the cache
         engine.calls.clear()
@@ -363,10 +363,10 @@ class TestSGLangEngine(unittest.TestCase):
             a, b = trainer.step(batch), self.reference.step(batch)
             self.assertEqual(a.seed, b.seed)
             _, loss_tol = pass_tolerances(self.reference, batch, a.seed)
-            d_plus, d_minus = abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)
+            d_plus, d_minus = abs(a.loss_perturbed - b.loss_perturbed), abs(a.loss_baseline - b.loss_baseline)
             self.assertLessEqual(max(d_plus, d_minus), loss_tol)
             # a real signal, not noise: g 10x beyond the (|dL+| + |dL-|) / (2 eps) it may differ by
-            self.assertGreater(abs(b.projected_grad), 10 * loss_tol / self.config.epsilon)
+            self.assertGreater(abs(b.coefficient), 10 * loss_tol / self.config.epsilon)
 
     def test_lr0_steps_leave_engine_weights_bit_identical_and_updates_match(self):
         assert_lr0_steps_keep_weights_then_update_matches(self, self.backend, self.reference, self.model_dir, 2)
@@ -389,8 +389,8 @@ class TestSGLangEngine(unittest.TestCase):
             self.assertEqual([d.seed for d in a.per_direction], [d.seed for d in b.per_direction])
             for x, y in zip(a.per_direction, b.per_direction):
                 _, loss_tol = pass_tolerances(reference, candidate_batch(), x.seed, scales=(config.epsilon, 0.0))
-                self.assertLessEqual(abs(x.loss_plus - y.loss_plus), loss_tol)
-                self.assertLessEqual(abs(x.loss_minus - y.loss_minus), loss_tol)
+                self.assertLessEqual(abs(x.loss_perturbed - y.loss_perturbed), loss_tol)
+                self.assertLessEqual(abs(x.loss_baseline - y.loss_baseline), loss_tol)
         self.assertEqual(backend.checksum(), before)
 
     def test_radix_cache_shares_prompts_within_a_pass(self):
@@ -414,9 +414,9 @@ class TestSGLangEngine(unittest.TestCase):
         self.engine.flush_cache()
         self.assertEqual(correct.seed, stale.seed)
         _, loss_tol = pass_tolerances(self.reference, batch, correct.seed)
-        self.assertLessEqual(abs(stale.loss_plus - correct.loss_plus), loss_tol)
-        self.assertGreater(abs(stale.loss_minus - correct.loss_minus), 100 * loss_tol)
-        self.assertTrue(math.isfinite(stale.projected_grad))
+        self.assertLessEqual(abs(stale.loss_perturbed - correct.loss_perturbed), loss_tol)
+        self.assertGreater(abs(stale.loss_baseline - correct.loss_baseline), 100 * loss_tol)
+        self.assertTrue(math.isfinite(stale.coefficient))
 
     def test_every_call_order_matches_the_transformers_backend(self):
         """The radix cache in the orders eval -> step, step -> eval -> step and step -> step on
@@ -506,10 +506,10 @@ class TestSGLangLoRA(unittest.TestCase):
         for _ in range(2):
             a, b = trainer.step(batch), self.reference.step(batch)
             _, loss_tol = pass_tolerances(self.reference, batch, a.seed)
-            d_plus, d_minus = abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)
+            d_plus, d_minus = abs(a.loss_perturbed - b.loss_perturbed), abs(a.loss_baseline - b.loss_baseline)
             self.assertLessEqual(max(d_plus, d_minus), loss_tol)
             # z reached the forward (else L+ == L-): 10 tolerances, more than rounding explains
-            self.assertGreater(abs(a.loss_plus - a.loss_minus), 10 * loss_tol)
+            self.assertGreater(abs(a.loss_perturbed - a.loss_baseline), 10 * loss_tol)
         self.assertEqual(self.backend.checksum(), before)
         assert_same_update(self, self.backend, self.reference, (77, 0.5), lr=1e-1)
         token_tol, _ = tolerances(self.reference.model, batch)  # at the updated weights
@@ -591,9 +591,11 @@ class TestTensorParallelEngine(unittest.TestCase):
             self.assertEqual({tp2.seed, tp1.seed}, {hf.seed})
             _, loss_tol = pass_tolerances(self.reference, batch, hf.seed)
             for other in (tp1, hf):
-                d_plus, d_minus = abs(tp2.loss_plus - other.loss_plus), abs(tp2.loss_minus - other.loss_minus)
+                d_plus, d_minus = abs(tp2.loss_perturbed - other.loss_perturbed), abs(
+                    tp2.loss_baseline - other.loss_baseline
+                )
                 self.assertLessEqual(max(d_plus, d_minus), loss_tol)
-            self.assertGreater(abs(hf.projected_grad), 10 * loss_tol / self.config.epsilon)
+            self.assertGreater(abs(hf.coefficient), 10 * loss_tol / self.config.epsilon)
 
     def test_lr0_steps_keep_every_shard_and_an_update_gathers_to_transformers(self):
         """Ten lr=0 steps leave the gathered weights bit-identical (gathering also requires
@@ -626,8 +628,10 @@ class TestTensorParallelEngine(unittest.TestCase):
         for _ in range(2):
             a, b = trainer.step(batch), reference.step(batch)
             _, loss_tol = pass_tolerances(reference, batch, a.seed)
-            self.assertLessEqual(max(abs(a.loss_plus - b.loss_plus), abs(a.loss_minus - b.loss_minus)), loss_tol)
-            self.assertGreater(abs(a.loss_plus - a.loss_minus), 10 * loss_tol)
+            self.assertLessEqual(
+                max(abs(a.loss_perturbed - b.loss_perturbed), abs(a.loss_baseline - b.loss_baseline)), loss_tol
+            )
+            self.assertGreater(abs(a.loss_perturbed - a.loss_baseline), 10 * loss_tol)
         self.assertEqual(backend.checksum(), before)
         assert_same_update(self, backend, reference, (78, 0.5), lr=1e-1)
         trained_sums, counts = backend.row_logprobs(batch)

@@ -155,7 +155,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                 t_minus = model.abs_terms()
                 model.theta.copy_(theta)
             bound = gamma(k_terms + 1) * 1.01 * (t_plus + t_minus) / (2 * eps) + U64 * abs(exact)
-            self.assertLessEqual(abs(out.projected_grad - exact), bound, f"step {step}")
+            self.assertLessEqual(abs(out.coefficient - exact), bound, f"step {step}")
         return trainer
 
     def test_gradient_estimation_linear_model(self):
@@ -194,7 +194,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             expected = float(z @ grad0) ** 2 * float(z @ z)
             self.assertAlmostEqual(float(g_hat @ g_hat) / expected, 1.0, delta=1e-9)
             torch.testing.assert_close(
-                g_hat, out.projected_grad * z, rtol=4 * U64, atol=4 * U64 * float(theta0.abs().max())
+                g_hat, out.coefficient * z, rtol=4 * U64, atol=4 * U64 * float(theta0.abs().max())
             )
             if kind == "rademacher":
                 self.assertEqual(float(z @ z), d)
@@ -258,7 +258,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             for _ in range(draws):
                 out = trainer.step(TOY_BATCH)
                 z = z_of(trainer, out.seed)
-                values.append(out.projected_grad**2 * float(z @ z))
+                values.append(out.coefficient**2 * float(z @ z))
             mean = sum(values) / draws
             if kind == "gaussian":
                 expect = (d + 2) * g2
@@ -335,11 +335,11 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             single = toy_trainer(ref)
             plus = single._loss(toy_objective, TOY_BATCH, e.seed, single.config.epsilon)
             minus = single._loss(toy_objective, TOY_BATCH, e.seed, -single.config.epsilon)
-            self.assertEqual((plus, minus), (e.loss_plus, e.loss_minus))  # same theta for every direction
-            expected -= lr / q * e.projected_grad * z_of(single, e.seed)
+            self.assertEqual((plus, minus), (e.loss_perturbed, e.loss_baseline))  # same theta for every direction
+            expected -= lr / q * e.coefficient * z_of(single, e.seed)
         tol = q * 2 * U64 * float(theta0.abs().max() + 1)
         torch.testing.assert_close(model.theta.detach(), expected, rtol=0, atol=tol)
-        self.assertAlmostEqual(out.projected_grad, sum(e.projected_grad for e in out.per_direction) / q, places=12)
+        self.assertAlmostEqual(out.coefficient, sum(e.coefficient for e in out.per_direction) / q, places=12)
 
     def test_directions_independent_of_chunking_and_reference(self):
         """z(seed, name, offset): chunked draws equal one draw; numba equals the torch reference."""
@@ -438,7 +438,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                     self.assertIsInstance(trainer.backend.perturbation, RestoreLogPerturbation)
                     use_mechanism(trainer, mechanism)
                     outs = [trainer.step(lm_batch(seed=s)) for s in range(4)]
-                    runs.append(([(o.loss_plus, o.loss_minus) for o in outs], snapshot(model)))
+                    runs.append(([(o.loss_perturbed, o.loss_baseline) for o in outs], snapshot(model)))
                 (losses, weights), (reference_losses, reference) = runs
                 self.assertEqual(losses, reference_losses)
                 for name, w in weights.items():
@@ -466,7 +466,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         halving eps divides it by 4 (1 + O(eps^2)); at eps = 1e-3 and 5e-4 the error is ~4e-3
         and ~1e-3 while the loss's own noise (transformers computes RMSNorm and RoPE in
         float32: the difference stops improving near eps = 1e-5, at ~2e-9 in L) adds at most
-        2e-9 / 1e-3 = 2e-6, 0.2%: the ratio lies in [3.6, 4.4]. The StepOutput.projected_grad
+        2e-9 / 1e-3 = 2e-6, 0.2%: the ratio lies in [3.6, 4.4]. The StepOutput.coefficient
         the trainer reports behaves the same. Canary: the one-sided difference
         (L(t + eps z) - L(t)) / eps has error eps/2 L''(z,z): a ratio near 2, outside that
         range."""
@@ -506,7 +506,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             else:
                 self.assertTrue(1.6 <= ratio <= 2.4, (errors, ratio))  # the canary: first order
         outs = [trainer(e).step(batch) for e in (eps, eps / 2)]  # the same run seed: the same direction
-        reported = [abs(out.projected_grad - derivative(out.seed)) for out in outs]
+        reported = [abs(out.coefficient - derivative(out.seed)) for out in outs]
         self.assertTrue(3.6 <= reported[0] / reported[1] <= 4.4, reported)
 
     def test_candidate_scores_are_length_normalised(self):
@@ -565,7 +565,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                 theta = model.theta.detach().clone()
                 out = trainer.step(TOY_BATCH)
                 lrs.append(out.lr)
-                moved = theta - out.lr * out.projected_grad * z_of(trainer, out.seed)
+                moved = theta - out.lr * out.coefficient * z_of(trainer, out.seed)
                 tol = 4 * U64 * float(moved.abs().max() + theta.abs().max())
                 torch.testing.assert_close(model.theta.detach(), moved, rtol=0, atol=tol)
             return lrs
@@ -609,8 +609,8 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                 w0 = before[name]
                 z = direction("gaussian", out.seed, name, w0.shape).double()
                 decayed = w0.dim() >= 2 and "norm" not in name
-                expected = w0 * (1 - lr * wd if decayed else 1.0) - lr * out.projected_grad * z
-                tol = 8 * U64 * float((w0.abs() + lr * abs(out.projected_grad) * z.abs()).max())
+                expected = w0 * (1 - lr * wd if decayed else 1.0) - lr * out.coefficient * z
+                tol = 8 * U64 * float((w0.abs() + lr * abs(out.coefficient) * z.abs()).max())
                 worst[name] = float((w1 - expected).abs().max()) / tol
             return worst
 
@@ -642,7 +642,7 @@ class TestMeZOGradientEstimation(unittest.TestCase):
                 for name, p in model.named_parameters():
                     z = direction("gaussian", out.seed, name, p.shape).double()
                     decay = wd if p.dim() >= 2 and "norm" not in name else 0.0
-                    m[name] = mu * m[name] + out.projected_grad * z + decay * w[name]
+                    m[name] = mu * m[name] + out.coefficient * z + decay * w[name]
                     w[name] = w[name] - lr * m[name]
                     tol = lr * 3 * 2**-24 * float(m[name].abs().max()) + 8 * (step + 1) * U64 * float(
                         w[name].abs().max()
@@ -693,9 +693,9 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         out, ratio = run(False)
         self.assertEqual([s for s, _ in out.applied], [e.seed for e in out.per_direction])
         for (_, applied), e in zip(out.applied, out.per_direction):
-            self.assertGreater(abs(e.projected_grad), clip)  # the clip is active
-            self.assertEqual(applied, math.copysign(clip, e.projected_grad))
-        self.assertEqual(out.projected_grad, sum(e.projected_grad for e in out.per_direction) / q)
+            self.assertGreater(abs(e.coefficient), clip)  # the clip is active
+            self.assertEqual(applied, math.copysign(clip, e.coefficient))
+        self.assertEqual(out.coefficient, sum(e.coefficient for e in out.per_direction) / q)
         self.assertLessEqual(ratio, 1.0)
         _, broken = run(True)
         self.assertGreater(broken, 1e3)
@@ -1251,7 +1251,10 @@ class TestKVCacheOptimization(unittest.TestCase):
                 with self.subTest(workload=name, eps=eps):
                     for dtype in (torch.float64, torch.float32):
                         a, b, stats = self._pair(eps, dtype, batch, **overrides)
-                        for loss, ref, scale in ((a.loss_plus, b.loss_plus, eps), (a.loss_minus, b.loss_minus, -eps)):
+                        for loss, ref, scale in (
+                            (a.loss_perturbed, b.loss_perturbed, eps),
+                            (a.loss_baseline, b.loss_baseline, -eps),
+                        ):
                             reference = self._trainer(dtype, False, epsilon=eps, **overrides)
                             tolerance = tolerance_at(loss_tolerance, reference, batch, b.seed, scale)
                             self.assertLessEqual(abs(loss - ref), tolerance)
@@ -1327,12 +1330,12 @@ class TestKVCacheOptimization(unittest.TestCase):
         correct, plain, _ = self._pair(eps, torch.float64, batch)
         reference = self._trainer(torch.float64, False, epsilon=eps)
         tolerance = tolerance_at(loss_tolerance, reference, batch, plain.seed, -eps)  # of L-
-        self.assertLessEqual(abs(correct.loss_minus - plain.loss_minus), tolerance)
+        self.assertLessEqual(abs(correct.loss_baseline - plain.loss_baseline), tolerance)
         broken = self._trainer(torch.float64, True, epsilon=eps)
         with mock.patch.object(VersionedStore, "is_valid", lambda self, deps: True):
             stale = broken.step(batch)
-        self.assertEqual(stale.loss_plus, correct.loss_plus)
-        self.assertGreater(abs(stale.loss_minus - plain.loss_minus), 100 * tolerance)
+        self.assertEqual(stale.loss_perturbed, correct.loss_perturbed)
+        self.assertGreater(abs(stale.loss_baseline - plain.loss_baseline), 100 * tolerance)
         self.assertGreater(broken.cache_stats["pass/prefix_sharing/tokens_reused"], 0)
 
     def test_versions_invalidate_after_update_and_lr0_is_exact(self):
@@ -1413,6 +1416,7 @@ class TestKVCacheOptimization(unittest.TestCase):
         * Canary: a mechanism that backs up the whole model at each pass exceeds the bound.
         Then ten lr=0 steps leave every weight bit-identical."""
         from sglang.srt.mezo.objectives import CompletionNLL
+        from sglang.srt.mezo.official_mezo import OfficialMeZOReference
         from sglang.srt.mezo.perturbation import MERGE_MIN_BYTES, largest_module_bytes
 
         def model():
@@ -1436,30 +1440,10 @@ class TestKVCacheOptimization(unittest.TestCase):
         self.assertLessEqual(extra, bound)
         self.assertGreater(extra, 0)  # the scratch is allocated inside the measured step
 
-        def official_step(reference, seed=0, eps=1e-3, lr=0.0):
-            """princeton-nlp/MeZO's zo_step + zo_update: four sweeps, a new tensor per weight each."""
-
-            def perturb(scale):
-                torch.manual_seed(seed)
-                for p in reference.parameters():
-                    z = torch.normal(mean=0, std=1, size=p.data.size(), dtype=p.data.dtype)
-                    p.data = p.data + scale * z * eps
-
-            with torch.no_grad():
-                perturb(1)
-                plus = CompletionNLL()(reference, batch)
-                perturb(-2)
-                minus = CompletionNLL()(reference, batch)
-                perturb(1)
-                g = float((plus[0] - minus[0]) / plus[1]) / (2 * eps)
-                torch.manual_seed(seed)
-                for p in reference.parameters():
-                    z = torch.normal(mean=0, std=1, size=p.data.size(), dtype=p.data.dtype)
-                    p.data = p.data - lr * g * z
-
         original = model()
-        official = peak_bytes(lambda: official_step(original), list(original.parameters())) - forward
-        self.assertGreaterEqual(official, largest_parameter)
+        official = OfficialMeZOReference(original, CompletionNLL(), learning_rate=0.0, epsilon=1e-3)
+        official_extra = peak_bytes(lambda: official.step(batch), list(original.parameters())) - forward
+        self.assertGreaterEqual(official_extra, largest_parameter)
 
         class WholeModelBackup(UnitScopedPerturbation):
             @contextlib.contextmanager
@@ -1564,7 +1548,7 @@ class TestMeZOIntegration(unittest.TestCase):
         )
         lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
         self.assertEqual([r["step"] for r in lines], [0, 1, 2, 3])
-        for key in ("loss_plus", "loss_minus", "projected_grad", "lr", "seconds", "seed", "directions"):
+        for key in ("loss_perturbed", "loss_baseline", "coefficient", "lr", "seconds", "seed", "directions"):
             self.assertIn(key, lines[0])
         self.assertGreater(lines[0]["cache/prefix_sharing/tokens_reused"], 0)
         saved = json.load(open(os.path.join(out, "eval.json")))
@@ -1803,6 +1787,20 @@ class TestMeZOIntegration(unittest.TestCase):
         self.assertEqual(trainer.global_step, 5)
         self.assertEqual(replay.differing_tensors(trainer, Path(out) / "checkpoints" / "step-5"), [])
         self.assertLess(replay.log_bytes_per_step(Path(out)), 200)
+        # a log of an earlier version (loss_plus, loss_minus, projected_grad) replays and plots alike
+        from sglang.srt.mezo.reporting import plot_losses
+
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")).read().splitlines()]
+        earlier = {"loss_perturbed": "loss_plus", "loss_baseline": "loss_minus", "coefficient": "projected_grad"}
+        self.assertTrue(all(set(earlier) <= set(row) for row in rows))
+        earlier_run = self.out("replayed-earlier-names")
+        shutil.copytree(out, earlier_run)
+        with open(os.path.join(earlier_run, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps({earlier.get(k, k): v for k, v in row.items()}) + "\n" for row in rows)
+        checkpoint = Path(out) / "checkpoints" / "step-5"
+        self.assertEqual(replay.differing_tensors(replay.replay(earlier_run), checkpoint), [])
+        plot_losses(Path(earlier_run) / "metrics.jsonl", Path(earlier_run) / "earlier.png")
+        self.assertGreater(os.path.getsize(os.path.join(earlier_run, "earlier.png")), 0)
         # canary: dropping one step's update is detected
         rows = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
@@ -1973,7 +1971,7 @@ class TestMeZOIntegration(unittest.TestCase):
         lora_start = {t.name: t.value.clone() for t in trainer.backend.tensors}
         for _ in range(2):
             out = trainer.step(lm_batch())
-            self.assertTrue(math.isfinite(out.projected_grad) and out.projected_grad != 0)
+            self.assertTrue(math.isfinite(out.coefficient) and out.coefficient != 0)
         after = quantized_parts(trainer.model)
         for name, parts in before.items():
             self.assertTrue(all(torch.equal(a, b) for a, b in zip(parts, after[name])), name)
@@ -2179,7 +2177,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
         summary = trainer.train([lm_batch(seed=s) for s in range(2)], on_step=lambda out, seconds: seen.append(out))
         self.assertIsInstance(summary, TrainOutput)
         self.assertEqual((summary.steps, summary.global_step, summary.skipped_steps), (3, 3, 0))
-        self.assertEqual(summary.mean_loss, sum((o.loss_plus + o.loss_minus) / 2 for o in seen) / 3)
+        self.assertEqual(summary.mean_loss, sum((o.loss_perturbed + o.loss_baseline) / 2 for o in seen) / 3)
         self.assertFalse(
             any(isinstance(v, list) and v and isinstance(v[0], type(seen[0])) for v in vars(trainer).values())
         )
@@ -2330,11 +2328,11 @@ class TestMeZOEdgeCases(unittest.TestCase):
         trainer = MeZOTrainer(model, MeZOConfig(learning_rate=0.0, epsilon=1e-5, disable_tqdm=True))
         out, messages = caught_warnings(lambda: trainer.step(lm_batch()))
         self.assertTrue(any("perturbation below the weights' resolution" in m for m in messages), messages)
-        self.assertTrue(math.isfinite(out.projected_grad))
+        self.assertTrue(math.isfinite(out.coefficient))
         fp32 = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=0.0, epsilon=1e-5, disable_tqdm=True))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            self.assertNotEqual(fp32.step(lm_batch()).projected_grad, 0.0)
+            self.assertNotEqual(fp32.step(lm_batch()).coefficient, 0.0)
 
     def test_fp32_trainable_over_half_base_keeps_small_updates(self):
         """An update of ~1e-6 vanishes in bf16 weights but accumulates in float32 masters."""
@@ -2378,8 +2376,8 @@ class TestMeZOEdgeCases(unittest.TestCase):
         ref = snapshot(model)
         trainer = MeZOTrainer(model, MeZOConfig(learning_rate=0.0, epsilon=10.0, disable_tqdm=True))
         out = trainer.step(lm_batch())
-        self.assertTrue(math.isfinite(out.loss_plus) and math.isfinite(out.loss_minus))
-        self.assertNotEqual(out.loss_plus, out.loss_minus)
+        self.assertTrue(math.isfinite(out.loss_perturbed) and math.isfinite(out.loss_baseline))
+        self.assertNotEqual(out.loss_perturbed, out.loss_baseline)
         assert_bit_identical(self, model, ref)
 
     def test_same_seed_same_trajectory(self):
@@ -2387,7 +2385,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
             model = tiny_llama()
             trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, seed=seed, disable_tqdm=True))
             outs = [trainer.step(lm_batch(seed=s)) for s in range(3)]
-            return [(o.seed, o.loss_plus, o.loss_minus, o.projected_grad) for o in outs], snapshot(model)
+            return [(o.seed, o.loss_perturbed, o.loss_baseline, o.coefficient) for o in outs], snapshot(model)
 
         a, wa = run(0)
         b, wb = run(0)
@@ -2445,8 +2443,8 @@ class TestMeZOEdgeCases(unittest.TestCase):
                     fixed = MeZOTrainer(tiny_llama(**model_args), MeZOConfig(micro_batch_size=3, **config))
                     ref = fixed.step(batch)
                     self.assertEqual(
-                        (out.loss_plus, out.loss_minus, out.projected_grad),
-                        (ref.loss_plus, ref.loss_minus, ref.projected_grad),
+                        (out.loss_perturbed, out.loss_baseline, out.coefficient),
+                        (ref.loss_perturbed, ref.loss_baseline, ref.coefficient),
                     )
                     for t, u in zip(trainer.backend.tensors, fixed.backend.tensors):
                         self.assertTrue(torch.equal(t.value, u.value), t.name)
@@ -2456,7 +2454,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
                         loss_tolerance, whole_trainer, batch, out.seed, whole_trainer.config.epsilon
                     )
                     whole = whole_trainer.step(batch)
-                    self.assertLessEqual(abs(whole.loss_plus - out.loss_plus), tolerance)
+                    self.assertLessEqual(abs(whole.loss_perturbed - out.loss_perturbed), tolerance)
         trainer = MeZOTrainer(tiny_llama(), MeZOConfig(learning_rate=1e-2, disable_tqdm=True))
         self._allocator_limit(trainer.model, 3, lambda rows: RuntimeError(f"shape mismatch at {rows} rows"))
         with self.assertRaisesRegex(RuntimeError, "shape mismatch"):
@@ -2601,7 +2599,7 @@ class TestMeZOEdgeCases(unittest.TestCase):
             )
             units = trainer.backend.perturbation._by_unit
             outs = [trainer.step(lm_batch(seed=s)) for s in range(3)]
-            runs.append(([(o.loss_plus, o.loss_minus) for o in outs], snapshot(model), len(units)))
+            runs.append(([(o.loss_perturbed, o.loss_baseline) for o in outs], snapshot(model), len(units)))
         (merged, merged_weights, merged_units), (per_owner, owner_weights, owner_units) = runs
         self.assertLess(merged_units, owner_units)
         self.assertEqual(merged, per_owner)
@@ -2646,12 +2644,12 @@ class TestMeZOEdgeCases(unittest.TestCase):
                 p.add_(direction("gaussian", out.seed, name, p.shape).double() * 1e-2)
         with torch.no_grad():
             expected = float(reference())
-        self.assertEqual(out.loss_plus, expected)
+        self.assertEqual(out.loss_perturbed, expected)
 
         def merged_into_first(root, tensors, budget):
             return {root.first: list(tensors)}
 
-        self.assertNotEqual(plus_loss(merged_into_first).loss_plus, expected)
+        self.assertNotEqual(plus_loss(merged_into_first).loss_perturbed, expected)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ class TestTritonKernelsInterpreted(unittest.TestCase):
                     with kernels.forced(name):
                         trainer = MeZOTrainer(model, config)
                         outs = [trainer.step(lm_batch(seed=s)) for s in range(2)]
-                    runs.append(([(o.loss_plus, o.loss_minus, o.projected_grad) for o in outs], snapshot(model)))
+                    runs.append(([(o.loss_perturbed, o.loss_baseline, o.coefficient) for o in outs], snapshot(model)))
                 (numba_out, numba_weights), (triton_out, triton_weights) = runs
                 self.assertEqual(numba_out, triton_out)
                 for name, value in numba_weights.items():
@@ -188,7 +188,7 @@ class TestTritonKernelsInterpreted(unittest.TestCase):
                         model, MeZOConfig(perturbation=kind, learning_rate=0.0, epsilon=1e-2, disable_tqdm=True)
                     )
                     outs = [trainer.step(lm_batch(seed=s)) for s in range(2)]
-                self.assertTrue(all(o.loss_plus != o.loss_minus for o in outs))  # z reached the forward
+                self.assertTrue(all(o.loss_perturbed != o.loss_baseline for o in outs))  # z reached the forward
                 for name, value in snapshot(model).items():
                     self.assertTrue(same_bits(value, before[name]), name)
 

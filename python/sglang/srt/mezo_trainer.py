@@ -5,7 +5,7 @@ Python API::
     from sglang.srt.mezo_trainer import MeZOConfig, MeZOTrainer, MeZODataset, create_dataloader
     cfg = MeZOConfig(learning_rate=1e-6, epsilon=1e-3, seed=0)
     trainer = MeZOTrainer(model, cfg)
-    out = trainer.step(batch)            # out.loss_plus, out.loss_minus, out.projected_grad, out.seed
+    out = trainer.step(batch)            # out.loss_perturbed, out.loss_baseline, out.coefficient, out.seed
     trainer.train(create_dataloader(MeZODataset("train.jsonl", tokenizer), 16))
 
 CLI (every `MeZOConfig` field is a flag; with no --lr / --epsilon the estimator and its

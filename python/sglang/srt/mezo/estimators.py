@@ -1,6 +1,6 @@
 """Estimators: how one step turns forward passes at seeded perturbations into update terms.
 
-Every estimator returns `DirectionEstimate`s whose (seed, projected_grad) pairs are the
+Every estimator returns `DirectionEstimate`s whose (seed, coefficient) pairs are the
 update's terms: the backend applies ``w <- w - lr * sum_i (g_i / q) z_i(seed_i)`` with z
 regenerated from the seed (`zo_sgd.commit_update`), and ``metrics.jsonl`` logs the
 pairs, so replay (`replay.py`) and bit-exact restores work alike for all of them. Which
@@ -46,14 +46,16 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
 
 @dataclass
 class DirectionEstimate:
-    """One direction of a step: its seed, the losses measured along it, and its update
-    coefficient g (the projected gradient for two-point estimators). `loss_minus` is the
-    second point: L(w - eps z) for two-point estimators, L(w) for one-sided ones."""
+    """One direction of a step, in names every estimator shares: its seed, `loss_perturbed`
+    = L(w + eps z), `loss_baseline` = the loss it is compared with (L(w - eps z) for
+    two-point estimators, L(w) for one-sided ones), and `coefficient`, the factor of z in
+    the update ``w -= lr * coefficient * z`` (the projected gradient for two-point
+    estimators, a normalised difference for fzoo)."""
 
     seed: int
-    loss_plus: float
-    loss_minus: float
-    projected_grad: float
+    loss_perturbed: float
+    loss_baseline: float
+    coefficient: float
 
 
 class Estimator(Protocol):
@@ -83,8 +85,8 @@ class TwoPoint:
             seed = self.seed_of(step, d)
             loss_plus = loss_at(seed, +self.epsilon)
             loss_minus = loss_at(seed, -self.epsilon)
-            grad = (loss_plus - loss_minus) / (2 * self.epsilon)
-            estimates.append(DirectionEstimate(seed, loss_plus, loss_minus, grad))
+            projected_grad = (loss_plus - loss_minus) / (2 * self.epsilon)
+            estimates.append(DirectionEstimate(seed, loss_plus, loss_minus, projected_grad))
         return estimates
 
 

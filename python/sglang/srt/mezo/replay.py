@@ -1,6 +1,6 @@
 """Rebuild trained weights from the initial weights and the run's step log.
 
-A MeZO update is a function of (seed, projected gradient, lr) per direction, so the
+A MeZO update is a function of (seed, coefficient, lr) per direction, so the
 ``directions`` and ``lr`` columns of ``metrics.jsonl`` (a few dozen bytes per step) replay
 the whole run, bit-identically on the same device type::
 
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from sglang.srt.mezo.checkpoint import TRAINABLE_FILE, latest_checkpoint
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.primitives import same_bits
+from sglang.srt.mezo.reporting import METRICS_FILE, read_metrics
 from sglang.srt.mezo.usage_errors import (
     ParserErrorsAreUsageErrors,
     UsageError,
@@ -31,7 +32,7 @@ from sglang.srt.mezo.usage_errors import (
 
 
 def read_log(run_dir: Path, up_to_step: int | None = None) -> list:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rows = read_metrics(run_dir / METRICS_FILE)
     return [r for r in rows if up_to_step is None or r["step"] < up_to_step]
 
 
@@ -71,7 +72,7 @@ def differing_tensors(trainer, checkpoint_dir: Path) -> list:
 
 
 def log_bytes_per_step(run_dir: Path) -> float:
-    """Bytes the replay needs per step: seed, projected grad and lr of each direction."""
+    """Bytes the replay needs per step: seed, coefficient and lr of each direction."""
     rows = read_log(run_dir)
     needed = [json.dumps({"lr": r["lr"], "directions": r["directions"], "skipped": r["skipped"]}) for r in rows]
     return sum(len(n) + 1 for n in needed) / max(len(rows), 1)

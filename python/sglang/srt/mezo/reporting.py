@@ -12,13 +12,22 @@ import torch
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 CONFIG_FILE = "config.json"
+# metrics.jsonl's names in logs of earlier versions (two-point names that misnamed fzoo's
+# values) -> today's estimator-neutral ones; `read_metrics` reads both.
+EARLIER_METRIC_NAMES = {"loss_plus": "loss_perturbed", "loss_minus": "loss_baseline", "projected_grad": "coefficient"}
+
+
+def read_metrics(path: Path) -> list:
+    """The rows of a metrics.jsonl, earlier versions' names given today's (`EARLIER_METRIC_NAMES`)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [{EARLIER_METRIC_NAMES.get(k, k): v for k, v in row.items()} for row in rows]
 
 
 class StepLog:
     """Appends one JSON line per step to ``OUTPUT_DIR/metrics.jsonl`` (and TensorBoard scalars).
 
     A line holds the step's `StepOutput` fields (means over directions), ``q``,
-    ``directions`` (``[seed, applied projected grad]``: all replay needs), ``seconds`` and
+    ``directions`` (``[seed, applied coefficient]``: all replay needs), ``seconds`` and
     the ``cache/*`` token counts; when the perturbation mechanism changes during a run (a
     restore log that overflowed), that step's line also names the new one. The first line
     written also holds ``estimator`` and, under ``defaults``, what the config filled in
@@ -49,7 +58,7 @@ class StepLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key in ("loss_plus", "loss_minus", "projected_grad", "lr", "seconds"):
+            for key in ("loss_perturbed", "loss_baseline", "coefficient", "lr", "seconds"):
                 self.writer.add_scalar(f"mezo/{key}", record[key], out.step)
 
     def start_over(self, resumed_step: Optional[int]) -> None:
@@ -75,17 +84,17 @@ def truncate_metrics(path: Path, before_step: int) -> None:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Loss curve (mean of L+ and L- per step) as a PNG."""
+    """Loss curve (mean of the perturbed and baseline losses per step) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows if not r["skipped"]]
-    losses = [(r["loss_plus"] + r["loss_minus"]) / 2 for r in rows if not r["skipped"]]
+    losses = [(r["loss_perturbed"] + r["loss_baseline"]) / 2 for r in rows if not r["skipped"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="(L+ + L-) / 2")
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="(perturbed + baseline) / 2")
     if len(losses) >= 10:
         window = max(5, len(losses) // 20)
         smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()

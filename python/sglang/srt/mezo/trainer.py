@@ -50,17 +50,18 @@ class TrainOutput:
 
 @dataclass
 class StepOutput:
-    """What one MeZO step measured; losses and projected_grad are means over directions."""
+    """What one MeZO step measured, in names every estimator shares (`estimators.DirectionEstimate`);
+    the losses and the coefficient are means over directions."""
 
     step: int
     seed: int
-    loss_plus: float
-    loss_minus: float
-    projected_grad: float
+    loss_perturbed: float
+    loss_baseline: float
+    coefficient: float
     lr: float
     per_direction: list = field(default_factory=list)
     skipped: bool = False  # a non-finite loss: no update was applied
-    applied: list = field(default_factory=list)  # [(seed, clipped projected grad)] of the update
+    applied: list = field(default_factory=list)  # [(seed, clipped coefficient)] of the update
 
     @classmethod
     def from_estimates(cls, step: int, lr: float, estimates: list) -> "StepOutput":
@@ -70,9 +71,9 @@ class StepOutput:
         return cls(
             step=step,
             seed=estimates[0].seed,
-            loss_plus=mean([e.loss_plus for e in estimates]),
-            loss_minus=mean([e.loss_minus for e in estimates]),
-            projected_grad=mean([e.projected_grad for e in estimates]),
+            loss_perturbed=mean([e.loss_perturbed for e in estimates]),
+            loss_baseline=mean([e.loss_baseline for e in estimates]),
+            coefficient=mean([e.coefficient for e in estimates]),
             lr=lr,
             per_direction=estimates,
         )
@@ -149,11 +150,11 @@ class MeZOTrainer:
         with self.backend.holding_perturbation():  # the passes and the update may share sweeps
             estimates = self.estimator.estimate(loss_at, self.global_step)
             out = StepOutput.from_estimates(self.global_step, lr, estimates)
-            if not all(math.isfinite(e.loss_plus) and math.isfinite(e.loss_minus) for e in estimates):
+            if not all(math.isfinite(e.loss_perturbed) and math.isfinite(e.loss_baseline) for e in estimates):
                 return self._skip(out)
             self.nonfinite_in_a_row = 0
             clip = c.grad_clip or math.inf
-            directions = [(e.seed, max(-clip, min(clip, e.projected_grad))) for e in estimates]
+            directions = [(e.seed, max(-clip, min(clip, e.coefficient))) for e in estimates]
             self.backend.apply_update(directions, lr)
         if lr != self._update_checked_at_lr:  # a sampled check, once per learning rate, on exact weights
             self._update_checked_at_lr = lr
@@ -184,12 +185,14 @@ class MeZOTrainer:
         self.nonfinite_in_a_row += 1
         self.skipped_steps += 1
         out.skipped = True
-        logger.warning("step %d: non-finite loss (%s, %s); update skipped", out.step, out.loss_plus, out.loss_minus)
+        logger.warning(
+            "step %d: non-finite loss (%s, %s); update skipped", out.step, out.loss_perturbed, out.loss_baseline
+        )
         if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{self.nonfinite_in_a_row} consecutive steps with non-finite loss "
-                f"(max_nonfinite_steps={self.config.max_nonfinite_steps}); last L+={out.loss_plus}, "
-                f"L-={out.loss_minus}. Lower epsilon or learning_rate, or check the data."
+                f"(max_nonfinite_steps={self.config.max_nonfinite_steps}); last L+={out.loss_perturbed}, "
+                f"L-={out.loss_baseline}. Lower epsilon or learning_rate, or check the data."
             )
         self.global_step += 1
         return out
@@ -251,9 +254,9 @@ class MeZOTrainer:
                 if out.skipped:
                     skipped += 1
                 else:
-                    loss_sum += (out.loss_plus + out.loss_minus) / 2
+                    loss_sum += (out.loss_perturbed + out.loss_baseline) / 2
                 bar.update(1)
-                bar.set_postfix(loss=f"{(out.loss_plus + out.loss_minus) / 2:.4f}", g=f"{out.projected_grad:.3g}")
+                bar.set_postfix(loss=f"{(out.loss_perturbed + out.loss_baseline) / 2:.4f}", g=f"{out.coefficient:.3g}")
                 if on_step is not None:
                     on_step(out, seconds)
                 if self.global_step >= self.config.max_steps or (should_stop is not None and should_stop()):

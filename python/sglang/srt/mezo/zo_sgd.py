@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the perturbation mechanisms import this module
 class UpdatePlan:
     """Everything a ZO-SGD update needs, computed and allocated before any weight changes."""
 
-    terms: list  # [(seed, coefficient of z)] with coefficient = projected_grad / q
+    terms: list  # [(seed, factor of z)]: each direction's coefficient / q
     lr: float
     weight_decay: float
     momentum: float

@@ -40,7 +40,7 @@ class Backend(Protocol):
         weights are exact when it exits."""
 
     def apply_update(self, directions: Sequence[tuple], lr: float) -> None:
-        """The ZO-SGD update from ``[(seed, projected_grad)]``, atomically."""
+        """The ZO-SGD update from ``[(seed, coefficient)]``, atomically."""
 
     def vanishing_fraction(self, seed: int, scale: float, update: bool) -> Optional[tuple]:
         """(fraction of sampled weights a write of `scale` along z(seed) leaves unchanged, their

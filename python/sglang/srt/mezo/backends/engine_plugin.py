@@ -216,7 +216,7 @@ def mezo_end(state: EngineMeZO):
 
 
 def mezo_update(state: EngineMeZO, terms, lr: float, weight_decay: float, momentum: float):
-    """The ZO-SGD update of the directions `terms` [(seed, projected gradient)] (`commit_update`)."""
+    """The ZO-SGD update of the directions `terms` [(seed, coefficient)] (`commit_update`)."""
     state.check_resident()
     plan = prepare_update(state.tensors, [(int(s), float(g)) for s, g in terms], lr, weight_decay, momentum)
     commit_update(state.tensors, plan, state.kind, state.versions)

@@ -214,7 +214,7 @@ class TransformersBackend:
         return self.perturbation.holding()
 
     def apply_update(self, directions: list, lr: float) -> None:
-        """ZO-SGD update from [(seed, projected_grad)] at the current weights, atomically."""
+        """ZO-SGD update from [(seed, coefficient)] at the current weights, atomically."""
         c = self.config
         plan = prepare_update(self.tensors, directions, lr, c.weight_decay, c.momentum)
         self.perturbation.commit(plan)

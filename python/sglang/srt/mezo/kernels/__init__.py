@@ -243,7 +243,7 @@ class UpdateTarget:
 
 def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], lr: float, mu: float = 0.0) -> None:
     """The ZO-SGD update of every target (`reference.update_` defines it), each tensor in one
-    pass where its implementation allows. `coefs[i]` is term i's projected gradient / q;
+    pass where its implementation allows. `coefs[i]` is term i's coefficient / q;
     with momentum (mu > 0) every target carries a buffer."""
     check_kind(kind)
     if any((t.momentum is not None) != (mu > 0) for t in targets):

@@ -277,7 +277,7 @@ def update_(
     """One ZO-SGD update of `w` (see the module docstring), chunk by chunk.
 
     `keys[i]` is the key of term i's z for this tensor and `coefs[i]` its coefficient
-    (projected gradient / q); `weight_decay` is 0 for tensors without decay; `layout`, if
+    (coefficient / q); `weight_decay` is 0 for tensors without decay; `layout`, if
     given, places a shard in its unsharded tensor (its z); `z_of`, if given, draws each
     term's z from its key and the values before the update.
     """
