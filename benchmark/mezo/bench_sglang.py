@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from common import build_tiny_llama
 
+from sglang.srt.mezo.backends.engine_checkpoint import engine_checkpoint
 from sglang.srt.mezo.backends.engine_launch import launch_engine
 from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.trainer import MeZOTrainer
-from sglang.srt.mezo_trainer import load_model_and_tokenizer
 
 
 def lm_batch(vocab: int, batch: int, length: int, seed: int = 1) -> dict:
@@ -41,12 +41,8 @@ def tiny_model_dir(root: Path) -> str:
     return str(path)
 
 
-def smollm2_dir(root: Path) -> str:
-    model, tok = load_model_and_tokenizer("smollm2-135m")  # GGUF, converted to an HF dir for the engine
-    path = root / "smollm2"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+def smollm2_dir() -> str:
+    return engine_checkpoint("smollm2-135m", "float32")  # the GGUF, converted once into the shared cache
 
 
 def measure(trainer: MeZOTrainer, batch: dict, forward, repeats: int) -> float:
@@ -98,7 +94,7 @@ def main() -> None:
             if name == "tiny":
                 run("tiny 8x64", tiny_model_dir(root), lm_batch(512, 8, 64), args.repeats)
             else:
-                run("smollm2 16x128", smollm2_dir(root), lm_batch(49152, 16, 128), args.repeats)
+                run("smollm2 16x128", smollm2_dir(), lm_batch(49152, 16, 128), args.repeats)
     print("target (SmolLM2): sglang ratio <= 1.2")
 
 

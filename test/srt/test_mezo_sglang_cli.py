@@ -7,10 +7,13 @@ Run as ``pytest test/srt/test_mezo_sglang_cli.py`` or ``python3 test/srt/test_me
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import unittest
+import weakref
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import torch
@@ -63,10 +66,27 @@ class TestSGLangEngineCrash(unittest.TestCase):
 
 
 class TestSGLangMainJob(unittest.TestCase):
-    """``--backend sglang`` end to end: the engine trains, the saved HF dir holds its weights."""
+    """``--backend sglang`` end to end: the engine trains, the saved HF dir holds its weights,
+    and the trainer process holds no host copy of the model while training."""
 
     def run_cli(self, root: Path, *extra) -> tuple:
+        """Runs the CLI; `self.host_models` are weak references to every model the host loaded,
+        and `self.alive_in_training` those still alive (after a collection) when training starts."""
+        from sglang.srt.mezo import recipe
         from sglang.srt.mezo_trainer import main
+
+        self.host_models, self.alive_in_training = [], None
+        load, train = recipe.load_model_and_tokenizer, recipe.train
+
+        def watched_load(*args, **kwargs):
+            model, tokenizer = load(*args, **kwargs)
+            self.host_models.append(weakref.ref(model))
+            return model, tokenizer
+
+        def watched_train(run):
+            gc.collect()
+            self.alive_in_training = [ref for ref in self.host_models if ref() is not None]
+            return train(run)
 
         model_dir = str(root / "tiny")
         tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(model_dir)
@@ -78,11 +98,15 @@ class TestSGLangMainJob(unittest.TestCase):
         ]
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
         out = root / "out"
-        results = main(
-            ["--backend", "sglang", "--model", model_dir, "--train-file", str(data), "--eval-file", str(data)]
-            + ["--steps", "3", "--epsilon", "1e-2", "--batch-size", "2", "--output-dir", str(out)]
-            + ["--disable-tqdm", *extra]
-        )
+        with mock.patch.object(recipe, "load_model_and_tokenizer", watched_load):
+            with mock.patch.object(recipe, "train", watched_train):
+                results = main(
+                    ["--backend", "sglang", "--model", model_dir, "--train-file", str(data), "--eval-file", str(data)]
+                    + ["--steps", "3", "--epsilon", "1e-2", "--batch-size", "2", "--output-dir", str(out)]
+                    + ["--disable-tqdm", *extra]
+                )
+        self.assertEqual(self.alive_in_training, [])
+        self.assertFalse((out / "engine_model").exists())  # the engine served model_dir itself
         self.assertEqual(results["steps"], 3)
         self.assertEqual(results["before"]["examples"], 4)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -96,13 +120,14 @@ class TestSGLangMainJob(unittest.TestCase):
 
         with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-") as root:
             model_dir, out = self.run_cli(Path(root), "--lr", "1e-1")
+            self.assertEqual(self.host_models, [])  # the host loads only the tokenizer
             trained = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).state_dict()
             final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
             start = load_file(str(Path(model_dir) / "model.safetensors"))
             changed = [name for name in final if not torch.equal(final[name], start[name])]
             self.assertTrue(changed)
-            for name, value in final.items():
-                self.assertTrue(torch.equal(trained[name], value), name)
+            for name in start:
+                self.assertTrue(torch.equal(trained[name], final.get(name, start[name])), name)
 
     def test_cli_lora_on_the_engine(self):
         """``--peft lora --backend sglang``: the engine trains the adapter; ``model/`` is a
@@ -113,6 +138,7 @@ class TestSGLangMainJob(unittest.TestCase):
 
         with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-lora-") as root:
             model_dir, out = self.run_cli(Path(root), "--peft", "lora", "--lora-rank", "4", "--lr", "1.0")
+            self.assertEqual(len(self.host_models), 1)  # loaded to initialise the adapter, released since
             saved = load_file(str(out / "model" / "adapter_model.safetensors"))
             final = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
             initial = load_file(str(out / "initial_adapter" / "adapter_model.safetensors"))

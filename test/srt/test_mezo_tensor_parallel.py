@@ -394,16 +394,16 @@ class TestTensorParallelPlumbing(unittest.TestCase):
         from sglang.srt.mezo import recipe
         from sglang.srt.mezo.backends import engine_launch, sglang_backend
 
-        config = mezo_trainer.parse_args(["--backend", "sglang", "--tp-size", "2", "--model", "unused"])
-        model = tiny_llama()
         with (
             tempfile.TemporaryDirectory() as out,
             mock.patch.object(engine_launch, "launch_engine") as launch,
             mock.patch.object(engine_launch, "EngineCrashWatch"),
             mock.patch.object(sglang_backend, "SGLangBackend") as backend,
         ):
+            tiny_llama().save_pretrained(Path(out) / "tiny")
+            config = mezo_trainer.parse_args(["--backend", "sglang", "--tp-size", "2", "--model", f"{out}/tiny"])
             backend.return_value.tp_size = 2
-            recipe.build_trainer(config, model, tiny_tokenizer(), Path(out))
+            recipe.build_trainer(config, None, tiny_tokenizer(), Path(out))
         self.assertEqual(launch.call_args.kwargs["tp_size"], 2)
 
     def test_gathering_refuses_diverged_replicas_and_missing_elements(self):

@@ -14,7 +14,10 @@ primitives import nothing of the project):
   (Sparse-MeZO) and low-rank (LOZO) z drawn from the same seeds;
 * `config`: `MeZOConfig`, one help string and one CLI flag per field, and the defaults;
 * `backends/`: the `Backend` protocol and its two implementations, transformers in this
-  process and an upstream SGLang engine (with the plugin that perturbs inside it);
+  process and an upstream SGLang engine: its launch (`engine_launch`), the checkpoint it
+  serves and the trained model written from it (`engine_checkpoint`), the plugin that
+  perturbs inside it (`engine_plugin`, with `shard_maps` and `lora_pool`) and the RPC
+  files both sides read (`engine_protocol`);
 * `perturbation`: how a perturbation is scoped and undone exactly (per-unit copies
   swapped in while a unit runs), `restore_log` the whole-model restore log for Rademacher
   on float32 CPU weights; `zo_sgd`: the atomic two-phase update;
@@ -29,5 +32,6 @@ primitives import nothing of the project):
 * `checkpoint`, `replay`, `distributed`, `model_io` (loading, GGUF), `reporting`
   (metrics.jsonl, the loss plot), `output_dir` (one run per directory and its lock),
   `signals` (stopping after a step; Ctrl-C held during an update),
-  `primitives` (digests, bitwise comparison, atomic writes).
+  `primitives` (digests, bitwise comparison, atomic writes), `official_mezo` (the official
+  MeZO step, the baseline the benchmarks and tests measure against).
 """

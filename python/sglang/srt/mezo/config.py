@@ -36,6 +36,7 @@ RESUMABLE_FIELDS = (
     "overwrite_output_dir",
     "eval_file",
     "data_cache_dir",
+    "model_cache_dir",
     "device",
     "tp_size",
     "perturbation_mechanism",
@@ -126,6 +127,11 @@ class MeZOConfig:
         False, "Remove a previous run's artifacts from output_dir first (a non-empty output_dir is refused otherwise)."
     )
     backend: str = _f("transformers", f"Forward backend: one of {BACKENDS}.", choices=BACKENDS)
+    model_cache_dir: Optional[str] = _f(
+        None,
+        "--backend sglang: where a model the engine cannot load as it is (the GGUF default) is converted once, "
+        "shared by runs (default: $XDG_CACHE_HOME/sglang-mezo/engine-checkpoints, or under ~/.cache).",
+    )
     dtype: str = _f("float32", f"Model dtype: one of {DTYPES}.", choices=DTYPES)
     device: str = _f(
         "auto",
@@ -212,7 +218,9 @@ class MeZOConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps before the schedule.")
     momentum: float = _f(0.0, "Momentum of ZO-SGD (0 = none; its buffer is optimizer state).")
     weight_decay: float = _f(0.0, "Weight decay lambda (not applied to bias and norm weights).")
-    grad_clip: float = _f(0.0, "Clip |projected gradient| to this value (0 = no clipping).")
+    grad_clip: float = _f(
+        0.0, "Clip each direction's |coefficient| (mezo: the projected gradient) to this value (0 = no clipping)."
+    )
     max_nonfinite_steps: int = _f(3, "Abort after this many consecutive NaN/Inf losses.")
 
     # --- trainable set ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Loading models (a path, an HF id, or the offline SmolLM2 GGUF) and the HF dir an engine loads."""
+"""Loading models and tokenizers (a path, an HF id, or the offline SmolLM2 GGUF)."""
 
 from __future__ import annotations
 
@@ -29,37 +29,44 @@ def smollm2_location() -> tuple:
 
 def load_model_and_tokenizer(model: str, dtype: str = "float32"):
     """Loads a causal LM and its tokenizer from a path, an HF id, or `smollm2-135m` (offline)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = load_tokenizer(model)
+    return load_model(model, dtype), tokenizer
 
-    kwargs = {}
-    name = model
+
+def _gguf_options(model: str) -> tuple:
+    """(where transformers loads `model` from, extra from_pretrained options)."""
     if model == DEFAULT_MODEL:
-        model, kwargs["gguf_file"] = smollm2_location()
+        directory, gguf_file = smollm2_location()
+        return directory, {"gguf_file": gguf_file}
+    return model, {}
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of `model` (a path, an HF id, or `smollm2-135m`), with a pad token."""
+    from transformers import AutoTokenizer
+
+    location, options = _gguf_options(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **options)
     except OSError as error:  # transformers' way of saying "no such local dir, and the Hub has none"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--model {name}: could not be loaded ({reason})") from error
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kwargs)
-    if "gguf_file" in kwargs:
+        raise ConfigError(f"--model {model}: could not be loaded ({reason})") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: str, dtype: str = "float32"):
+    """The causal LM `model` (a path, an HF id, or `smollm2-135m`) in `dtype`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    location, options = _gguf_options(model)
+    lm = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype), **options)
+    if options:
         # GGUF weights arrive dequantized into plain tensors; the leftover GGUF quantizer only
-        # blocks save_pretrained, which the trained model and the engine's HF dir need.
+        # blocks save_pretrained, which the trained model and the engine's checkpoint need.
         lm.hf_quantizer = None
         lm.is_quantized = False
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return lm.eval(), tokenizer
-
-
-def engine_model_dir(model_name: str, model, tokenizer, out_dir: Path) -> str:
-    """An HF safetensors dir the SGLang engine can load (the GGUF default is converted once)."""
-    path = Path(model_name)
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        return str(path)
-    target = out_dir / "engine_model"
-    if not (target / "config.json").is_file():
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-    return str(target)
+    return lm.eval()

@@ -31,7 +31,7 @@ RUN_ARTIFACTS = (
     "checkpoints",
     "best",
     "tensorboard",
-    "engine_model",
+    "engine_model",  # written by earlier versions (the engine now serves a shared cache: engine_checkpoint)
     "initial_adapter",
 )
 

@@ -29,7 +29,7 @@ from sglang.srt.mezo.checkpoint import (
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
 from sglang.srt.mezo.distributed import agreement_callback, assert_ranks_agree, init_distributed, is_main_process
-from sglang.srt.mezo.model_io import engine_model_dir, load_model_and_tokenizer
+from sglang.srt.mezo.model_io import load_model_and_tokenizer, load_tokenizer
 from sglang.srt.mezo.objectives import check_objective_fits
 from sglang.srt.mezo.output_dir import OutputDirClaim, OutputDirLock
 from sglang.srt.mezo.preflight import check_inputs
@@ -37,34 +37,45 @@ from sglang.srt.mezo.primitives import write_json_atomically
 from sglang.srt.mezo.reporting import CONFIG_FILE, EVAL_FILE, StepLog, format_eval, plot_losses
 from sglang.srt.mezo.signals import StopRequests
 from sglang.srt.mezo.trainer import MeZOTrainer, StepOutput
+from sglang.srt.mezo.usage_errors import ConfigError
 
 logger = logging.getLogger("sglang.srt.mezo_trainer")
+
+
+def load_model_for(config: MeZOConfig) -> tuple:
+    """(host model or None, tokenizer). The transformers backend trains a host model; the
+    engine loads its own, and the host loads one only to initialise a LoRA adapter exactly
+    as the transformers backend would (`build_trainer` lets it go once that is written)."""
+    if config.backend == "transformers" or config.peft == "lora":
+        return load_model_and_tokenizer(config.model, config.dtype)
+    return None, load_tokenizer(config.model)
 
 
 def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTrainer:
     """The trainer on the configured backend (the SGLang engine starts here for --backend sglang)."""
     if config.backend == "transformers":
         return MeZOTrainer(model, config, tokenizer=tokenizer)
+    from sglang.srt.mezo.backends.engine_checkpoint import engine_checkpoint
     from sglang.srt.mezo.backends.engine_launch import EngineCrashWatch, launch_engine, lora_engine_args
     from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
     from sglang.srt.mezo.trainable import apply_peft
 
-    model_dir = engine_model_dir(config.model, model, tokenizer, out_dir)
+    loaded = None if model is None else (model, tokenizer)
+    model_dir = engine_checkpoint(config.model, config.dtype, config.model_cache_dir, loaded=loaded)
     adapter_dir = None
     if config.peft == "lora":
         # initialised on the host exactly as the transformers backend would (same seed),
-        # then served by the engine's LoRA path; the host copy is not used afterwards
+        # then served by the engine's LoRA path; the host model is not used afterwards
         adapter_dir = out_dir / "initial_adapter"
         apply_peft(model, config).save_pretrained(adapter_dir)
+    del model, loaded  # the engine serves the model from here on: no host copy is kept
     with contextlib.ExitStack() as started:  # an engine whose backend fails to set up is shut down
         engine = launch_engine(
             model_dir, dtype=config.dtype, device=config.device, tp_size=config.tp_size, **lora_engine_args(config)
         )
         started.callback(engine.shutdown)
         crash_watch = EngineCrashWatch(engine)
-        backend = SGLangBackend(
-            engine, config, model_dir, adapter_path=adapter_dir, host_model=model, crash_watch=crash_watch
-        )
+        backend = SGLangBackend(engine, config, model_dir, adapter_path=adapter_dir, crash_watch=crash_watch)
         started.pop_all()
     return MeZOTrainer(None, config, tokenizer=tokenizer, backend=backend)
 
@@ -135,7 +146,12 @@ def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
     if config.resume:
         check_identity(latest_checkpoint(config.resume), identity)
     if model is None:
-        model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
+        model, tokenizer = load_model_for(config)
+    elif config.backend == "sglang":
+        raise ConfigError(
+            "--backend sglang: the engine loads the model itself from config.model (a path or an HF id); "
+            "pass the model by name, not as an object"
+        )
     train_loader, eval_loader = load_data(config, tokenizer)
     with contextlib.ExitStack() as started:
         claim = None
@@ -143,6 +159,9 @@ def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
             claim = OutputDirClaim(out_dir, resume=config.resume is not None, overwrite=config.overwrite_output_dir)
             started.callback(claim.rollback)
         trainer = build_trainer(config, model, tokenizer, out_dir)
+        # The engine path holds no host model from here on. Explicitly: importing SGLang's
+        # engine keeps the frames that first started one alive, and with them their locals.
+        del model
         started.callback(trainer.backend.shutdown)
         run = Run(
             config, trainer, tokenizer, train_loader, eval_loader, out_dir, main_process, context.world_size, None,

@@ -69,8 +69,9 @@ class SGLangBackend:
 
     Trains full parameters, a name subset, or (``peft="lora"``) a LoRA adapter served by
     the engine's LoRA path: `adapter_path` is then the initial adapter in peft format, and
-    the engine must have been launched with `lora_engine_args`. `host_model` is the host
-    copy the engine was started from: `export` writes full-parameter weights through it.
+    the engine must have been launched with `lora_engine_args`. `model_path` is the HF
+    checkpoint dir the engine serves (`engine_checkpoint.engine_checkpoint`): its self-test
+    reference, and what `export` writes the trained full parameters into.
     """
 
     name = "sglang"
@@ -82,7 +83,6 @@ class SGLangBackend:
         model_path: str,
         flush_on_version_change: bool = True,
         adapter_path: Optional[str] = None,
-        host_model=None,
         crash_watch: Optional[EngineCrashWatch] = None,
     ):
         if config.peft == "prefix":
@@ -97,7 +97,6 @@ class SGLangBackend:
                 "perturbation_mechanism='restore_log' is a CPU-process mechanism: the SGLang engine "
                 "perturbs unit by unit inside its processes ('unit_scoped' or 'auto')"
             )
-        self.host_model = host_model
         self.engine = engine
         self.crash_watch = crash_watch
         self.config = config
@@ -356,17 +355,14 @@ class SGLangBackend:
 
     def export(self, directory: Path, tokenizer=None) -> Path:
         """LoRA: the adapter in peft format, written from the engine's pool. Full parameters:
-        the engine's trained tensors copied into `host_model`, saved as an HF model dir."""
+        the served checkpoint with the engine's trained tensors (`write_trained_model`)."""
+        from sglang.srt.mezo.backends.engine_checkpoint import write_trained_model
+
         directory = Path(directory)
         if self.adapter_path is not None:
             self.save_adapter(directory)
         else:
-            if self.host_model is None:
-                raise ValueError("exporting full parameters from the engine needs host_model (the model it serves)")
-            unexpected = self.host_model.load_state_dict(self.trainable_state(), strict=False).unexpected_keys
-            if unexpected:
-                raise RuntimeError(f"engine tensors with no host counterpart: {unexpected[:5]}")
-            self.host_model.save_pretrained(directory)
+            write_trained_model(self.model_path, self.trainable_state(), self.config.dtype, directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return directory
