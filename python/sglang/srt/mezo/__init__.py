@@ -14,10 +14,11 @@ primitives import nothing of the project):
   (Sparse-MeZO) and low-rank (LOZO) z drawn from the same seeds;
 * `config`: `MeZOConfig`, one help string and one CLI flag per field, and the defaults;
 * `backends/`: the `Backend` protocol and its two implementations, transformers in this
-  process and an upstream SGLang engine: its launch (`engine_launch`), the checkpoint it
-  serves and the trained model written from it (`engine_checkpoint`), the plugin that
-  perturbs inside it (`engine_plugin`, with `shard_maps` and `lora_pool`) and the RPC
-  files both sides read (`engine_protocol`);
+  process and an upstream SGLang engine: its launch (`engine_launch`; `engine_bootstrap`
+  is the spawned processes' first module), the checkpoint it serves and the trained model
+  written from it (`engine_checkpoint`), the plugin that perturbs inside it
+  (`engine_plugin`, with `shard_maps` and `lora_pool`) and the RPC files both sides read
+  (`engine_protocol`);
 * `perturbation`: how a perturbation is scoped and undone exactly (per-unit copies
   swapped in while a unit runs), `restore_log` the whole-model restore log for Rademacher
   on float32 CPU weights; `zo_sgd`: the atomic two-phase update;
