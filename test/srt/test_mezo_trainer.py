@@ -2312,6 +2312,10 @@ class TestMeZOEdgeCases(unittest.TestCase):
             return real(*args, **kwargs)
 
         trainer = MeZOTrainer(model, MeZOConfig(learning_rate=1e-2, momentum=0.9, disable_tqdm=True))
+        # Ctrl-C must reach Python as KeyboardInterrupt, also where this process was started
+        # with SIGINT ignored (a background job of a non-interactive shell)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.addCleanup(signal.signal, signal.SIGINT, previous)
         with mock.patch.object(spec, "update_", interrupted):
             with self.assertRaises(KeyboardInterrupt):
                 trainer.step(batch)
