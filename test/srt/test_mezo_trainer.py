@@ -573,8 +573,9 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         self.assertEqual(run(), expected)
         real = trainer_module.learning_rate_at
 
-        def off_by_one(config, step):
-            return real(config, step) * step / (step + 1) if step < config.warmup_steps else real(config, step)
+        def off_by_one(config, step, base=None):
+            right = real(config, step, base)
+            return right * step / (step + 1) if step < config.warmup_steps else right
 
         with mock.patch.object(trainer_module, "learning_rate_at", off_by_one):
             self.assertNotEqual(run(), expected)
@@ -1531,9 +1532,13 @@ class TestMeZOIntegration(unittest.TestCase):
             return [{k: v for k, v in json.loads(x).items() if comparable(k)} for x in open(path)]
 
         self.assertEqual(strip(os.path.join(whole, "metrics.jsonl")), strip(os.path.join(resumed, "metrics.jsonl")))
-        for name in ("trainable.safetensors", "optimizer.safetensors"):
-            a = load_file(os.path.join(whole, "checkpoints", f"step-{step}", name))
-            b = load_file(os.path.join(resumed, "checkpoints", f"step-{step}", name))
+        checkpoints = [os.path.join(run, "checkpoints", f"step-{step}") for run in (whole, resumed)]
+        names = sorted(n for n in os.listdir(checkpoints[0]) if n.endswith(".safetensors"))
+        self.assertEqual(names, sorted(n for n in os.listdir(checkpoints[1]) if n.endswith(".safetensors")))
+        self.assertIn("trainable.safetensors", names)
+        for name in names:  # weights, momentum, the divergence guard's snapshot
+            a = load_file(os.path.join(checkpoints[0], name))
+            b = load_file(os.path.join(checkpoints[1], name))
             self.assertEqual(a.keys(), b.keys())
             for key in a:
                 self.assertTrue(torch.equal(a[key], b[key]), f"{name}:{key}")
@@ -1806,6 +1811,45 @@ class TestMeZOIntegration(unittest.TestCase):
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.write("\n".join(rows[:2] + [json.dumps({**json.loads(rows[2]), "skipped": True})] + rows[3:]) + "\n")
         self.assertNotEqual(replay.differing_tensors(replay.replay(out), Path(out) / "checkpoints" / "step-5"), [])
+
+    def test_auto_and_guarded_runs_replay_and_resume_bit_identically(self):
+        """``--lr auto`` (its search logged with step 0, held-back data never trained on) and a
+        run whose divergence guard restores weights (lr 5 on the tiny Llama's full weights,
+        windows of 2 steps): replay rebuilds each one's final checkpoint bit for bit, and the
+        guarded run interrupted after step 4 and resumed equals it uninterrupted (the guard's
+        state and snapshot travel in the checkpoint)."""
+        from sglang.srt.mezo import replay
+        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
+
+        auto = self.out("auto-lr")
+        self.run_main(auto, "--steps", "6", "--lr", "auto")
+        rows = [json.loads(line) for line in open(os.path.join(auto, "metrics.jsonl"))]
+        search = rows[0]["lr_search"]
+        self.assertEqual([r["lr"] for r in rows], [search["learning_rate"]] * 6)
+        self.assertEqual(json.loads(Path(auto, "config.json").read_text())["learning_rate"], "auto")
+        self.assertEqual(replay.differing_tensors(replay.replay(auto), Path(auto) / "checkpoints" / "step-6"), [])
+
+        guarded = ["--steps", "8", "--lr", "5", "--divergence-guard", "on", "--guard-window", "2", "--save-steps", "4"]
+        whole = self.out("guarded-whole")
+        self.run_main(whole, *guarded)
+        actions = [
+            json.loads(line).get("guard", {}).get("action") for line in open(os.path.join(whole, "metrics.jsonl"))
+        ]
+        self.assertIn("restore", actions)
+        self.assertEqual(replay.differing_tensors(replay.replay(whole), Path(whole) / "checkpoints" / "step-8"), [])
+        broken = self.out("guarded-broken")
+        real_step, calls = Trainer.step, {"n": 0}
+
+        def crash_on_fifth(trainer, batch):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt("injected interruption")
+            return real_step(trainer, batch)
+
+        with mock.patch.object(Trainer, "step", crash_on_fifth), self.assertRaises(KeyboardInterrupt):
+            self.run_main(broken, *guarded)
+        self.run_main(broken, *guarded, "--resume", os.path.join(broken, "checkpoints", "step-4"))
+        self.assert_same_training(whole, broken, step=8)
 
     def test_crash_while_saving_keeps_the_previous_checkpoint(self):
         from sglang.srt.mezo import checkpoint

@@ -29,6 +29,9 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Trainer attributes that, with the weights and momentum, fix the rest of the run.
 TRAINER_STATE = ("global_step", "epoch", "batches_seen_in_epoch", "nonfinite_in_a_row", "skipped_steps")
+# Trainer state added since, with what a checkpoint written before means by its absence.
+ADDED_TRAINER_STATE = {"learning_rate_found": None}
+GUARD_FILE = "guard_good_weights.safetensors"  # the divergence guard's snapshot
 
 
 def data_fingerprint(path: Optional[str]) -> Optional[str]:
@@ -77,7 +80,10 @@ def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2, identi
     momentum = backend.momentum_state()
     if momentum:
         save_file(momentum, str(tmp / OPTIMIZER_FILE))
-    state = {k: getattr(trainer, k) for k in TRAINER_STATE}
+    state = {k: getattr(trainer, k) for k in (*TRAINER_STATE, *ADDED_TRAINER_STATE)}
+    if trainer.guard is not None and trainer.good_weights_path is not None:
+        state["guard"] = trainer.guard.state_dict()
+        shutil.copyfile(trainer.good_weights_path, tmp / GUARD_FILE)
     state["config"] = trainer.config.to_dict()
     state["identity"] = identity
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -143,6 +149,11 @@ def load_checkpoint(trainer, directory: str | os.PathLike, identity: Optional[di
     state = json.loads((path / STATE_FILE).read_text())
     for key in TRAINER_STATE:
         setattr(trainer, key, state[key])
+    for key, absent in ADDED_TRAINER_STATE.items():
+        setattr(trainer, key, state.get(key, absent))
+    if trainer.guard is not None and (path / GUARD_FILE).is_file():
+        trainer.guard.load_state_dict(state["guard"])
+        trainer.snapshot_good_weights(source=path / GUARD_FILE)
     return path
 
 
@@ -151,10 +162,20 @@ def load_checkpoint(trainer, directory: str | os.PathLike, identity: Optional[di
 # checkpoint without them resumes under them.
 ADDED_IDENTITY_FIELDS = {
     "estimator": "mezo",
+    "divergence_guard": "off",
     **{
         f.name: f.default
         for f in fields(MeZOConfig)
-        if f.name in ("sparse_fraction", "lowrank_rank", "lowrank_interval")
+        if f.name
+        in (
+            "sparse_fraction",
+            "lowrank_rank",
+            "lowrank_interval",
+            "lr_search_batches",
+            "lr_search_directions",
+            "guard_window",
+            "guard_tolerance",
+        )
     },
 }
 

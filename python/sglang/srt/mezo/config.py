@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -23,6 +23,8 @@ BACKENDS = ("transformers", "sglang")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATIONS = ("none", "int8")
 PERTURBATION_MECHANISMS = ("auto", "restore_log", "unit_scoped")
+GUARD_MODES = ("auto", "on", "off")
+AUTO = "auto"  # learning_rate's value for --lr auto
 
 # Fields a resumed run may change: they do not define the trajectory (where to write and
 # log, how often to evaluate and save, how long to run, how memory is used, where to run).
@@ -95,6 +97,12 @@ PRESETS = {
     "lora": dict(learning_rate=1e-4, epsilon=1e-2, lora_rank=8, lora_alpha=16),
     "prefix": dict(learning_rate=1e-2, epsilon=1e-1, num_virtual_tokens=5),
 }
+
+
+def default_learning_rate(config) -> float:
+    """The estimator's default rate for the config's trainable set (--lr auto's fallback)."""
+    trainable = "full" if config.peft == "none" else config.peft
+    return ESTIMATOR_DEFAULTS[config.estimator][trainable]["learning_rate"]
 
 
 def split_list(text: Optional[str]) -> list:
@@ -178,13 +186,31 @@ class MeZOConfig:
         "num_directions, perturbation is set, else mezo. The choice is logged in metrics.jsonl.",
         choices=("auto", *ESTIMATORS),
     )
-    learning_rate: Optional[float] = _f(
-        None, "ZO-SGD learning rate eta (unset: the estimator's default for the trainable set).", aliases=["--lr"]
+    learning_rate: Union[float, str, None] = _f(
+        None,
+        "ZO-SGD learning rate eta, or auto: chosen at the start of the run from the loss's curvature along "
+        "seeded directions on held-back training batches (sglang.srt.mezo.lr_search; logged in metrics.jsonl). "
+        "Unset: the estimator's default for the trainable set.",
+        aliases=["--lr"],
     )
     epsilon: Optional[float] = _f(
         None, "Perturbation scale eps (unset: the estimator's default for the trainable set)."
     )
     seed: int = _f(0, "Run seed: every direction's seed is derived from it and the step.")
+    lr_search_batches: int = _f(
+        2, "--lr auto: held-back training batches probed (fewer when the probes would exceed 10% of the run's passes)."
+    )
+    lr_search_directions: int = _f(4, "--lr auto: seeded directions probed per held-back batch (3 passes each).")
+    divergence_guard: str = _f(
+        "auto",
+        f"Back off when the training loss climbs well above its start (sglang.srt.mezo.guard): one of "
+        f"{GUARD_MODES}; auto: on unless the learning rate is set to a number.",
+        choices=GUARD_MODES,
+    )
+    guard_window: int = _f(10, "Divergence guard: steps per window whose mean training loss it compares.")
+    guard_tolerance: float = _f(
+        0.2, "Divergence guard: a window mean above (1 + this) x the first window's restores the last good weights."
+    )
     perturbation: Optional[str] = _f(
         None, f"Direction distribution: one of {PERTURBATIONS} (unset: the estimator's default).", choices=PERTURBATIONS
     )
@@ -274,7 +300,12 @@ class MeZOConfig:
         self.resolve_defaults()
         if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
             bad("epsilon", "must be a finite number > 0")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+        if isinstance(self.learning_rate, str) and self.learning_rate != AUTO:  # the CLI passes text
+            try:
+                self.learning_rate = float(self.learning_rate)
+            except ValueError:
+                bad("learning_rate", f"expected a number or {AUTO!r}")
+        if self.learning_rate != AUTO and not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             bad("learning_rate", "must be a finite number >= 0")
         for name in (
             "num_directions",
@@ -287,6 +318,9 @@ class MeZOConfig:
             "lora_alpha",
             "num_virtual_tokens",
             "save_total_limit",
+            "lr_search_batches",
+            "lr_search_directions",
+            "guard_window",
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -298,6 +332,7 @@ class MeZOConfig:
             "eval_steps",
             "save_steps",
             "grad_clip",
+            "guard_tolerance",
             "frozen_store_mb",
             "check_ranks_every",
             "pad_to_multiple_of",
@@ -363,6 +398,9 @@ class MeZOConfig:
         for name, value in applied.items():
             setattr(self, name, value)
         self.defaults_applied = {**({"estimator": self.estimator} if chosen else {}), **applied}
+        if self.divergence_guard == "auto":  # resolved here, so that config.json records it
+            chosen_by_us = "learning_rate" in applied or self.learning_rate == AUTO
+            self.divergence_guard = "on" if chosen_by_us else "off"
 
     def dataset_options(self) -> dict:
         """Keyword arguments of `MeZODataset` from this config."""

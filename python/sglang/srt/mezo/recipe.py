@@ -26,8 +26,9 @@ from sglang.srt.mezo.checkpoint import (
     run_identity,
     save_checkpoint,
 )
-from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.config import AUTO, MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
+from sglang.srt.mezo.data.dataset import hold_back
 from sglang.srt.mezo.distributed import agreement_callback, assert_ranks_agree, init_distributed, is_main_process
 from sglang.srt.mezo.model_io import load_model_and_tokenizer, load_tokenizer
 from sglang.srt.mezo.objectives import check_objective_fits
@@ -95,6 +96,7 @@ class Run:
     log: Optional[StepLog]
     identity: dict  # recorded in every checkpoint (`checkpoint.run_identity`)
     lock: Optional[OutputDirLock]  # held by the writer for the whole run
+    lr_search_batches: Optional[list] = None  # --lr auto: batches held back from training
     results: dict = field(default_factory=dict)  # eval.json
     stopped_by: Optional[str] = None  # the signal that ended training early, and its number
     stop_signal: Optional[int] = None
@@ -115,17 +117,28 @@ class Run:
 
 
 def load_data(config: MeZOConfig, tokenizer) -> tuple:
-    """(train loader, eval loader or None); the objective must fit the data (`check_objective_fits`)."""
+    """(train loader, eval loader or None, --lr auto's held-back batches or None); the
+    objective must fit the data (`check_objective_fits`)."""
     train_set = MeZODataset(config.train_file, tokenizer, **config.dataset_options())
     check_objective_fits(config.objective, train_set.has_candidates, config.train_file)
+    held_back = None
+    if config.learning_rate == AUTO:  # a few batches the search probes, never trained on (at most a tenth)
+        count = min(config.lr_search_batches * config.batch_size, len(train_set) // 10)
+        if count:
+            train_set, probe_set = hold_back(train_set, count, config.seed)
+            loader = {**config.loader_options(), "group_by_length": False, "drop_last": False}
+            held_back = list(
+                create_dataloader(probe_set, config.batch_size, shuffle=False, distributed=False, **loader)
+            )
     train_loader = create_dataloader(train_set, config.batch_size, shuffle=True, **config.loader_options())
     if not config.eval_file:
-        return train_loader, None
+        return train_loader, None, held_back
     eval_set = MeZODataset(config.eval_file, tokenizer, **config.dataset_options())
     check_objective_fits(config.objective, eval_set.has_candidates, config.eval_file)
     # every rank evaluates the whole eval set: identical results, no gather needed
     loader = {**config.loader_options(), "group_by_length": False, "drop_last": False}
-    return train_loader, create_dataloader(eval_set, config.batch_size, shuffle=False, distributed=False, **loader)
+    eval_loader = create_dataloader(eval_set, config.batch_size, shuffle=False, distributed=False, **loader)
+    return train_loader, eval_loader, held_back
 
 
 def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
@@ -152,7 +165,7 @@ def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
             "--backend sglang: the engine loads the model itself from config.model (a path or an HF id); "
             "pass the model by name, not as an object"
         )
-    train_loader, eval_loader = load_data(config, tokenizer)
+    train_loader, eval_loader, held_back = load_data(config, tokenizer)
     with contextlib.ExitStack() as started:
         claim = None
         if main_process:  # the only writer of the output dir
@@ -165,7 +178,7 @@ def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
         started.callback(trainer.backend.shutdown)
         run = Run(
             config, trainer, tokenizer, train_loader, eval_loader, out_dir, main_process, context.world_size, None,
-            identity, claim.lock if claim else None,
+            identity, claim.lock if claim else None, held_back,
         )  # fmt: skip
         resume(run)
         if main_process:
@@ -179,7 +192,7 @@ def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
         claim.commit()
     logger.info("perturbation mechanism: %s", trainer.backend.mechanism)
     logger.info(
-        "estimator %s: lr %g, epsilon %g, q %d%s", config.estimator, config.learning_rate, config.epsilon,
+        "estimator %s: lr %s, epsilon %g, q %d%s", config.estimator, config.learning_rate, config.epsilon,
         config.num_directions, f" (defaults applied: {config.defaults_applied})" if config.defaults_applied else "",
     )  # fmt: skip
     return run
@@ -238,7 +251,10 @@ def train(run: Run) -> None:
 
     started = time.perf_counter()
     with StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the step in flight, then stop
-        trainer.train(run.train_loader, on_step=on_step, should_stop=lambda: stop.requested is not None)
+        trainer.train(
+            run.train_loader, on_step=on_step, should_stop=lambda: stop.requested is not None,
+            lr_search_batches=run.lr_search_batches,
+        )  # fmt: skip
     run.stopped_by, run.stop_signal = stop.requested, stop.signum
     run.results["train_seconds"] = round(time.perf_counter() - started, 2)
     run.results["steps"] = trainer.global_step

@@ -46,6 +46,9 @@ class StepLog:
 
     def write(self, out, seconds: float, cache_stats: dict, mechanism: str) -> None:
         record = {k: v for k, v in out.metrics().items() if k not in ("per_direction", "applied")}
+        for occasional in ("guard", "lr_search"):  # only on the steps where they happened
+            if record[occasional] is None:
+                del record[occasional]
         record["q"] = len(out.per_direction)
         record["directions"] = [[seed, grad] for seed, grad in out.applied]
         record["seconds"] = round(seconds, 4)

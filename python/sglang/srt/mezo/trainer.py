@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -14,19 +18,24 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from sglang.srt.mezo.backends.base import Backend
-from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.config import AUTO, MeZOConfig, default_learning_rate
 from sglang.srt.mezo.distributed import reduce_sum_count
 from sglang.srt.mezo.estimators import direction_seed, make_estimator
+from sglang.srt.mezo.guard import RESTORE, SNAPSHOT, DivergenceGuard
+from sglang.srt.mezo.lr_search import LearningRateSearch, probe_plan, search_learning_rate
 from sglang.srt.mezo.objectives import RowObjective, accuracy_counts, has_candidates, make_objective
 
 logger = logging.getLogger(__name__)
 
+GOOD_WEIGHTS_FILE = "guard_good_weights.safetensors"
 VANISHING_THRESHOLD = 0.5  # warn when over half the sampled elements would not move
 
 
-def learning_rate_at(config: MeZOConfig, step: int) -> float:
-    """Learning rate of `step` (0-based): linear warm-up, then constant/linear/cosine decay."""
-    base, warmup, total = config.learning_rate, config.warmup_steps, max(config.max_steps, 1)
+def learning_rate_at(config: MeZOConfig, step: int, base: Optional[float] = None) -> float:
+    """Learning rate of `step` (0-based): linear warm-up, then constant/linear/cosine decay
+    of `base` (default: ``config.learning_rate``)."""
+    base = config.learning_rate if base is None else base
+    warmup, total = config.warmup_steps, max(config.max_steps, 1)
     if step < warmup:
         return base * (step + 1) / warmup
     if config.lr_scheduler == "constant":
@@ -62,6 +71,8 @@ class StepOutput:
     per_direction: list = field(default_factory=list)
     skipped: bool = False  # a non-finite loss: no update was applied
     applied: list = field(default_factory=list)  # [(seed, clipped coefficient)] of the update
+    guard: Optional[dict] = None  # what the divergence guard did after this step, if anything
+    lr_search: Optional[dict] = None  # --lr auto's probes and choice, on the run's first step
 
     @classmethod
     def from_estimates(cls, step: int, lr: float, estimates: list) -> "StepOutput":
@@ -122,10 +133,55 @@ class MeZOTrainer:
         self.skipped_steps = 0
         self.warnings_issued: set = set()
         self._update_checked_at_lr: Optional[float] = None
+        self.learning_rate_found: Optional[float] = None  # --lr auto's choice (checkpointed)
+        self._lr_search: Optional[LearningRateSearch] = None  # logged with the next step
+        self.guard = (
+            DivergenceGuard(config.guard_window, config.guard_tolerance) if config.divergence_guard == "on" else None
+        )
+        self._good_weights: Optional[tempfile.TemporaryDirectory] = None  # the guard's snapshot
 
     @property
     def model(self):
         return self.backend.model
+
+    @property
+    def base_learning_rate(self) -> float:
+        """The learning rate before warm-up, decay and the guard: the configured one, or
+        what `find_learning_rate` chose for ``learning_rate="auto"``."""
+        if self.config.learning_rate != AUTO:
+            return self.config.learning_rate
+        if self.learning_rate_found is None:
+            raise RuntimeError("learning_rate='auto': call find_learning_rate(batches) first (train() does)")
+        return self.learning_rate_found
+
+    def find_learning_rate(self, batches: list) -> LearningRateSearch:
+        """``--lr auto``: probes the loss's curvature at the current weights on `batches`
+        (held back from training; `lr_search`) and keeps the rate it picks, or, where the
+        curvature is not positive, the estimator's default (logged). The weights are left
+        bit for bit as they were."""
+        c = self.config
+        batches, directions = batches[: c.lr_search_batches], c.lr_search_directions
+        count, directions = probe_plan(self.estimator.passes_per_step(), c.max_steps, len(batches), directions)
+
+        def loss_at(b: int, seed: Optional[int], scale: float) -> float:
+            batch = batches[b]
+            return self._loss(self.objective or make_objective(c.objective, batch), batch, seed, scale)
+
+        search = search_learning_rate(
+            loss_at, run_seed=c.seed, epsilon=c.epsilon, num_directions=c.num_directions, estimator=c.estimator,
+            batches=count, directions=directions,
+        )  # fmt: skip
+        if search.learning_rate is None:
+            search.learning_rate = default_learning_rate(c)
+            logger.warning(
+                "--lr auto: no positive curvature measured (median %s); the estimator's default %g is used",
+                search.kappa,
+                search.learning_rate,
+            )
+        logger.info("--lr auto: %g (curvature %s over %d passes)", search.learning_rate, search.kappa, search.passes)
+        self.learning_rate_found = search.learning_rate
+        self._lr_search = search
+        return search
 
     @property
     def cache_stats(self) -> dict:
@@ -142,7 +198,9 @@ class MeZOTrainer:
         objective = self.objective or make_objective(c.objective, batch)
         if self.global_step == 0:
             self._warn_if_vanishing("perturbation", direction_seed(c.seed, 0, 0), c.epsilon)
-        lr = learning_rate_at(c, self.global_step)
+        lr = learning_rate_at(c, self.global_step, self.base_learning_rate)
+        if self.guard is not None:
+            lr *= self.guard.lr_scale
 
         def loss_at(seed: Optional[int], scale: float) -> float:
             return self._loss(objective, batch, seed, scale)
@@ -150,6 +208,8 @@ class MeZOTrainer:
         with self.backend.holding_perturbation():  # the passes and the update may share sweeps
             estimates = self.estimator.estimate(loss_at, self.global_step)
             out = StepOutput.from_estimates(self.global_step, lr, estimates)
+            if self._lr_search is not None:
+                out.lr_search, self._lr_search = self._lr_search.record(), None
             if not all(math.isfinite(e.loss_perturbed) and math.isfinite(e.loss_baseline) for e in estimates):
                 return self._skip(out)
             self.nonfinite_in_a_row = 0
@@ -167,6 +227,50 @@ class MeZOTrainer:
         """Mean objective under ``w + scale * z(seed)``, combined exactly across ranks."""
         total, count = reduce_sum_count(*self.backend.loss_sum(objective, batch, seed, scale))
         return total / count if count else math.nan
+
+    # ------------------------------------------------------------------------- the guard
+    def _guard_after(self, out: StepOutput) -> Optional[dict]:
+        """The divergence guard's verdict on this step's training loss, acted on."""
+        action = self.guard.observe(out.step, (out.loss_perturbed + out.loss_baseline) / 2)
+        if action == SNAPSHOT:
+            self.snapshot_good_weights()
+            return {"action": SNAPSHOT, "window_loss": self.guard.last_mean}
+        if action == RESTORE:
+            self.restore_good_weights()
+            logger.warning(self.guard.explain(out.step))
+            return {
+                "action": RESTORE, "window_loss": self.guard.last_mean, "to_step": self.guard.good_step,
+                "lr_scale": self.guard.lr_scale,
+            }  # fmt: skip
+        return None
+
+    @property
+    def good_weights_path(self) -> Optional[Path]:
+        """The divergence guard's snapshot (None before the first)."""
+        return None if self._good_weights is None else Path(self._good_weights.name) / GOOD_WEIGHTS_FILE
+
+    def snapshot_good_weights(self, source: Optional[Path] = None) -> None:
+        """Keeps the trainable weights (and momentum) bit for bit on disk, no second copy in
+        memory: the ones the divergence guard comes back to. `source`: a snapshot file to
+        keep instead (a checkpoint's, on resume)."""
+        from safetensors.torch import save_file
+
+        if self._good_weights is None:
+            self._good_weights = tempfile.TemporaryDirectory(prefix="mezo-guard-")
+        if source is not None:
+            shutil.copyfile(source, self.good_weights_path)
+            return
+        state = {f"weights/{k}": v.contiguous() for k, v in self.backend.trainable_state().items()}
+        state.update({f"momentum/{k}": v.contiguous() for k, v in self.backend.momentum_state().items()})
+        save_file(state, str(self.good_weights_path))
+
+    def restore_good_weights(self) -> None:
+        """The weights (and momentum) of the last `snapshot_good_weights`, bit for bit."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.good_weights_path))
+        self.backend.load_trainable_state({k[8:]: v for k, v in state.items() if k.startswith("weights/")})
+        self.backend.load_momentum_state({k[9:]: v for k, v in state.items() if k.startswith("momentum/")})
 
     def _check_batch(self, batch: dict) -> None:
         if not batch or any(torch.is_tensor(v) and v.shape[:1] == (0,) for v in batch.values()):
@@ -221,13 +325,22 @@ class MeZOTrainer:
         dataloader: Iterable,
         on_step: Optional[Callable[[StepOutput, float], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
+        lr_search_batches: Optional[list] = None,
     ) -> TrainOutput:
         """Runs until ``config.max_steps``, cycling epochs; returns a `TrainOutput`.
 
         `on_step(output, seconds)` is called after each step (logging, checkpoints, keeping
         the outputs if you want them); `should_stop()`, asked after each step, ends the loop
-        early (a signal, say).
+        early (a signal, say). With ``learning_rate="auto"`` the rate is searched first on
+        `lr_search_batches` (batches held back from `dataloader`; default: its first ones).
+        With the divergence guard on, each step's training loss goes to it (`guard`).
         """
+        if self.config.learning_rate == AUTO and self.learning_rate_found is None:
+            self.find_learning_rate(
+                list(lr_search_batches or itertools.islice(dataloader, self.config.lr_search_batches))
+            )
+        if self.guard is not None and self._good_weights is None:
+            self.snapshot_good_weights()  # the weights the guard comes back to until a window is good
         steps = skipped = 0
         loss_sum = 0.0
         bar = tqdm(
@@ -241,15 +354,17 @@ class MeZOTrainer:
             sampler = getattr(dataloader, "sampler", None)  # a DataLoader, or a wrapper that exposes its sampler
             if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(self.epoch)  # a new seeded order per epoch
-            progressed = False
+            yielded = False
             for index, batch in enumerate(dataloader):
+                yielded = True
                 if index < self.batches_seen_in_epoch:
                     continue  # resuming mid-epoch: these batches were used before the save
                 started = time.perf_counter()
                 out = self.step(batch)
+                if self.guard is not None and not out.skipped:
+                    out.guard = self._guard_after(out)
                 self.batches_seen_in_epoch = index + 1
                 seconds = time.perf_counter() - started
-                progressed = True
                 steps += 1
                 if out.skipped:
                     skipped += 1
@@ -264,7 +379,7 @@ class MeZOTrainer:
             else:
                 self.epoch += 1
                 self.batches_seen_in_epoch = 0
-            if not progressed and self.batches_seen_in_epoch == 0:
+            if not yielded:  # (a resume at an epoch's end skips all of that epoch's batches)
                 raise ValueError("the training dataloader yielded no batches")
             if should_stop is not None and should_stop():
                 break

@@ -23,7 +23,8 @@ import logging
 from collections.abc import Iterator
 
 import numpy as np
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Subset
 
 from sglang.srt.mezo.data.sources import diagnose_json, load_source, root_cause
 from sglang.srt.mezo.data.tokenization import TokenStore, chat_split, encode_example, tokenizer_adds_bos
@@ -322,3 +323,25 @@ class MeZODataset(Dataset):
             f"MeZODataset({self.source_name!r}, examples={len(self)}, kind={self.kind}, "
             f"skipped={self.skipped}, max_length={self.max_length})"
         )
+
+
+class ExampleSubset(Subset):
+    """Some examples of a `MeZODataset`, usable wherever it is (lengths, pad id, kind kept)."""
+
+    @property
+    def lengths(self):
+        return self.dataset.lengths[np.asarray(self.indices, dtype=np.int64)]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.dataset.pad_token_id
+
+    @property
+    def has_candidates(self) -> bool:
+        return self.dataset.has_candidates
+
+
+def hold_back(dataset: MeZODataset, count: int, seed: int) -> tuple:
+    """(the rest, `count` examples drawn by `seed`) of `dataset`, as `ExampleSubset`s."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return ExampleSubset(dataset, sorted(order[count:])), ExampleSubset(dataset, sorted(order[:count]))

@@ -1,0 +1,67 @@
+"""The divergence guard: a run whose training loss climbs well above where it started backs off.
+
+The training loss of a step is the mean of its perturbed and baseline losses (what the
+progress bar shows); one batch's is noisy, so the guard reads means over windows of
+`window` steps. The first window's mean is the run's starting level (the starting weights
+stay the ones to come back to: a rate too large shows within that window already, and
+lifts the level, so its end is not taken as good). At the end of each later window:
+
+* mean <= (1 + tolerance) x start: the weights are good; they are kept (a snapshot) as
+  the ones to come back to;
+* mean above that: the run is diverging. The weights go back to the last snapshot, bit
+  for bit, and the learning rate is halved (for the rest of the run); a line is logged.
+
+The snapshot is the trainer's (`MeZOTrainer._snapshot_good_weights`); this class holds the
+rule and its state, which checkpoints record (`state_dict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+SNAPSHOT, RESTORE = "snapshot", "restore"
+
+
+@dataclass
+class DivergenceGuard:
+    window: int
+    tolerance: float
+    start: Optional[float] = None  # mean training loss of the first window
+    losses: list = field(default_factory=list)  # the current window's
+    lr_scale: float = 1.0
+    good_step: int = 0  # the step whose weights the snapshot holds (0: the starting weights)
+    trips: int = 0
+    last_mean: Optional[float] = None  # the last full window's mean
+
+    def observe(self, step: int, loss: float) -> Optional[str]:
+        """After step `step` (its weights now hold `step + 1` updates) with training loss
+        `loss`: SNAPSHOT, RESTORE, or None (mid-window)."""
+        self.losses.append(loss)
+        if len(self.losses) < self.window:
+            return None
+        mean = self.last_mean = sum(self.losses) / len(self.losses)
+        self.losses = []
+        if self.start is None:  # the reference; the weights it ends on are not yet vouched for
+            self.start = mean
+            return None
+        if mean <= (1 + self.tolerance) * self.start:
+            self.good_step = step + 1
+            return SNAPSHOT
+        self.lr_scale /= 2
+        self.trips += 1
+        return RESTORE
+
+    def explain(self, step: int) -> str:
+        return (
+            f"divergence guard at step {step}: training loss {self.last_mean:.4g} over the last {self.window} steps is "
+            f"above {1 + self.tolerance:g} x the start's {self.start:.4g}; the weights of step {self.good_step} "
+            f"are restored and the learning rate scaled by {self.lr_scale:g}"
+        )
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
