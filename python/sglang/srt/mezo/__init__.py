@@ -12,6 +12,8 @@ primitives import nothing of the project):
 * `estimators`: how a step turns losses at seeded perturbations into update terms (MeZO's
   two points, FZOO's normalised one-sided differences); `structured_directions`: masked
   (Sparse-MeZO) and low-rank (LOZO) z drawn from the same seeds;
+* `lr_search`: ``--lr auto``, the rate from the loss's curvature along seeded z; `guard`:
+  the divergence guard's rule (a rising training loss restores the last good weights);
 * `config`: `MeZOConfig`, one help string and one CLI flag per field, and the defaults;
 * `backends/`: the `Backend` protocol and its two implementations, transformers in this
   process and an upstream SGLang engine: its launch (`engine_launch`; `engine_bootstrap`

@@ -32,6 +32,7 @@ TRAINER_STATE = ("global_step", "epoch", "batches_seen_in_epoch", "nonfinite_in_
 # Trainer state added since, with what a checkpoint written before means by its absence.
 ADDED_TRAINER_STATE = {"learning_rate_found": None}
 GUARD_FILE = "guard_good_weights.safetensors"  # the divergence guard's snapshot
+GUARD_START_FILE = "guard_start_weights.safetensors"  # and its copy of the starting weights
 
 
 def data_fingerprint(path: Optional[str]) -> Optional[str]:
@@ -84,6 +85,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2, identi
     if trainer.guard is not None and trainer.good_weights_path is not None:
         state["guard"] = trainer.guard.state_dict()
         shutil.copyfile(trainer.good_weights_path, tmp / GUARD_FILE)
+        shutil.copyfile(trainer.start_weights_path, tmp / GUARD_START_FILE)
     state["config"] = trainer.config.to_dict()
     state["identity"] = identity
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -153,7 +155,7 @@ def load_checkpoint(trainer, directory: str | os.PathLike, identity: Optional[di
         setattr(trainer, key, state.get(key, absent))
     if trainer.guard is not None and (path / GUARD_FILE).is_file():
         trainer.guard.load_state_dict(state["guard"])
-        trainer.snapshot_good_weights(source=path / GUARD_FILE)
+        trainer.snapshot_good_weights(source=path / GUARD_FILE, start_source=path / GUARD_START_FILE)
     return path
 
 

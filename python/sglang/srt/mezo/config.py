@@ -198,7 +198,7 @@ class MeZOConfig:
     )
     seed: int = _f(0, "Run seed: every direction's seed is derived from it and the step.")
     lr_search_batches: int = _f(
-        2, "--lr auto: held-back training batches probed (fewer when the probes would exceed 10% of the run's passes)."
+        3, "--lr auto: held-back training batches probed (fewer when the probes would exceed 10% of the run's passes)."
     )
     lr_search_directions: int = _f(4, "--lr auto: seeded directions probed per held-back batch (3 passes each).")
     divergence_guard: str = _f(

@@ -2,14 +2,17 @@
 
 The training loss of a step is the mean of its perturbed and baseline losses (what the
 progress bar shows); one batch's is noisy, so the guard reads means over windows of
-`window` steps. The first window's mean is the run's starting level (the starting weights
-stay the ones to come back to: a rate too large shows within that window already, and
-lifts the level, so its end is not taken as good). At the end of each later window:
+`window` steps. The starting level is the loss of the starting weights on the first
+window's batches, measured before any update (`MeZOTrainer.train`: `window` passes), so a
+rate too large to survive even the first window is caught there. At the end of each window:
 
 * mean <= (1 + tolerance) x start: the weights are good; they are kept (a snapshot) as
   the ones to come back to;
 * mean above that: the run is diverging. The weights go back to the last snapshot, bit
   for bit, and the learning rate is halved (for the rest of the run); a line is logged.
+  A window that ends good can end on weights worse than its mean: when the window after a
+  restore is still bad, the weights go back to the starting ones (a run never ends
+  worse than it began for lack of a good place to return to).
 
 The snapshot is the trainer's (`MeZOTrainer._snapshot_good_weights`); this class holds the
 rule and its state, which checkpoints record (`state_dict`).
@@ -27,12 +30,13 @@ SNAPSHOT, RESTORE = "snapshot", "restore"
 class DivergenceGuard:
     window: int
     tolerance: float
-    start: Optional[float] = None  # mean training loss of the first window
+    start: Optional[float] = None  # the starting weights' mean loss on the first window's batches
     losses: list = field(default_factory=list)  # the current window's
     lr_scale: float = 1.0
     good_step: int = 0  # the step whose weights the snapshot holds (0: the starting weights)
     trips: int = 0
     last_mean: Optional[float] = None  # the last full window's mean
+    restored_last: bool = False  # the previous window ended in a restore
 
     def observe(self, step: int, loss: float) -> Optional[str]:
         """After step `step` (its weights now hold `step + 1` updates) with training loss
@@ -42,14 +46,16 @@ class DivergenceGuard:
             return None
         mean = self.last_mean = sum(self.losses) / len(self.losses)
         self.losses = []
-        if self.start is None:  # the reference; the weights it ends on are not yet vouched for
-            self.start = mean
-            return None
+        if self.start is None:
+            raise RuntimeError("the divergence guard has no starting level: MeZOTrainer.train measures it")
         if mean <= (1 + self.tolerance) * self.start:
-            self.good_step = step + 1
+            self.good_step, self.restored_last = step + 1, False
             return SNAPSHOT
+        if self.restored_last:  # the snapshot did not hold up: back to the start
+            self.good_step = 0
         self.lr_scale /= 2
         self.trips += 1
+        self.restored_last = True
         return RESTORE
 
     def explain(self, step: int) -> str:

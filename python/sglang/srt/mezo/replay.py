@@ -63,10 +63,10 @@ def replay(run_dir: str | Path, model=None, tokenizer=None, up_to_step: int | No
         if not row["skipped"]:
             trainer.backend.apply_update([(int(s), float(g)) for s, g in row["directions"]], float(row["lr"]))
         guard = row.get("guard")  # what the divergence guard did after this step, logged
-        if guard is not None and guard["action"] == "snapshot":
+        if guard is not None and guard.get("action") == "snapshot":
             trainer.snapshot_good_weights()
-        elif guard is not None and guard["action"] == "restore":
-            trainer.restore_good_weights()
+        elif guard is not None and guard.get("action") == "restore":
+            trainer.restore_good_weights(to_start=guard["to_step"] == 0)
         trainer.global_step = row["step"] + 1
     return trainer
 

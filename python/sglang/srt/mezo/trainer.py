@@ -28,6 +28,7 @@ from sglang.srt.mezo.objectives import RowObjective, accuracy_counts, has_candid
 logger = logging.getLogger(__name__)
 
 GOOD_WEIGHTS_FILE = "guard_good_weights.safetensors"
+START_WEIGHTS_FILE = "guard_start_weights.safetensors"
 VANISHING_THRESHOLD = 0.5  # warn when over half the sampled elements would not move
 
 
@@ -229,6 +230,18 @@ class MeZOTrainer:
         return total / count if count else math.nan
 
     # ------------------------------------------------------------------------- the guard
+    def _measure_starting_level(self, dataloader: Iterable) -> dict:
+        """The divergence guard's starting level: the current weights' mean loss on the
+        batches of the first window (the loader's first ones, its seeded order), one pass each."""
+        c = self.config
+        losses = [
+            self._loss(self.objective or make_objective(c.objective, batch), batch, None, 0.0)
+            for batch in itertools.islice(dataloader, max(1, min(c.guard_window, c.max_steps)))
+        ]
+        self.guard.start = sum(losses) / len(losses)
+        logger.info("divergence guard: starting level %.4g over %d batches", self.guard.start, len(losses))
+        return {"start": self.guard.start, "start_passes": len(losses)}
+
     def _guard_after(self, out: StepOutput) -> Optional[dict]:
         """The divergence guard's verdict on this step's training loss, acted on."""
         action = self.guard.observe(out.step, (out.loss_perturbed + out.loss_baseline) / 2)
@@ -236,7 +249,7 @@ class MeZOTrainer:
             self.snapshot_good_weights()
             return {"action": SNAPSHOT, "window_loss": self.guard.last_mean}
         if action == RESTORE:
-            self.restore_good_weights()
+            self.restore_good_weights(to_start=self.guard.good_step == 0)
             logger.warning(self.guard.explain(out.step))
             return {
                 "action": RESTORE, "window_loss": self.guard.last_mean, "to_step": self.guard.good_step,
@@ -249,25 +262,37 @@ class MeZOTrainer:
         """The divergence guard's snapshot (None before the first)."""
         return None if self._good_weights is None else Path(self._good_weights.name) / GOOD_WEIGHTS_FILE
 
-    def snapshot_good_weights(self, source: Optional[Path] = None) -> None:
+    @property
+    def start_weights_path(self) -> Optional[Path]:
+        """The divergence guard's copy of the starting weights (None before the first snapshot)."""
+        return None if self._good_weights is None else Path(self._good_weights.name) / START_WEIGHTS_FILE
+
+    def snapshot_good_weights(self, source: Optional[Path] = None, start_source: Optional[Path] = None) -> None:
         """Keeps the trainable weights (and momentum) bit for bit on disk, no second copy in
-        memory: the ones the divergence guard comes back to. `source`: a snapshot file to
-        keep instead (a checkpoint's, on resume)."""
+        memory: the ones the divergence guard comes back to; the first snapshot is also kept
+        as the starting weights. `source` / `start_source`: snapshot files to keep instead
+        (a checkpoint's, on resume)."""
         from safetensors.torch import save_file
 
         if self._good_weights is None:
             self._good_weights = tempfile.TemporaryDirectory(prefix="mezo-guard-")
         if source is not None:
             shutil.copyfile(source, self.good_weights_path)
+            shutil.copyfile(start_source, self.start_weights_path)
             return
         state = {f"weights/{k}": v.contiguous() for k, v in self.backend.trainable_state().items()}
         state.update({f"momentum/{k}": v.contiguous() for k, v in self.backend.momentum_state().items()})
         save_file(state, str(self.good_weights_path))
+        if not self.start_weights_path.is_file():
+            shutil.copyfile(self.good_weights_path, self.start_weights_path)
 
-    def restore_good_weights(self) -> None:
-        """The weights (and momentum) of the last `snapshot_good_weights`, bit for bit."""
+    def restore_good_weights(self, to_start: bool = False) -> None:
+        """The weights (and momentum) of the last `snapshot_good_weights` (`to_start`: the
+        first's, which then become the snapshot too), bit for bit."""
         from safetensors.torch import load_file
 
+        if to_start:
+            shutil.copyfile(self.start_weights_path, self.good_weights_path)
         state = load_file(str(self.good_weights_path))
         self.backend.load_trainable_state({k[8:]: v for k, v in state.items() if k.startswith("weights/")})
         self.backend.load_momentum_state({k[9:]: v for k, v in state.items() if k.startswith("momentum/")})
@@ -339,6 +364,9 @@ class MeZOTrainer:
             self.find_learning_rate(
                 list(lr_search_batches or itertools.islice(dataloader, self.config.lr_search_batches))
             )
+        guard_note = None
+        if self.guard is not None and self.guard.start is None:
+            guard_note = self._measure_starting_level(dataloader)
         if self.guard is not None and self._good_weights is None:
             self.snapshot_good_weights()  # the weights the guard comes back to until a window is good
         steps = skipped = 0
@@ -363,6 +391,8 @@ class MeZOTrainer:
                 out = self.step(batch)
                 if self.guard is not None and not out.skipped:
                     out.guard = self._guard_after(out)
+                if guard_note is not None:  # logged with the run's first step
+                    out.guard, guard_note = {**guard_note, **(out.guard or {})}, None
                 self.batches_seen_in_epoch = index + 1
                 seconds = time.perf_counter() - started
                 steps += 1
