@@ -150,13 +150,16 @@ def past_tense() -> tuple:
     return split(records)
 
 
-# name -> (loader taking the tokenizer, trainable set, held out: never used to choose a default or a rule)
+# name -> (loader taking the tokenizer, trainable set, held out: never used to choose a default or a rule).
+# The rules were shaped on demo, names and continent (curvature probes; a pilot of the
+# defaults and auto at 300 passes on names and continent); vader, emotion and past_tense
+# were not looked at before their rows in the table.
 TASKS = {
     "demo": (lambda tok: demo(), "lora", False),
-    "vader": (vader, "lora", False),
-    "emotion": (lambda tok: emotion(), "lora", False),
+    "names": (lambda tok: names(), "lora", False),
+    "continent": (lambda tok: continent(), "lora", False),
     "demo_full": (lambda tok: demo(), "full", False),
-    "names": (lambda tok: names(), "lora", True),
-    "continent": (lambda tok: continent(), "lora", True),
+    "vader": (vader, "lora", True),
+    "emotion": (lambda tok: emotion(), "lora", True),
     "past_tense": (lambda tok: past_tense(), "lora", True),
 }
