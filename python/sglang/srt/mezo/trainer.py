@@ -156,10 +156,10 @@ class MeZOTrainer:
         return self.learning_rate_found
 
     def find_learning_rate(self, batches: list) -> LearningRateSearch:
-        """``--lr auto``: probes the loss's curvature at the current weights on `batches`
-        (held back from training; `lr_search`) and keeps the rate it picks, or, where the
-        curvature is not positive, the estimator's default (logged). The weights are left
-        bit for bit as they were."""
+        """``--lr auto``: probes the loss's curvature and the gradient's noise at the current
+        weights on `batches` (held back from training; `lr_search`) and keeps the rate it
+        picks, or, where no curvature is measurable, the estimator's default (logged). The
+        weights are left bit for bit as they were."""
         c = self.config
         batches, directions = batches[: c.lr_search_batches], c.lr_search_directions
         count, directions = probe_plan(self.estimator.passes_per_step(), c.max_steps, len(batches), directions)
@@ -175,11 +175,14 @@ class MeZOTrainer:
         if search.learning_rate is None:
             search.learning_rate = default_learning_rate(c)
             logger.warning(
-                "--lr auto: no positive curvature measured (median %s); the estimator's default %g is used",
+                "--lr auto: no measurable curvature (mean |z^T H z| %s); the estimator's default %g is used",
                 search.kappa,
                 search.learning_rate,
             )
-        logger.info("--lr auto: %g (curvature %s over %d passes)", search.learning_rate, search.kappa, search.passes)
+        logger.info(
+            "--lr auto: %g (mean |z^T H z| %s, signal %s, %d passes)",
+            search.learning_rate, search.kappa, search.signal, search.passes,
+        )  # fmt: skip
         self.learning_rate_found = search.learning_rate
         self._lr_search = search
         return search
