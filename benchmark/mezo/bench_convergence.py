@@ -39,11 +39,11 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 from common import setup_threads
+from tasks import vader_words
 
 from sglang.srt.mezo.config import ESTIMATOR_DEFAULTS, MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
@@ -88,20 +88,6 @@ def demo_task(work: Path, val: int, test: int, tokenizer=None) -> dict:
         "val": write_jsonl(work / "demo_val.jsonl", train[-64:][:val]),
         "test": write_jsonl(work / "demo_test.jsonl", evaluation[:test]),
     }
-
-
-def vader_words(tokenizer) -> list:
-    """(word, label) from VADER's lexicon: one-token words, clear polarity, raters agreeing."""
-    text = resources.files("vaderSentiment").joinpath("vader_lexicon.txt").read_text(encoding="utf-8")
-    words = []
-    for line in text.splitlines():
-        token, mean, _, ratings = line.split("\t")
-        ratings = json.loads(ratings)
-        if len(token) < 4 or not token.isalpha() or abs(float(mean)) < 1.5 or len(tokenizer.tokenize(f" {token}")) != 1:
-            continue
-        if all(r > 0 for r in ratings) or all(r < 0 for r in ratings):
-            words.append((token, "positive" if float(mean) > 0 else "negative"))
-    return words
 
 
 def vader_task(work: Path, val: int, test: int, tokenizer) -> dict:

@@ -60,8 +60,8 @@ def demo() -> tuple:
     return read_jsonl(DEMO_DIR / "train.jsonl"), read_jsonl(DEMO_DIR / "eval.jsonl")
 
 
-def vader(tokenizer) -> tuple:
-    """One-token words of four or more letters, |mean rating| >= 1.5, all ten raters on one side."""
+def vader_words(tokenizer) -> list:
+    """(word, label): one-token words of four or more letters, |mean rating| >= 1.5, all ten raters on one side."""
     text = package_file("vaderSentiment", "vader_lexicon.txt").read_text(encoding="utf-8")
     words = []
     for line in text.splitlines():
@@ -71,7 +71,12 @@ def vader(tokenizer) -> tuple:
             continue
         if all(r > 0 for r in ratings) or all(r < 0 for r in ratings):
             words.append((token, "positive" if float(mean) > 0 else "negative"))
-    return split(candidate_records(words, "Is the word '{}' positive or negative?\nAnswer:", ["positive", "negative"]))
+    return words
+
+
+def vader(tokenizer) -> tuple:
+    prompt = "Is the word '{}' positive or negative?\nAnswer:"
+    return split(candidate_records(vader_words(tokenizer), prompt, ["positive", "negative"]))
 
 
 EMOTIONS = ["anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust"]

@@ -1521,6 +1521,21 @@ class TestMeZOIntegration(unittest.TestCase):
     def out(self, name):
         return os.path.join(self.tmp.name, name)
 
+    @staticmethod
+    def interrupted_at_step(n: int):
+        """`MeZOTrainer.step` raising KeyboardInterrupt on its n-th call (1-based) while active."""
+        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
+
+        real_step, calls = Trainer.step, {"n": 0}
+
+        def step(trainer, batch):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt("injected interruption")
+            return real_step(trainer, batch)
+
+        return mock.patch.object(Trainer, "step", step)
+
     def assert_same_training(self, whole, resumed, step):
         """metrics.jsonl and the step's checkpoint tensors of two runs are equal bit for bit."""
         from safetensors.torch import load_file
@@ -1578,22 +1593,12 @@ class TestMeZOIntegration(unittest.TestCase):
     def test_resume_is_bit_identical_to_uninterrupted(self):
         """Interrupted after step 3 (cosine schedule, momentum), resumed from step-3: same
         weights, momentum and metrics.jsonl (apart from timing) as one uninterrupted run."""
-        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
 
         extra = ["--steps", "6", "--save-steps", "3", "--lr-scheduler", "cosine", "--momentum", "0.5"]
         whole = self.out("whole")
         self.run_main(whole, *extra)
         broken = self.out("broken")
-        real_step = Trainer.step
-        calls = {"n": 0}
-
-        def crash_on_fourth(trainer, batch):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise KeyboardInterrupt("injected interruption")
-            return real_step(trainer, batch)
-
-        with mock.patch.object(Trainer, "step", crash_on_fourth), self.assertRaises(KeyboardInterrupt):
+        with self.interrupted_at_step(4), self.assertRaises(KeyboardInterrupt):
             self.run_main(broken, *extra)
         self.run_main(broken, *extra, "--resume", os.path.join(broken, "checkpoints"))
         self.assert_same_training(whole, broken, step=6)
@@ -1819,7 +1824,6 @@ class TestMeZOIntegration(unittest.TestCase):
         guarded run interrupted after step 4 and resumed equals it uninterrupted (the guard's
         state and snapshot travel in the checkpoint)."""
         from sglang.srt.mezo import replay
-        from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
 
         auto = self.out("auto-lr")
         self.run_main(auto, "--steps", "6", "--lr", "auto")
@@ -1838,15 +1842,7 @@ class TestMeZOIntegration(unittest.TestCase):
         self.assertIn("restore", actions)
         self.assertEqual(replay.differing_tensors(replay.replay(whole), Path(whole) / "checkpoints" / "step-8"), [])
         broken = self.out("guarded-broken")
-        real_step, calls = Trainer.step, {"n": 0}
-
-        def crash_on_fifth(trainer, batch):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt("injected interruption")
-            return real_step(trainer, batch)
-
-        with mock.patch.object(Trainer, "step", crash_on_fifth), self.assertRaises(KeyboardInterrupt):
+        with self.interrupted_at_step(5), self.assertRaises(KeyboardInterrupt):
             self.run_main(broken, *guarded)
         self.run_main(broken, *guarded, "--resume", os.path.join(broken, "checkpoints", "step-4"))
         self.assert_same_training(whole, broken, step=8)
