@@ -19,6 +19,7 @@ interrupted run keeps what it finished.
     .venv/bin/python benchmark/mezo/bench_defaults.py                      # the table (hours on 2 cores)
     .venv/bin/python benchmark/mezo/bench_defaults.py --seeds 1            # one seed per row
     .venv/bin/python benchmark/mezo/bench_defaults.py --quick              # < 5 min: 2 tasks, 60 passes
+    .venv/bin/python benchmark/mezo/bench_defaults.py --rows grid --grid-points 1 --seeds 1   # one grid point
 """
 
 from __future__ import annotations
@@ -96,12 +97,13 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--passes", type=int, default=300, help="forward passes per run")
-    parser.add_argument("--rows", default="defaults,auto,grid", help="which rows beside zero-shot")
+    parser.add_argument("--rows", default="zero-shot,defaults,auto,grid", help="which rows to run")
+    parser.add_argument("--grid-points", default="0,1,2", help="which learning rates of each grid (indices)")
     parser.add_argument("--quick", action="store_true", help="2 tasks, 60 passes, one seed, no grid")
     parser.add_argument("--out", type=Path, default=Path("mezo_output/bench_defaults"))
     args = parser.parse_args()
     if args.quick:
-        args.tasks, args.seeds, args.passes, args.rows = "demo,names", 1, 60, "defaults,auto"
+        args.tasks, args.seeds, args.passes, args.rows = "demo,names", 1, 60, "zero-shot,defaults,auto"
     setup_threads()
     args.out.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_model_and_tokenizer("smollm2-135m")
@@ -121,6 +123,8 @@ def main() -> None:
             files[name] = {"train": write_jsonl(work / f"{name}-train.jsonl", train),
                            "eval": write_jsonl(work / f"{name}-eval.jsonl", evaluation)}  # fmt: skip
             table = report["tasks"][name] = {"trainable": trainable, "held_out": held_out, "eval": len(evaluation)}
+            if "zero-shot" not in rows:
+                continue
             zero_shot = MeZOTrainer(copy.deepcopy(base), MeZOConfig(learning_rate=0.0, disable_tqdm=True))
             table["zero-shot"] = summary([evaluate(zero_shot, files[name]["eval"], tokenizer)])
             print(f"[{time.perf_counter() - started:6.0f} s] {name}: zero-shot {table['zero-shot']}", flush=True)
@@ -141,7 +145,7 @@ def main() -> None:
         for name in args.tasks.split(",") if "grid" in rows else ():
             table, trainable = report["tasks"][name], TASKS[name][1]
             peft, grid = PEFT[trainable], {}
-            for lr in GRIDS[trainable]:
+            for lr in [GRIDS[trainable][int(i)] for i in args.grid_points.split(",")]:
                 fields = dict(peft=peft, estimator="mezo", learning_rate=lr, seed=0)
                 grid[lr] = train_and_evaluate(base, tokenizer, files[name], fields, args.passes, work)
                 print(f"[{time.perf_counter() - started:6.0f} s] {name}: mezo lr {lr:g}: {grid[lr]}", flush=True)
