@@ -20,6 +20,7 @@ from typing import Optional
 from safetensors.torch import load_file, save_file
 
 from sglang.srt.mezo.config import RESUMABLE_FIELDS, MeZOConfig
+from sglang.srt.mezo.guard import GOOD_WEIGHTS_FILE, START_WEIGHTS_FILE
 from sglang.srt.mezo.usage_errors import UsageError
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -31,8 +32,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = ("global_step", "epoch", "batches_seen_in_epoch", "nonfinite_in_a_row", "skipped_steps")
 # Trainer state added since, with what a checkpoint written before means by its absence.
 ADDED_TRAINER_STATE = {"learning_rate_found": None}
-GUARD_FILE = "guard_good_weights.safetensors"  # the divergence guard's snapshot
-GUARD_START_FILE = "guard_start_weights.safetensors"  # and its copy of the starting weights
 
 
 def data_fingerprint(path: Optional[str]) -> Optional[str]:
@@ -84,8 +83,8 @@ def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2, identi
     state = {k: getattr(trainer, k) for k in (*TRAINER_STATE, *ADDED_TRAINER_STATE)}
     if trainer.guard is not None and trainer.good_weights_path is not None:
         state["guard"] = trainer.guard.state_dict()
-        shutil.copyfile(trainer.good_weights_path, tmp / GUARD_FILE)
-        shutil.copyfile(trainer.start_weights_path, tmp / GUARD_START_FILE)
+        shutil.copyfile(trainer.good_weights_path, tmp / GOOD_WEIGHTS_FILE)
+        shutil.copyfile(trainer.start_weights_path, tmp / START_WEIGHTS_FILE)
     state["config"] = trainer.config.to_dict()
     state["identity"] = identity
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -153,9 +152,9 @@ def load_checkpoint(trainer, directory: str | os.PathLike, identity: Optional[di
         setattr(trainer, key, state[key])
     for key, absent in ADDED_TRAINER_STATE.items():
         setattr(trainer, key, state.get(key, absent))
-    if trainer.guard is not None and (path / GUARD_FILE).is_file():
+    if trainer.guard is not None and (path / GOOD_WEIGHTS_FILE).is_file():
         trainer.guard.load_state_dict(state["guard"])
-        trainer.snapshot_good_weights(source=path / GUARD_FILE, start_source=path / GUARD_START_FILE)
+        trainer.snapshot_good_weights(source=path / GOOD_WEIGHTS_FILE, start_source=path / START_WEIGHTS_FILE)
     return path
 
 

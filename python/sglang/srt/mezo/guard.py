@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 SNAPSHOT, RESTORE = "snapshot", "restore"
+# The snapshot's file and the starting weights' (in the trainer's temp dir and in checkpoints).
+GOOD_WEIGHTS_FILE = "guard_good_weights.safetensors"
+START_WEIGHTS_FILE = "guard_start_weights.safetensors"
 
 
 @dataclass

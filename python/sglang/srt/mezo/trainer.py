@@ -21,14 +21,12 @@ from sglang.srt.mezo.backends.base import Backend
 from sglang.srt.mezo.config import AUTO, MeZOConfig, default_learning_rate
 from sglang.srt.mezo.distributed import reduce_sum_count
 from sglang.srt.mezo.estimators import direction_seed, make_estimator
-from sglang.srt.mezo.guard import RESTORE, SNAPSHOT, DivergenceGuard
+from sglang.srt.mezo.guard import GOOD_WEIGHTS_FILE, RESTORE, SNAPSHOT, START_WEIGHTS_FILE, DivergenceGuard
 from sglang.srt.mezo.lr_search import LearningRateSearch, probe_plan, search_learning_rate
 from sglang.srt.mezo.objectives import RowObjective, accuracy_counts, has_candidates, make_objective
 
 logger = logging.getLogger(__name__)
 
-GOOD_WEIGHTS_FILE = "guard_good_weights.safetensors"
-START_WEIGHTS_FILE = "guard_start_weights.safetensors"
 VANISHING_THRESHOLD = 0.5  # warn when over half the sampled elements would not move
 
 
@@ -166,7 +164,7 @@ class MeZOTrainer:
 
         def loss_at(b: int, seed: Optional[int], scale: float) -> float:
             batch = batches[b]
-            return self._loss(self.objective or make_objective(c.objective, batch), batch, seed, scale)
+            return self._loss(self._objective_for(batch), batch, seed, scale)
 
         search = search_learning_rate(
             loss_at, run_seed=c.seed, epsilon=c.epsilon, num_directions=c.num_directions, estimator=c.estimator,
@@ -199,7 +197,7 @@ class MeZOTrainer:
         then one update along the regenerated z."""
         c = self.config
         self._check_batch(batch)
-        objective = self.objective or make_objective(c.objective, batch)
+        objective = self._objective_for(batch)
         if self.global_step == 0:
             self._warn_if_vanishing("perturbation", direction_seed(c.seed, 0, 0), c.epsilon)
         lr = learning_rate_at(c, self.global_step, self.base_learning_rate)
@@ -227,6 +225,10 @@ class MeZOTrainer:
         self.global_step += 1
         return out
 
+    def _objective_for(self, batch: dict):
+        """The trainer's objective, or the configured one for this batch's kind."""
+        return self.objective or make_objective(self.config.objective, batch)
+
     def _loss(self, objective, batch: dict, seed: Optional[int], scale: float) -> float:
         """Mean objective under ``w + scale * z(seed)``, combined exactly across ranks."""
         total, count = reduce_sum_count(*self.backend.loss_sum(objective, batch, seed, scale))
@@ -238,7 +240,7 @@ class MeZOTrainer:
         batches of the first window (the loader's first ones, its seeded order), one pass each."""
         c = self.config
         losses = [
-            self._loss(self.objective or make_objective(c.objective, batch), batch, None, 0.0)
+            self._loss(self._objective_for(batch), batch, None, 0.0)
             for batch in itertools.islice(dataloader, max(1, min(c.guard_window, c.max_steps)))
         ]
         self.guard.start = sum(losses) / len(losses)
@@ -425,7 +427,7 @@ class MeZOTrainer:
         total = count = correct = examples = 0
         objective_name = None
         for batch in tqdm(dataloader, desc="eval", disable=self.config.disable_tqdm, leave=False):
-            objective = self.objective or make_objective(self.config.objective, batch)
+            objective = self._objective_for(batch)
             objective_name = objective.name if isinstance(objective, RowObjective) else type(objective).__name__
             if self.objective is None:
                 sums, counts = self.backend.row_logprobs(batch)
