@@ -18,7 +18,7 @@ from sglang.srt.mezo.usage_errors import ConfigError
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PEFT_METHODS = ("none", "lora", "prefix")
-OBJECTIVES = ("auto", "nll", "candidate_ce", "accuracy")
+OBJECTIVES = ("auto", "nll", "candidate_ce", "accuracy", "reward")
 BACKENDS = ("transformers", "sglang")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATIONS = ("none", "int8")
@@ -198,7 +198,8 @@ class MeZOConfig:
     )
     seed: int = _f(0, "Run seed: every direction's seed is derived from it and the step.")
     lr_search_batches: int = _f(
-        3, "--lr auto: held-back training batches probed (fewer when the probes would exceed 10% of the run's passes)."
+        3,
+        "--lr auto: held-back training batches probed (fewer when the probes would exceed a tenth of the run's passes).",
     )
     lr_search_directions: int = _f(4, "--lr auto: seeded directions probed per held-back batch (3 passes each).")
     divergence_guard: str = _f(
@@ -234,8 +235,26 @@ class MeZOConfig:
     lowrank_rank: int = _f(2, "estimator=lowrank: rank r of each matrix's direction U V^T.")
     lowrank_interval: int = _f(50, "estimator=lowrank: steps a basis V is kept before a new one is drawn.")
     objective: str = _f(
-        "auto", f"Loss: one of {OBJECTIVES}; auto = candidate_ce with candidates, else nll.", choices=OBJECTIVES
+        "auto",
+        f"Loss: one of {OBJECTIVES}; auto = reward when --reward is set, else candidate_ce with candidates, else "
+        "nll. reward: maximise the mean reward of completions generated under each perturbation (prompt-only data).",
+        choices=OBJECTIVES,
     )
+
+    # --- reward objective (sglang.srt.mezo.rewards, sglang.srt.mezo.generation) ---------
+    reward: Optional[str] = _f(
+        None,
+        "Reward of a generated completion: module:function (called as f(prompts, completions, examples) -> one "
+        "float per completion) or a built-in: exact_match, math (math-verify), reasoning_gym, length=N, "
+        "regex=PATTERN. Sets --objective reward.",
+    )
+    max_new_tokens: int = _f(32, "Reward objective: most tokens generated per completion.")
+    temperature: float = _f(1.0, "Reward objective: sampling temperature of training passes (0 = greedy).")
+    top_p: float = _f(1.0, "Reward objective: nucleus sampling's probability mass (1 = off).")
+    stop: Optional[list[str]] = _f(
+        None, "Reward objective: stop strings; generation ends at the first, which the completion does not include."
+    )
+    num_samples: int = _f(1, "Reward objective: completions sampled per prompt in each pass.")
 
     # --- optimizer ----------------------------------------------------------------------
     max_steps: int = _f(100, "Number of MeZO steps.", aliases=["--steps"])
@@ -310,6 +329,8 @@ class MeZOConfig:
         for name in (
             "num_directions",
             "batch_size",
+            "max_new_tokens",
+            "num_samples",
             "max_nonfinite_steps",
             "tp_size",
             "lowrank_rank",
@@ -371,6 +392,20 @@ class MeZOConfig:
             )
         if self.tp_size > 1 and self.backend != "sglang":
             bad("tp_size", "tensor parallelism runs on the SGLang engine: use backend='sglang' (--backend sglang)")
+        if self.objective == "auto" and self.reward is not None:
+            self.objective = "reward"
+        if (self.objective == "reward") != (self.reward is not None):
+            if self.reward is None:
+                bad("objective", "needs a reward function: pass --reward (module:function or a built-in)")
+            bad("reward", f"scores generated text, which --objective {self.objective} does not generate: drop one")
+        if self.objective == "reward" and self.backend != "transformers":
+            bad("objective", "generation under perturbed weights runs on the transformers backend for now")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a list of non-empty strings")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "must be in [0, 1)")
         if self.weight_decay < 0:
@@ -416,6 +451,7 @@ class MeZOConfig:
             add_bos=self.add_bos,
             add_eos=self.add_eos,
             cache_dir=self.data_cache_dir,
+            prompt_only=self.objective == "reward",
         )
 
     def loader_options(self) -> dict:

@@ -6,7 +6,8 @@ progress bar shows); one batch's is noisy, so the guard reads means over windows
 window's batches, measured before any update (`MeZOTrainer.train`: `window` passes), so a
 rate too large to survive even the first window is caught there. At the end of each window:
 
-* mean <= (1 + tolerance) x start: the weights are good; they are kept (a snapshot) as
+* mean <= start + tolerance x |start| (for a positive loss: (1 + tolerance) x start; a
+  reward objective's loss is minus the mean reward, often negative): the weights are good; they are kept (a snapshot) as
   the ones to come back to;
 * mean above that: the run is diverging. The weights go back to the last snapshot, bit
   for bit, and the learning rate is halved (for the rest of the run); a line is logged.
@@ -51,7 +52,7 @@ class DivergenceGuard:
         self.losses = []
         if self.start is None:
             raise RuntimeError("the divergence guard has no starting level: MeZOTrainer.train measures it")
-        if mean <= (1 + self.tolerance) * self.start:
+        if mean <= self.limit:
             self.good_step, self.restored_last = step + 1, False
             return SNAPSHOT
         if self.restored_last:  # the snapshot did not hold up: back to the start
@@ -61,10 +62,15 @@ class DivergenceGuard:
         self.restored_last = True
         return RESTORE
 
+    @property
+    def limit(self) -> float:
+        """The highest window mean that counts as good."""
+        return self.start + self.tolerance * abs(self.start)
+
     def explain(self, step: int) -> str:
         return (
             f"divergence guard at step {step}: training loss {self.last_mean:.4g} over the last {self.window} steps is "
-            f"above {1 + self.tolerance:g} x the start's {self.start:.4g}; the weights of step {self.good_step} "
+            f"above {self.limit:.4g} (the start's {self.start:.4g} + {self.tolerance:g} x its size); the weights of step {self.good_step} "
             f"are restored and the learning rate scaled by {self.lr_scale:g}"
         )
 

@@ -1,7 +1,7 @@
 """A run's inputs checked before any work: nothing is loaded, started or written here.
 
 `check_inputs` refuses, with one `UsageError` each, what would otherwise fail minutes later
-or halfway through: a missing or unreadable data file, a resume point with no checkpoint,
+or halfway through: a missing or unreadable data file, a reward that cannot be imported, a resume point with no checkpoint,
 a model path that does not exist (or a near miss of the offline default), a CUDA device on
 a machine without one, and an output directory that holds another run. What needs the
 model or the data (LoRA target modules, the data's fields, the objective's fit) is checked
@@ -20,6 +20,7 @@ from sglang.srt.mezo.checkpoint import latest_checkpoint
 from sglang.srt.mezo.config import MeZOConfig, flag
 from sglang.srt.mezo.model_io import DEFAULT_MODEL, smollm2_location
 from sglang.srt.mezo.output_dir import check_not_locked, check_output_dir
+from sglang.srt.mezo.rewards import load_reward
 from sglang.srt.mezo.usage_errors import ConfigError
 
 
@@ -37,6 +38,8 @@ def check_inputs(config: MeZOConfig) -> None:
             f"--resume {config.resume}: no checkpoint found there (pass the run's checkpoints directory or one of "
             "its step-N directories)"
         )
+    if config.reward is not None:
+        load_reward(config.reward)  # imported once here; the trainer's import is then the cached module
     check_model(config.model)
     check_device(config)
     check_not_locked(Path(config.output_dir))

@@ -46,7 +46,7 @@ class StepLog:
 
     def write(self, out, seconds: float, cache_stats: dict, mechanism: str) -> None:
         record = {k: v for k, v in out.metrics().items() if k not in ("per_direction", "applied")}
-        for occasional in ("guard", "lr_search"):  # only on the steps where they happened
+        for occasional in ("guard", "lr_search", "reward"):  # only where they happened / apply
             if record[occasional] is None:
                 del record[occasional]
         record["q"] = len(out.per_direction)
@@ -63,6 +63,8 @@ class StepLog:
         if self.writer is not None:
             for key in ("loss_perturbed", "loss_baseline", "coefficient", "lr", "seconds"):
                 self.writer.add_scalar(f"mezo/{key}", record[key], out.step)
+            for key, value in (out.reward or {}).items():
+                self.writer.add_scalar(f"mezo/reward_{key}", value, out.step)
 
     def start_over(self, resumed_step: Optional[int]) -> None:
         """A fresh run starts an empty log; a resumed one drops lines the checkpoint does not contain."""
@@ -87,23 +89,29 @@ def truncate_metrics(path: Path, before_step: int) -> None:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Loss curve (mean of the perturbed and baseline losses per step) as a PNG."""
+    """Loss curve (mean of the perturbed and baseline losses per step) as a PNG; for the
+    reward objective, the mean reward of the step's completions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
-    steps = [r["step"] for r in rows if not r["skipped"]]
-    losses = [(r["loss_perturbed"] + r["loss_baseline"]) / 2 for r in rows if not r["skipped"]]
+    rows = [r for r in read_metrics(metrics_path) if not r["skipped"]]
+    steps = [r["step"] for r in rows]
+    rewarded = bool(rows) and "reward" in rows[0]
+    if rewarded:
+        losses, label, axis = [r["reward"]["mean"] for r in rows], "mean reward of the step's completions", "reward"
+    else:
+        losses, label = [(r["loss_perturbed"] + r["loss_baseline"]) / 2 for r in rows], "(perturbed + baseline) / 2"
+        axis = "training loss"
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="(perturbed + baseline) / 2")
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label=label)
     if len(losses) >= 10:
         window = max(5, len(losses) // 20)
         smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
         ax.plot(steps[window - 1 :], smooth, lw=1.6, label=f"moving mean ({window})")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel(axis)
     ax.set_title("MeZO")
     ax.legend()
     fig.tight_layout()
@@ -113,7 +121,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 def format_eval(result: dict) -> str:
     """One line of an evaluation: loss, and accuracy over the examples when there is one."""
-    text = f"loss {result['loss']:.4f}"
+    text = f"reward {result['reward']:.4f}" if "reward" in result else f"loss {result['loss']:.4f}"
     if "accuracy" in result:
         text += f", accuracy {result['accuracy']:.3f} ({result['examples']} examples)"
     return text

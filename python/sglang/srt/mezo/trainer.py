@@ -24,10 +24,12 @@ from sglang.srt.mezo.estimators import direction_seed, make_estimator
 from sglang.srt.mezo.guard import GOOD_WEIGHTS_FILE, RESTORE, SNAPSHOT, START_WEIGHTS_FILE, DivergenceGuard
 from sglang.srt.mezo.lr_search import LearningRateSearch, probe_plan, search_learning_rate
 from sglang.srt.mezo.objectives import RowObjective, accuracy_counts, has_candidates, make_objective
+from sglang.srt.mezo.rewards.objective import RewardObjective
 
 logger = logging.getLogger(__name__)
 
 VANISHING_THRESHOLD = 0.5  # warn when over half the sampled elements would not move
+EVAL_SAMPLES = 4  # reward objective: completions of the first eval batch kept in the evaluation's result
 
 
 def learning_rate_at(config: MeZOConfig, step: int, base: Optional[float] = None) -> float:
@@ -72,6 +74,7 @@ class StepOutput:
     applied: list = field(default_factory=list)  # [(seed, clipped coefficient)] of the update
     guard: Optional[dict] = None  # what the divergence guard did after this step, if anything
     lr_search: Optional[dict] = None  # --lr auto's probes and choice, on the run's first step
+    reward: Optional[dict] = None  # reward objective: mean/std of the rewards of every pass of the step
 
     @classmethod
     def from_estimates(cls, step: int, lr: float, estimates: list) -> "StepOutput":
@@ -103,6 +106,7 @@ class MeZOTrainer:
         config: the run's `MeZOConfig`.
         tokenizer: optional; only saving and text utilities need it.
         objective: optional callable ``(model, batch) -> (sum, count)``; by default the
+            configured one: the reward of generated completions (``config.reward``), the
             completion NLL, or candidate cross-entropy when batches carry candidates.
         backend: optional prebuilt backend (e.g. an SGLang engine backend); by default a
             `TransformersBackend` over `model`.
@@ -123,6 +127,8 @@ class MeZOTrainer:
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
+        if objective is None and config.objective == "reward":
+            objective = RewardObjective.from_config(config, tokenizer)
         self.objective = objective
         self.estimator = make_estimator(config)
         self.global_step = 0
@@ -163,8 +169,8 @@ class MeZOTrainer:
         count, directions = probe_plan(self.estimator.passes_per_step(), c.max_steps, len(batches), directions)
 
         def loss_at(b: int, seed: Optional[int], scale: float) -> float:
-            batch = batches[b]
-            return self._loss(self._objective_for(batch), batch, seed, scale)
+            batch = batches[b]  # (a reward's probes sample as step 0's passes do)
+            return self._loss(self._objective_for(batch, self.global_step), batch, seed, scale)
 
         search = search_learning_rate(
             loss_at, run_seed=c.seed, epsilon=c.epsilon, num_directions=c.num_directions, estimator=c.estimator,
@@ -197,7 +203,7 @@ class MeZOTrainer:
         then one update along the regenerated z."""
         c = self.config
         self._check_batch(batch)
-        objective = self._objective_for(batch)
+        objective = self._objective_for(batch, self.global_step)
         if self.global_step == 0:
             self._warn_if_vanishing("perturbation", direction_seed(c.seed, 0, 0), c.epsilon)
         lr = learning_rate_at(c, self.global_step, self.base_learning_rate)
@@ -210,6 +216,8 @@ class MeZOTrainer:
         with self.backend.holding_perturbation():  # the passes and the update may share sweeps
             estimates = self.estimator.estimate(loss_at, self.global_step)
             out = StepOutput.from_estimates(self.global_step, lr, estimates)
+            if isinstance(objective, RewardObjective):
+                out.reward = objective.summary()
             if self._lr_search is not None:
                 out.lr_search, self._lr_search = self._lr_search.record(), None
             if not all(math.isfinite(e.loss_perturbed) and math.isfinite(e.loss_baseline) for e in estimates):
@@ -225,9 +233,11 @@ class MeZOTrainer:
         self.global_step += 1
         return out
 
-    def _objective_for(self, batch: dict):
-        """The trainer's objective, or the configured one for this batch's kind."""
-        return self.objective or make_objective(self.config.objective, batch)
+    def _objective_for(self, batch: dict, step: Optional[int] = None):
+        """The trainer's objective, or the configured one for this batch's kind; a reward
+        objective samples with `step`'s seed in every pass (None: greedy, for evaluation)."""
+        objective = self.objective or make_objective(self.config.objective, batch)
+        return objective.at_step(step) if isinstance(objective, RewardObjective) else objective
 
     def _loss(self, objective, batch: dict, seed: Optional[int], scale: float) -> float:
         """Mean objective under ``w + scale * z(seed)``, combined exactly across ranks."""
@@ -240,7 +250,7 @@ class MeZOTrainer:
         batches of the first window (the loader's first ones, its seeded order), one pass each."""
         c = self.config
         losses = [
-            self._loss(self._objective_for(batch), batch, None, 0.0)
+            self._loss(self._objective_for(batch, self.global_step), batch, None, 0.0)
             for batch in itertools.islice(dataloader, max(1, min(c.guard_window, c.max_steps)))
         ]
         self.guard.start = sum(losses) / len(losses)
@@ -406,7 +416,11 @@ class MeZOTrainer:
                 else:
                     loss_sum += (out.loss_perturbed + out.loss_baseline) / 2
                 bar.update(1)
-                bar.set_postfix(loss=f"{(out.loss_perturbed + out.loss_baseline) / 2:.4f}", g=f"{out.coefficient:.3g}")
+                if out.reward is not None:
+                    bar.set_postfix(reward=f"{out.reward['mean']:.4f}", std=f"{out.reward['std']:.3g}")
+                else:
+                    loss = (out.loss_perturbed + out.loss_baseline) / 2
+                    bar.set_postfix(loss=f"{loss:.4f}", g=f"{out.coefficient:.3g}")
                 if on_step is not None:
                     on_step(out, seconds)
                 if self.global_step >= self.config.max_steps or (should_stop is not None and should_stop()):
@@ -423,12 +437,14 @@ class MeZOTrainer:
         return TrainOutput(steps, self.global_step, mean_loss, skipped)
 
     def evaluate(self, dataloader: Iterable) -> dict:
-        """Unperturbed loss (and candidate accuracy when batches carry candidates)."""
+        """Unperturbed loss (and candidate accuracy when batches carry candidates; for the
+        reward objective the mean greedy reward, and a few sample completions)."""
         total = count = correct = examples = 0
-        objective_name = None
+        objective_name, samples = None, []
         for batch in tqdm(dataloader, desc="eval", disable=self.config.disable_tqdm, leave=False):
             objective = self._objective_for(batch)
-            objective_name = objective.name if isinstance(objective, RowObjective) else type(objective).__name__
+            named = isinstance(objective, (RowObjective, RewardObjective))
+            objective_name = objective.name if named else type(objective).__name__
             if self.objective is None:
                 sums, counts = self.backend.row_logprobs(batch)
                 t, n = objective.reduce(sums, counts, batch)
@@ -438,9 +454,14 @@ class MeZOTrainer:
                     examples += batch_examples
             else:
                 t, n = self.backend.loss_sum(objective, batch)
+                if isinstance(objective, RewardObjective) and not samples:
+                    samples = [dict(zip(("prompt", "completion", "reward"), s)) for s in objective.samples]
             total += float(t)
             count += int(n)
         result = {"loss": total / count if count else math.nan, "objective": objective_name}
+        if objective_name == RewardObjective.name:
+            result["reward"] = -result["loss"]
+            result["samples"] = samples[:EVAL_SAMPLES]
         if examples:
             result["accuracy"] = correct / examples
             result["examples"] = examples

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.kv_cache import CachedRowForward
 from sglang.srt.mezo.objectives import RowObjective, example_groups
 from sglang.srt.mezo.perturbation import (
@@ -19,6 +20,7 @@ from sglang.srt.mezo.perturbation import (
 )
 from sglang.srt.mezo.primitives import require_all
 from sglang.srt.mezo.restore_log import RestoreLogPerturbation
+from sglang.srt.mezo.rewards.objective import RewardObjective
 from sglang.srt.mezo.structured_directions import direction_family
 from sglang.srt.mezo.trainable import (
     apply_peft,
@@ -191,11 +193,27 @@ class TransformersBackend:
         per_row = batch["input_ids"].shape[1] * (cfg.vocab_size + 16 * cfg.hidden_size) * 4
         return max(1, int(self.config.memory_budget_mb * 2**20 // per_row))
 
+    def completions(self, objective: RewardObjective, batch: dict, seed: Optional[int] = None, scale: float = 0.0):
+        """The batch's completions under ``w + scale * z(seed)``, generated as `objective`'s
+        settings say (`generation.transformers_completions`)."""
+        self.model.eval()
+        prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, self.device)
+        with torch.no_grad():
+            if seed is None:
+                self.perturbation.settle()
+                return transformers_completions(self.model, objective.tokenizer, prompts, objective.settings)
+            with self.perturbation.scope(seed, scale):
+                return transformers_completions(self.model, objective.tokenizer, prompts, objective.settings)
+
     def loss_sum(self, objective, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
-        """(sum, count) of `objective` under the perturbed weights; built-ins go through rows."""
+        """(sum, count) of `objective` under the perturbed weights; built-ins go through rows,
+        the reward through generated completions."""
         if isinstance(objective, RowObjective):
             sums, counts = self.row_logprobs(batch, seed, scale)
             total, count = objective.reduce(sums, counts, batch)
+            return float(total), int(count)
+        if isinstance(objective, RewardObjective):
+            total, count = objective.reduce(batch, self.completions(objective, batch, seed, scale))
             return float(total), int(count)
         self.model.eval()
         batch = to_device(batch, self.device)

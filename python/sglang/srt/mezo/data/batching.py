@@ -86,6 +86,9 @@ class MeZOCollator:
             batch["candidate_id"] = torch.tensor([c for _, c, _ in rows], dtype=torch.long)
             batch["is_gold"] = torch.tensor([c == ex["gold"] for ex, c, _ in rows], dtype=torch.bool)
             batch["prompt_length"] = torch.tensor([ex["prompt_length"] for ex, _, _ in rows], dtype=torch.long)
+        if "record" in examples[0]:  # prompts to generate from: the reward reads their records
+            batch["records"] = [ex["record"] for ex in examples]
+            batch["prompts"] = [ex["prompt_text"] for ex in examples]
         return batch
 
 

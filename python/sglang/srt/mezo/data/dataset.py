@@ -53,6 +53,10 @@ class MeZODataset(Dataset):
         json_field: the key holding the records of a JSON object file (default: auto-detect
             ``{"data": [...]}``).
         cache_dir: the ``datasets`` cache for files (default: the HF datasets cache).
+        prompt_only: prompts to generate from (the ``reward`` objective): a record needs
+            only ``prompt`` (or ``messages`` ending in a user turn, rendered with the
+            generation prompt); every field of the record is kept for the reward
+            (``dataset[i]["record"]``).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class MeZODataset(Dataset):
         add_eos: bool = False,
         json_field: str | None = None,
         cache_dir: str | None = None,
+        prompt_only: bool = False,
     ):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong={overlong!r}: expected one of {OVERLONG_POLICIES}")
@@ -78,6 +83,9 @@ class MeZODataset(Dataset):
             raise ValueError(f"max_length={max_length!r}: must be an int >= 2")
         self.max_length = max_length
         self.overlong = overlong
+        self.prompt_only = bool(prompt_only)
+        self._records: list = []  # prompt_only: every field of each kept record
+        self._prompt_texts: list = []  # prompt_only: each kept record's prompt as the model reads it
         self.prompt_field, self.completion_field = prompt_field, completion_field
         self.candidates_field, self.messages_field = candidates_field, messages_field
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
@@ -106,7 +114,7 @@ class MeZODataset(Dataset):
             return
         wanted = (self.prompt_field, self.completion_field, self.candidates_field, self.messages_field)
         self._columns = list(table.column_names)
-        selected = [c for c in wanted if c in self._columns]
+        selected = list(self._columns) if self.prompt_only else [c for c in wanted if c in self._columns]
         if not selected:  # none of our fields: the first record reports what is missing
             yield [{}]
             return
@@ -132,7 +140,7 @@ class MeZODataset(Dataset):
         prompts, completions, golds = TokenStore(), TokenStore(), array.array("i")
         rows_per_example, example_ids = array.array("q", [0]), array.array("q")
         self.skipped = 0
-        self.kind: str | None = None  # "candidates" | "plain", fixed by the first record
+        self.kind: str | None = None  # "candidates" | "plain" | "prompts", fixed by the first record
         first_index = None
         start = 0
         for records in self._chunks(table, chunk):
@@ -153,11 +161,14 @@ class MeZODataset(Dataset):
                     )
                 texts.append((index, prompt, comps, gold))
             encoded = encode_example(tokenizer, [t[1] for t in texts], [t[2] for t in texts])
-            for (index, _, _, gold), (p, comps) in zip(texts, encoded):
+            for (index, prompt_text, _, gold), (p, comps), record in zip(texts, encoded, records):
                 fitted = self._fit(index, p, comps)
                 if fitted is None:
                     continue
                 p, comps = fitted
+                if self.prompt_only:
+                    self._records.append(dict(record))
+                    self._prompt_texts.append(prompt_text)
                 prompts.append(p)
                 for c in comps:
                     completions.append(c)
@@ -181,7 +192,10 @@ class MeZODataset(Dataset):
         self._gold = np.frombuffer(golds, dtype=np.int32).copy()
         self._example_ids = np.frombuffer(example_ids, dtype=np.int64).copy()
         completion_lengths = np.diff(self._completion_offsets)
-        longest = np.maximum.reduceat(completion_lengths, self._row_offsets[:-1])
+        if self.prompt_only:  # no completions: a row is its prompt
+            longest = np.zeros(len(self._example_ids), dtype=np.int64)
+        else:
+            longest = np.maximum.reduceat(completion_lengths, self._row_offsets[:-1])
         #: the longest row of each example, in tokens (for length-grouped batching)
         self.lengths = np.diff(self._prompt_offsets) + longest
 
@@ -189,6 +203,8 @@ class MeZODataset(Dataset):
         """(prompt text, [completion texts], gold index | None, kind) of one validated record."""
         src = self.source
         messages = record.get(self.messages_field)
+        if self.prompt_only:
+            return self._prompt(record, messages, index, tokenizer), [], None, "prompts"
         if messages is not None:
             messages = self._messages(messages, index)
             if getattr(tokenizer, "chat_template", None) is None:
@@ -209,6 +225,16 @@ class MeZODataset(Dataset):
                 index, f"field {self.completion_field!r}: {completion!r} is not one of the candidates {candidates!r}"
             )
         return prompt, candidates, candidates.index(completion), "candidates"
+
+    def _prompt(self, record: dict, messages, index: int, tokenizer) -> str:
+        """The prompt text of a prompt-only record: its chat rendered up to the generation
+        prompt, or its prompt field."""
+        if messages is None:
+            return self._string(record, self.prompt_field, index)
+        messages = self._messages(messages, index, assistant_last=False)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise self.source.error(index, f"field {self.messages_field!r}: the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _string(self, record: dict, field: str, index: int, allow_empty: bool = False) -> str:
         value = record.get(field)
@@ -245,7 +271,7 @@ class MeZODataset(Dataset):
             raise self.source.error(index, f"field {field!r} has duplicate candidates: {list(value)!r}")
         return list(value)
 
-    def _messages(self, value, index: int) -> list:
+    def _messages(self, value, index: int, assistant_last: bool = True) -> list:
         field = self.messages_field
         value = self._decode_json_list(value, field, index)
         if not isinstance(value, (list, tuple)) or not value:
@@ -259,12 +285,24 @@ class MeZODataset(Dataset):
                 if not isinstance(m.get(key), str):
                     raise self.source.error(index, f"field {field!r}: message {k} needs a string {key!r}, got {m!r}")
             messages.append(m)
-        if not any(m["role"] == "assistant" for m in messages):
+        if assistant_last and not any(m["role"] == "assistant" for m in messages):
             raise self.source.error(index, f"field {field!r}: no assistant message to train on")
+        if not assistant_last and messages[-1]["role"] == "assistant":
+            raise self.source.error(
+                index, f"field {field!r}: a prompt to generate from ends with the assistant's turn; drop that turn"
+            )
         return messages
 
     def _fit(self, index: int, prompt: list, completions: list) -> tuple | None:
         """BOS/EOS and left truncation of the prompt; None when skipped as overlong."""
+        if self.prompt_only:  # the prompt alone must fit; cut from the left, a BOS kept first
+            has_bos = self.bos_token_id is not None and prompt[:1] == [self.bos_token_id]
+            if self.add_bos and not has_bos:
+                prompt, has_bos = [self.bos_token_id] + prompt, True
+            if len(prompt) > self.max_length:
+                head = prompt[:1] if has_bos else []
+                prompt = head + prompt[len(prompt) - self.max_length + len(head) :]
+            return prompt, completions
         if self.add_eos:
             completions = [c if c[-1:] == [self.eos_token_id] else c + [self.eos_token_id] for c in completions]
         if not all(completions):
@@ -308,6 +346,15 @@ class MeZODataset(Dataset):
             c = self._completion_tokens[self._completion_offsets[r] : self._completion_offsets[r + 1]].tolist()
             rows.append((prompt + c, [IGNORE_INDEX] * len(prompt) + c))
         gold = int(self._gold[i])
+        if self.prompt_only:
+            return {
+                "example_id": int(self._example_ids[i]),
+                "rows": [(prompt, [IGNORE_INDEX] * len(prompt))],
+                "gold": None,
+                "prompt_length": len(prompt),
+                "record": self._records[i],
+                "prompt_text": self._prompt_texts[i],
+            }
         return {
             "example_id": int(self._example_ids[i]),
             "rows": rows,

@@ -1,0 +1,101 @@
+"""Generation for the ``reward`` objective: its settings, its seeds, and the transformers path.
+
+Common random numbers: every pass of one step samples with the same seed
+(`sampling_seed`), so the perturbed passes draw the same random numbers and differ only
+through the weights (with eps = 0 they generate identical text), which is what keeps the
+two-point difference's variance low. Evaluation decodes greedily.
+
+Completions are the generated text up to (not including) the first stop string or the
+end-of-sequence token, as SGLang returns them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How completions are generated (the config's generation fields)."""
+
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    stop: tuple  # stop strings, not part of the completion
+    num_samples: int  # completions per prompt
+    seed: Optional[int] = None  # the sampling seed of this step's passes (None: greedy)
+
+    @classmethod
+    def from_config(cls, config) -> "GenerationSettings":
+        return cls(
+            config.max_new_tokens, config.temperature, config.top_p, tuple(config.stop or ()), config.num_samples
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.seed is None
+
+    def at_step(self, run_seed: int, step: Optional[int]) -> "GenerationSettings":
+        """These settings for the passes of `step` (its common sampling seed); `step` None:
+        greedy, one completion per prompt (evaluation)."""
+        if step is None:
+            return replace(self, temperature=0.0, num_samples=1, seed=None)
+        return replace(self, seed=sampling_seed(run_seed, step))
+
+
+def sampling_seed(run_seed: int, step: int) -> int:
+    """The seed every generating pass of `step` samples with (63 bits, apart from the
+    directions' seeds by its own prefix)."""
+    digest = hashlib.blake2b(f"mezo-sampling/{int(run_seed)}/{int(step)}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def cut_at_stop(text: str, stop: tuple) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    end = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:end]
+
+
+def left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> tuple:
+    """(input_ids, attention_mask) with each row's tokens moved to the end (left padding,
+    which generation appends to)."""
+    order = torch.argsort((attention_mask != 0).to(torch.int8), dim=1, stable=True)
+    ids = input_ids.gather(1, order).masked_fill(attention_mask.gather(1, order) == 0, pad_token_id)
+    return ids, attention_mask.gather(1, order)
+
+
+def prompt_token_lists(batch: dict) -> list:
+    """Each row's prompt tokens (the attention mask's ones), in order."""
+    return [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+def transformers_completions(model, tokenizer, batch: dict, settings: GenerationSettings) -> list:
+    """Completions of the batch's prompts, ``settings.num_samples`` per prompt (a prompt's
+    samples adjacent), from `model.generate` with sampling seeded by ``settings.seed``
+    (the global RNG is left as it was)."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = left_aligned(batch["input_ids"], batch["attention_mask"], pad)
+    config = GenerationConfig(
+        do_sample=not settings.greedy,
+        temperature=None if settings.greedy else settings.temperature,
+        top_p=None if settings.greedy else settings.top_p,
+        top_k=None,
+        max_new_tokens=settings.max_new_tokens,
+        num_return_sequences=settings.num_samples,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        stop_strings=list(settings.stop) or None,
+    )
+    device = ids.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tokenizer)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return [cut_at_stop(text, settings.stop) for text in texts]
