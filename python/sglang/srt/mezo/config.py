@@ -398,8 +398,6 @@ class MeZOConfig:
             if self.reward is None:
                 bad("objective", "needs a reward function: pass --reward (module:function or a built-in)")
             bad("reward", f"scores generated text, which --objective {self.objective} does not generate: drop one")
-        if self.objective == "reward" and self.backend != "transformers":
-            bad("objective", "generation under perturbed weights runs on the transformers backend for now")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:

@@ -1,9 +1,10 @@
 """Generation for the ``reward`` objective: its settings, its seeds, and the transformers path.
 
-Common random numbers: every pass of one step samples with the same seed
-(`sampling_seed`), so the perturbed passes draw the same random numbers and differ only
-through the weights (with eps = 0 they generate identical text), which is what keeps the
-two-point difference's variance low. Evaluation decodes greedily.
+Common random numbers: every pass of one step samples with the same seeds (`sampling_seed`
+of the step, `sampling.completion_seed` per prompt and sample) by the same rule on every
+backend (`sampling`), so the perturbed passes draw the same random numbers and differ
+only through the weights (with eps = 0 they generate identical text), which is what
+keeps the two-point difference's variance low. Evaluation decodes greedily.
 
 Completions are the generated text up to (not including) the first stop string or the
 end-of-sequence token, as SGLang returns them.
@@ -16,6 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+
+from sglang.srt.mezo.sampling import SeededGumbelSampling, completion_seed
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class GenerationSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.seed is None
+
+    def completion_seeds(self, prompts: int) -> list:
+        """The seed of each completion of `prompts` prompts, a prompt's samples adjacent."""
+        return [completion_seed(self.seed, p, k) for p in range(prompts) for k in range(self.num_samples)]
 
     def at_step(self, run_seed: int, step: Optional[int]) -> "GenerationSettings":
         """These settings for the passes of `step` (its common sampling seed); `step` None:
@@ -75,27 +82,25 @@ def prompt_token_lists(batch: dict) -> list:
 
 def transformers_completions(model, tokenizer, batch: dict, settings: GenerationSettings) -> list:
     """Completions of the batch's prompts, ``settings.num_samples`` per prompt (a prompt's
-    samples adjacent), from `model.generate` with sampling seeded by ``settings.seed``
-    (the global RNG is left as it was)."""
+    samples adjacent), from `model.generate`: greedy, or sampled by `SeededGumbelSampling`."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_aligned(batch["input_ids"], batch["attention_mask"], pad)
+    ids, mask = ids.repeat_interleave(settings.num_samples, 0), mask.repeat_interleave(settings.num_samples, 0)
     config = GenerationConfig(
-        do_sample=not settings.greedy,
-        temperature=None if settings.greedy else settings.temperature,
-        top_p=None if settings.greedy else settings.top_p,
-        top_k=None,
+        do_sample=False,  # sampling is the logits processor's choice, made by the shared rule
         max_new_tokens=settings.max_new_tokens,
-        num_return_sequences=settings.num_samples,
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
         stop_strings=list(settings.stop) or None,
     )
-    device = ids.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tokenizer)
+    processors = []
+    if not settings.greedy:
+        seeds = settings.completion_seeds(len(batch["input_ids"]))
+        processors.append(SeededGumbelSampling(seeds, settings.temperature, settings.top_p, ids.shape[1]))
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tokenizer, logits_processor=processors
+    )
     texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [cut_at_stop(text, settings.stop) for text in texts]

@@ -57,7 +57,12 @@ def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTr
     if config.backend == "transformers":
         return MeZOTrainer(model, config, tokenizer=tokenizer)
     from sglang.srt.mezo.backends.engine_checkpoint import engine_checkpoint
-    from sglang.srt.mezo.backends.engine_launch import EngineCrashWatch, launch_engine, lora_engine_args
+    from sglang.srt.mezo.backends.engine_launch import (
+        EngineCrashWatch,
+        generation_engine_args,
+        launch_engine,
+        lora_engine_args,
+    )
     from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
     from sglang.srt.mezo.trainable import apply_peft
 
@@ -72,8 +77,9 @@ def build_trainer(config: MeZOConfig, model, tokenizer, out_dir: Path) -> MeZOTr
     del model, loaded  # the engine serves the model from here on: no host copy is kept
     with contextlib.ExitStack() as started:  # an engine whose backend fails to set up is shut down
         engine = launch_engine(
-            model_dir, dtype=config.dtype, device=config.device, tp_size=config.tp_size, **lora_engine_args(config)
-        )
+            model_dir, dtype=config.dtype, device=config.device, tp_size=config.tp_size,
+            **lora_engine_args(config), **generation_engine_args(config),
+        )  # fmt: skip
         started.callback(engine.shutdown)
         crash_watch = EngineCrashWatch(engine)
         backend = SGLangBackend(engine, config, model_dir, adapter_path=adapter_dir, crash_watch=crash_watch)

@@ -39,6 +39,13 @@ CPU_ENGINE_DEFAULTS = dict(
 THREAD_BINDING = "SGLANG_CPU_OMP_THREADS_BIND"
 
 
+def generation_engine_args(config: MeZOConfig) -> dict:
+    """`sglang.Engine` arguments the reward objective's sampling needs: the custom logit
+    processor that applies the shared seeded rule (`engine_sampling`); {} otherwise (the
+    option lets clients send code to the engine, so it is on only where it is used)."""
+    return {"enable_custom_logit_processor": True} if config.objective == "reward" else {}
+
+
 def lora_engine_args(config: MeZOConfig) -> dict:
     """`sglang.Engine` arguments that serve `config`'s LoRA adapter ({} without LoRA).
 
