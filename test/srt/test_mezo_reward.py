@@ -18,8 +18,10 @@ import torch
 from mezo_testing import assert_bit_identical, snapshot, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
+from sglang.srt.mezo import replay
 from sglang.srt.mezo.generation import GenerationSettings, transformers_completions
 from sglang.srt.mezo.rewards import RewardError, load_reward
+from sglang.srt.mezo.sampling import gumbel_choice
 from sglang.srt.mezo.usage_errors import ConfigError
 from sglang.srt.mezo_trainer import MeZOConfig, MeZODataset, MeZOTrainer, create_dataloader, main
 
@@ -157,6 +159,45 @@ class TestRewardObjective(unittest.TestCase):
         mezo_test_rewards.FAULT.update(at_call=None, kind=None)
 
 
+class TestSeededSampling(unittest.TestCase):
+    """The shared sampling rule draws from softmax(logits / T) over the top-p nucleus."""
+
+    LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    DRAWS = 4000
+    # Pearson's statistic over k categories is chi-square with k - 1 degrees of freedom for
+    # a correct sampler; its 1 - 1e-6 quantile (scipy.stats.chi2.ppf): 4 dof 33.38, 2 dof
+    # 27.63. A correct rule fails with probability 1e-6 (the seeds are fixed: it passes
+    # or fails the same way every run).
+    CHI2_LIMIT = {4: 33.38, 2: 27.63}
+
+    @staticmethod
+    def pearson(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
+        expected = probabilities * counts.sum()
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    def draws(self, temperature, top_p, rule=gumbel_choice) -> torch.Tensor:
+        logits = self.LOGITS.expand(self.DRAWS, -1)
+        choices = rule(logits, list(range(self.DRAWS)), [3] * self.DRAWS, temperature, top_p)
+        return torch.bincount(torch.tensor(choices), minlength=5).double()
+
+    def test_frequencies_follow_the_tempered_softmax_and_the_nucleus(self):
+        expected = torch.softmax(self.LOGITS.double() / 0.7, -1)
+        self.assertLess(self.pearson(self.draws(0.7, 1.0), expected), self.CHI2_LIMIT[4])
+        # top-p 0.8 at T = 1: probabilities .61, .22, .14, ...: the nucleus is the first three
+        full = torch.softmax(self.LOGITS.double(), -1)
+        counts = self.draws(1.0, 0.8)
+        self.assertEqual(counts[3:].tolist(), [0.0, 0.0])
+        self.assertLess(self.pearson(counts[:3], full[:3] / full[:3].sum()), self.CHI2_LIMIT[2])
+
+    def test_canary_uniform_noise_is_not_a_sample_of_the_softmax(self):
+        def uniform_noise_rule(logits, seeds, positions, temperature, top_p):
+            generator = torch.Generator().manual_seed(0)
+            return (logits / temperature + torch.rand(logits.shape, generator=generator)).argmax(-1).tolist()
+
+        expected = torch.softmax(self.LOGITS.double() / 0.7, -1)
+        self.assertGreater(self.pearson(self.draws(0.7, 1.0, uniform_noise_rule), expected), 10 * self.CHI2_LIMIT[4])
+
+
 class TestBuiltinRewards(unittest.TestCase):
     def score(self, spec, completions, examples):
         return load_reward(spec)([""] * len(completions), completions, examples)
@@ -229,11 +270,11 @@ class TestRewardCommandLine(unittest.TestCase):
             "--output-dir", str(self.tmp / out), "--disable-tqdm", "--save-steps", "1",
         ]  # fmt: skip
 
-    def run_cli(self, argv: list) -> tuple:
+    def run_cli(self, argv: list, entry=main) -> tuple:
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             try:
-                main(argv)
+                entry(argv)
                 status = 0
             except SystemExit as exit_:
                 status = exit_.code
@@ -252,6 +293,8 @@ class TestRewardCommandLine(unittest.TestCase):
         self.assertEqual(results["after"]["objective"], "reward")
         self.assertEqual(len(results["after"]["samples"]), 4)
         self.assertTrue((whole / "loss.png").is_file())
+        # replay needs no generation: the log's (seed, coefficient) pairs rebuild the weights
+        self.assertEqual(self.run_cli([str(whole), "--check"], entry=replay.main), (0, ""))
 
         # eval before (1 call), steps 0 and 1 (2 calls each): the 6th call fails, in step 2
         mezo_test_rewards.FAULT.update(at_call=mezo_test_rewards.CALLS["n"] + 6, kind="nan")
