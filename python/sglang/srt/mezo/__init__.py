@@ -31,6 +31,10 @@ primitives import nothing of the project):
 * `kv_cache`: exact prompt-prefix sharing and frozen-layer reuse, keyed on weight versions;
 * `objectives`: losses as (sum, count); `trainable`: which tensors train (peft, patterns)
   and each as the perturbation and the update see it (`TrainableTensor`);
+* `rewards/`: the reward objective (`rewards.objective`), reward functions (``--reward``:
+  loading and the checks of every output, the built-ins); `generation`: its settings,
+  seeds and the transformers path; `sampling`: the seeded sampling rule both backends
+  apply (`backends.engine_sampling` is SGLang's side);
 * `data/`: sources, tokenization, the dataset, batching and data-parallel sharding;
 * `checkpoint`, `replay`, `distributed`, `model_io` (loading, GGUF), `reporting`
   (metrics.jsonl, the loss plot), `output_dir` (one run per directory and its lock),
