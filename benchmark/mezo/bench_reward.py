@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import setup_threads
 
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -135,8 +134,10 @@ def child(method: str, budget: float, train_size: int, eval_size: int, result_pa
     before = greedy_reward(model, tokenizer, evaluation)
     loaded = status_mib("VmHWM")
     with tempfile.TemporaryDirectory(prefix="bench-reward-") as work:
-        run = run_zo(model, tokenizer, train, budget) if method == "zo" else run_grpo(
-            model, tokenizer, train, budget, Path(work)
+        run = (
+            run_zo(model, tokenizer, train, budget)
+            if method == "zo"
+            else run_grpo(model, tokenizer, train, budget, Path(work))
         )
     peak = status_mib("VmHWM")
     after = greedy_reward(run.pop("model").eval(), tokenizer, evaluation)
@@ -176,9 +177,11 @@ def main() -> None:
     for name, r in (("ZO (defaults: fzoo)", zo), ("TRL GRPO", grpo)):
         print(f"| {name} | {r['steps']} | {r['before']:.3f} -> {r['after']:.3f} | {r['after'] - r['before']:+.3f} | "
               f"{r['peak_mib']:.0f} MiB |")  # fmt: skip
-    print(f"ZO / GRPO peak memory: {zo['peak_mib'] / grpo['peak_mib']:.2f}; "
-          f"training only (peak minus the model loaded and scored): "
-          f"{(zo['peak_mib'] - zo['loaded_mib']) :.0f} MiB vs {(grpo['peak_mib'] - grpo['loaded_mib']):.0f} MiB")
+    print(
+        f"ZO / GRPO peak memory: {zo['peak_mib'] / grpo['peak_mib']:.2f}; "
+        f"training only (peak minus the model loaded and scored): "
+        f"{(zo['peak_mib'] - zo['loaded_mib']) :.0f} MiB vs {(grpo['peak_mib'] - grpo['loaded_mib']):.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

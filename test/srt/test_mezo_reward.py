@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mezo_test_rewards
 import torch
-from mezo_testing import assert_bit_identical, snapshot, tiny_llama, tiny_tokenizer
+from mezo_testing import assert_bit_identical, perturbed_weights, snapshot, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
 from sglang.srt.mezo import replay
@@ -126,6 +126,29 @@ class TestRewardObjective(unittest.TestCase):
             input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=8, top_k=None, pad_token_id=0
         )
         return out[:, ids.shape[1] :].tolist()
+
+    def test_lora_generation_under_a_perturbation_is_generation_from_the_perturbed_weights(self):
+        """A pass generates from w + eps z: the same text as a model whose LoRA tensors hold
+        w + eps z written as plain weights (`perturbed_weights`); canary: per-unit hooks on
+        peft's wrapper (which generate() bypasses) generate from w instead."""
+        from sglang.srt.mezo.perturbation import UnitScopedPerturbation
+
+        config = reward_config(peft="lora", learning_rate=0.0, epsilon=1e-1, perturbation="gaussian")
+        trainer = MeZOTrainer(tiny_llama(), config, tokenizer=self.tok)
+        with torch.no_grad():  # B = 0 would make the first perturbation of A invisible
+            for t in trainer.backend.tensors:
+                if ".lora_B." in t.name:
+                    t.param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+        batch, at, seed = next(iter(self.loader())), trainer.objective.at_step(4), 99
+        passed = trainer.backend.completions(at, batch, seed, 0.5)
+        with perturbed_weights(trainer, seed, 0.5):
+            written = trainer.backend.completions(at, batch)
+        self.assertEqual(passed, written)
+        self.assertNotEqual(passed, trainer.backend.completions(at, batch))
+        backend = trainer.backend
+        backend.perturbation.remove()
+        backend.perturbation = UnitScopedPerturbation(backend.tensors, "gaussian", backend.versions, root=trainer.model)
+        self.assertEqual(backend.completions(at, batch, seed, 0.5), backend.completions(at, batch))
 
     def test_learning_rate_zero_leaves_the_weights_bit_exact_with_generation_in_the_loop(self):
         for perturbation in ("rademacher", "gaussian"):  # the restore log, then per-unit copies

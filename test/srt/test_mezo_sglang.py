@@ -548,6 +548,26 @@ class TestSGLangLoRA(unittest.TestCase):
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
+    def test_generation_with_the_pooled_adapter_equals_transformers(self):
+        """The reward objective's completions through the adapter in the pool: greedy, sampled
+        and under a perturbation of the adapter, token for token those of the transformers
+        backend's peft model; the adapter matters (the base model generates other text)."""
+        from sglang.srt.mezo.rewards.objective import RewardObjective
+
+        tokenizer = tiny_tokenizer()
+        config = MeZOConfig(reward="length=6", max_new_tokens=8, num_samples=2, seed=4)
+        objective = RewardObjective.from_config(config, tokenizer)
+        data = MeZODataset(TestSGLangGeneration.PROMPTS, tokenizer, **config.dataset_options())
+        batch = next(iter(create_dataloader(data, 3, shuffle=False)))
+        for name, (step, seed, scale) in {"greedy": (None, None, 0.0), "perturbed": (5, 9, 1e-1)}.items():
+            with self.subTest(name):
+                at = objective.at_step(step)
+                engine = self.backend.completions(at, batch, seed, scale)
+                self.assertEqual(engine, self.reference.backend.completions(at, batch, seed, scale))
+        with self.reference.model.disable_adapter():
+            base = self.reference.backend.completions(objective.at_step(None), batch)
+        self.assertNotEqual(self.backend.completions(objective.at_step(None), batch), base)
+
     def test_perturbations_reach_the_pool_and_match_transformers(self):
         """q and v adapters only: k's stacked slot is never a trainable tensor. The adapter
         changes the log-probs, the perturbed passes move them, and both equal transformers'

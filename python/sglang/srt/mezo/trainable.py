@@ -43,6 +43,17 @@ def apply_peft(model: nn.Module, config: MeZOConfig) -> nn.Module:
     return peft.get_peft_model(model, peft_config, autocast_adapter_dtype=True)
 
 
+def unit_root(model: nn.Module) -> nn.Module:
+    """The module below which perturbation units may be chosen (`perturbation.perturbation_units`):
+    the transformers model itself. A unit's hooks fire only when it is called, and peft's
+    wrappers are not called on every path: peft runs the base model with ``.forward`` in a
+    plain pass, and ``generate`` calls the base model directly, past the wrappers. Below the
+    base model every module is called (``__call__``) on both paths."""
+    import peft
+
+    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+
+
 def check_lora_targets(model: nn.Module, targets: list) -> None:
     """Every LoRA target names a module of `model` (as peft matches them: the whole name or
     its last dotted parts), or the flag is refused with the model's linear layers listed."""

@@ -28,6 +28,7 @@ from sglang.srt.mezo.trainable import (
     collect_trainable,
     quantize_frozen_linears,
     trainable_names,
+    unit_root,
 )
 from sglang.srt.mezo.zo_sgd import prepare_update
 
@@ -133,7 +134,8 @@ class TransformersBackend:
             requested == "auto" and logged and all(bool(t.value.any()) for t in self.tensors)
         ):
             return RestoreLogPerturbation(self.tensors, kind, self.versions)
-        return UnitScopedPerturbation(self.tensors, kind, self.versions, root=self.model, family=self.family)
+        root = unit_root(self.model)
+        return UnitScopedPerturbation(self.tensors, kind, self.versions, root=root, family=self.family)
 
     @property
     def mechanism(self) -> str:
