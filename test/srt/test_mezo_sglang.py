@@ -657,6 +657,23 @@ class TestTensorParallelEngine(unittest.TestCase):
         hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         self.reference = MeZOTrainer(hf, self.config)
 
+    def test_generation_equals_transformers(self):
+        """The reward objective's completions on two ranks (each samples from the gathered
+        logits by the shared seeded rule, so the ranks agree): greedy, sampled and perturbed,
+        token for token the transformers backend's."""
+        from sglang.srt.mezo.rewards.objective import RewardObjective
+
+        tokenizer = tiny_tokenizer()
+        config = MeZOConfig(reward="length=6", max_new_tokens=8, num_samples=2, seed=4)
+        objective = RewardObjective.from_config(config, tokenizer)
+        data = MeZODataset(TestSGLangGeneration.PROMPTS, tokenizer, **config.dataset_options())
+        batch = next(iter(create_dataloader(data, 3, shuffle=False)))
+        for name, (step, seed, scale) in {"greedy": (None, None, 0.0), "perturbed": (5, 9, 2e-2)}.items():
+            with self.subTest(name):
+                at = objective.at_step(step)
+                engine = self.backend.completions(at, batch, seed, scale)
+                self.assertEqual(engine, self.reference.backend.completions(at, batch, seed, scale))
+
     def test_passes_equal_the_single_rank_engine_and_transformers(self):
         """Per-token log-probs, L+ and L- of two steps within the derived tolerances of the
         tp_size=1 engine's and of transformers', with a gradient signal far above them. (Each
