@@ -153,6 +153,30 @@ class TestSGLangMainJob(unittest.TestCase):
                     key = name.replace(".default", "")
                     self.assertTrue(torch.equal(p.detach(), saved[key]), key)
 
+    def test_cli_reward_on_the_engine(self):
+        """``--reward`` with ``--backend sglang``: the engine (started with the sampling
+        processor) generates every pass's completions; the reward reaches metrics.jsonl and
+        eval.json as on the transformers backend."""
+        from sglang.srt.mezo_trainer import main
+
+        with tempfile.TemporaryDirectory(prefix="mezo-engine-cli-reward-") as root:
+            root = Path(root)
+            tiny_llama(hidden=64, attn_implementation="sdpa").save_pretrained(root / "tiny")
+            tiny_tokenizer().save_pretrained(root / "tiny")
+            prompts = [{"prompt": f"Say {w}:", "answer": w} for w in ("yes", "no", "cat", "dog")]
+            (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+            results = main(
+                ["--backend", "sglang", "--model", str(root / "tiny"), "--train-file", str(root / "prompts.jsonl")]
+                + ["--eval-file", str(root / "prompts.jsonl"), "--reward", "mezo_test_rewards:short"]
+                + ["--max-new-tokens", "4", "--steps", "2", "--batch-size", "2", "--lr", "1e-1", "--epsilon", "1e-2"]
+                + ["--output-dir", str(root / "out"), "--disable-tqdm"]
+            )
+            self.assertEqual(results["steps"], 2)
+            self.assertEqual(results["after"]["objective"], "reward")
+            self.assertEqual(len(results["after"]["samples"]), 4)
+            rows = [json.loads(x) for x in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+            self.assertEqual([r["reward"]["samples"] for r in rows], [4, 4])  # mezo: 2 passes x 2 prompts
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -29,7 +29,7 @@ from sglang.srt.mezo.rewards.objective import RewardObjective
 logger = logging.getLogger(__name__)
 
 VANISHING_THRESHOLD = 0.5  # warn when over half the sampled elements would not move
-EVAL_SAMPLES = 4  # reward objective: completions of the first eval batch kept in the evaluation's result
+EVAL_SAMPLES = 4  # reward objective: the first eval completions kept in the evaluation's result
 
 
 def learning_rate_at(config: MeZOConfig, step: int, base: Optional[float] = None) -> float:
@@ -454,8 +454,8 @@ class MeZOTrainer:
                     examples += batch_examples
             else:
                 t, n = self.backend.loss_sum(objective, batch)
-                if isinstance(objective, RewardObjective) and not samples:
-                    samples = [dict(zip(("prompt", "completion", "reward"), s)) for s in objective.samples]
+                if isinstance(objective, RewardObjective) and len(samples) < EVAL_SAMPLES:
+                    samples += [dict(zip(("prompt", "completion", "reward"), s)) for s in objective.samples]
             total += float(t)
             count += int(n)
         result = {"loss": total / count if count else math.nan, "objective": objective_name}
