@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import math
 import tempfile
 import weakref
@@ -395,3 +396,15 @@ def sglang_model_on_rank(hf_model: torch.nn.Module, rank: int, size: int, cpu_pa
         model = model_class(config=config)
         model.load_weights(list(hf_model.state_dict().items()))
     return model, config
+
+
+def run_cli(entry, argv: list) -> tuple:
+    """(exit status, stderr) of a CLI entry point run in this process."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            entry(argv)
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code
+    return status, stderr.getvalue()

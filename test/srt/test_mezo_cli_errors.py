@@ -11,8 +11,6 @@ Run as ``pytest test/srt/test_mezo_cli_errors.py`` or ``python3 test/srt/test_me
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import tempfile
@@ -20,7 +18,7 @@ import unittest
 from pathlib import Path
 from unittest import mock
 
-from mezo_testing import tiny_llama, tiny_tokenizer
+from mezo_testing import run_cli, tiny_llama, tiny_tokenizer
 
 from sglang.srt.mezo import replay
 from sglang.srt.mezo.usage_errors import UsageError
@@ -93,18 +91,6 @@ BAD_INPUTS = {
     "--resume without a checkpoint": (["--resume", "{tmp}"], "--resume {tmp}: no checkpoint found there"),
     "a non-empty --output-dir": (["--output-dir", "{tmp}/occupied"], "output directory {tmp}/occupied is not empty"),
 }
-
-
-def run_cli(entry, argv: list) -> tuple:
-    """(exit status, stderr) of a CLI entry point run in this process."""
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            entry(argv)
-            status = 0
-        except SystemExit as exit_:
-            status = exit_.code
-    return status, stderr.getvalue()
 
 
 def listing(directory: Path) -> list:

@@ -5,8 +5,6 @@ The references are written here: greedy decoding as a plain loop of unpadded for
 (argmax of the last logit, one prompt at a time) and the rewards computed by hand.
 """
 
-import contextlib
-import io
 import json
 import math
 import tempfile
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import mezo_test_rewards
 import torch
-from mezo_testing import assert_bit_identical, perturbed_weights, snapshot, tiny_llama, tiny_tokenizer
+from mezo_testing import assert_bit_identical, perturbed_weights, run_cli, snapshot, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
 from sglang.srt.mezo import replay
@@ -293,19 +291,9 @@ class TestRewardCommandLine(unittest.TestCase):
             "--output-dir", str(self.tmp / out), "--disable-tqdm", "--save-steps", "1",
         ]  # fmt: skip
 
-    def run_cli(self, argv: list, entry=main) -> tuple:
-        stderr = io.StringIO()
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                entry(argv)
-                status = 0
-            except SystemExit as exit_:
-                status = exit_.code
-        return status, stderr.getvalue()
-
     def test_a_failing_reward_stops_with_one_line_and_a_checkpoint_that_resumes_bit_for_bit(self):
         mezo_test_rewards.FAULT.update(at_call=None, kind=None)
-        self.assertEqual(self.run_cli(self.argv("whole"))[0], 0)
+        self.assertEqual(run_cli(main, self.argv("whole"))[0], 0)
         whole = self.tmp / "whole"
         rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
         self.assertEqual([r["step"] for r in rows], [0, 1, 2, 3])
@@ -317,17 +305,17 @@ class TestRewardCommandLine(unittest.TestCase):
         self.assertEqual(len(results["after"]["samples"]), 4)
         self.assertTrue((whole / "loss.png").is_file())
         # replay needs no generation: the log's (seed, coefficient) pairs rebuild the weights
-        self.assertEqual(self.run_cli([str(whole), "--check"], entry=replay.main), (0, ""))
+        self.assertEqual(run_cli(replay.main, [str(whole), "--check"]), (0, ""))
 
         # eval before (1 call), steps 0 and 1 (2 calls each): the 6th call fails, in step 2
         mezo_test_rewards.FAULT.update(at_call=mezo_test_rewards.CALLS["n"] + 6, kind="nan")
-        status, stderr = self.run_cli(self.argv("broken"))
+        status, stderr = run_cli(main, self.argv("broken"))
         self.assertEqual(status, 2)
         self.assertIn("error: --reward mezo_test_rewards:scripted returned nan for completion 0", stderr)
         self.assertIn("RewardError after step 2; step 2 is checkpointed", stderr)
         broken = self.tmp / "broken"
         self.assertTrue((broken / "checkpoints" / "step-2").is_dir())
-        status, _ = self.run_cli(self.argv("broken") + ["--resume", str(broken / "checkpoints")])
+        status, _ = run_cli(main, self.argv("broken") + ["--resume", str(broken / "checkpoints")])
         self.assertEqual(status, 0)
 
         def comparable(path):

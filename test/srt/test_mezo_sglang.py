@@ -316,6 +316,32 @@ def served_row_logprobs(engine, batch: dict, lora_name: str) -> torch.Tensor:
     )
 
 
+GENERATION_PROMPTS = [
+    {"prompt": f"Say {w}:" + " please" * (i % 3), "answer": w} for i, w in enumerate(["yes", "cat", "a tree"])
+]
+
+
+def generation_case() -> tuple:
+    """(a reward objective generating 2 samples of 8 tokens per prompt, a batch of 3 prompts of
+    different lengths) for the engine-vs-transformers generation tests."""
+    from sglang.srt.mezo.rewards.objective import RewardObjective
+
+    tokenizer = tiny_tokenizer()
+    config = MeZOConfig(reward="length=6", max_new_tokens=8, num_samples=2, seed=4)
+    data = MeZODataset(GENERATION_PROMPTS, tokenizer, **config.dataset_options())
+    return RewardObjective.from_config(config, tokenizer), next(iter(create_dataloader(data, 3, shuffle=False)))
+
+
+def assert_same_completions(test, backend, reference, cases: dict) -> None:
+    """`backend`'s completions equal `reference`'s for each case ``name: (step, seed, scale)``
+    (step None: greedy; seed None: unperturbed)."""
+    objective, batch = generation_case()
+    for name, (step, seed, scale) in cases.items():
+        with test.subTest(name):
+            at = objective.at_step(step)
+            test.assertEqual(backend.completions(at, batch, seed, scale), reference.completions(at, batch, seed, scale))
+
+
 def lora_reference(config: MeZOConfig, model_dir: str, adapter_dir: Path) -> MeZOTrainer:
     """The transformers-backend trainer of `config`'s adapter, with B drawn at random (peft
     starts B at zero: a random B makes the adapter matter from step 0), saved to `adapter_dir`."""
@@ -493,7 +519,7 @@ class TestSGLangGeneration(unittest.TestCase):
         )
         hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         self.reference = MeZOTrainer(hf, self.config, tokenizer=self.tokenizer)
-        data = MeZODataset(self.PROMPTS, self.tokenizer, **self.config.dataset_options())
+        data = MeZODataset(GENERATION_PROMPTS, self.tokenizer, **self.config.dataset_options())
         self.batch = next(iter(create_dataloader(data, 3, shuffle=False)))
 
     def test_greedy_sampled_and_perturbed_completions_equal_the_transformers_backends(self):
@@ -552,18 +578,9 @@ class TestSGLangLoRA(unittest.TestCase):
         """The reward objective's completions through the adapter in the pool: greedy, sampled
         and under a perturbation of the adapter, token for token those of the transformers
         backend's peft model; the adapter matters (the base model generates other text)."""
-        from sglang.srt.mezo.rewards.objective import RewardObjective
-
-        tokenizer = tiny_tokenizer()
-        config = MeZOConfig(reward="length=6", max_new_tokens=8, num_samples=2, seed=4)
-        objective = RewardObjective.from_config(config, tokenizer)
-        data = MeZODataset(TestSGLangGeneration.PROMPTS, tokenizer, **config.dataset_options())
-        batch = next(iter(create_dataloader(data, 3, shuffle=False)))
-        for name, (step, seed, scale) in {"greedy": (None, None, 0.0), "perturbed": (5, 9, 1e-1)}.items():
-            with self.subTest(name):
-                at = objective.at_step(step)
-                engine = self.backend.completions(at, batch, seed, scale)
-                self.assertEqual(engine, self.reference.backend.completions(at, batch, seed, scale))
+        cases = {"greedy": (None, None, 0.0), "perturbed": (5, 9, 1e-1)}
+        assert_same_completions(self, self.backend, self.reference.backend, cases)
+        objective, batch = generation_case()
         with self.reference.model.disable_adapter():
             base = self.reference.backend.completions(objective.at_step(None), batch)
         self.assertNotEqual(self.backend.completions(objective.at_step(None), batch), base)
@@ -661,18 +678,8 @@ class TestTensorParallelEngine(unittest.TestCase):
         """The reward objective's completions on two ranks (each samples from the gathered
         logits by the shared seeded rule, so the ranks agree): greedy, sampled and perturbed,
         token for token the transformers backend's."""
-        from sglang.srt.mezo.rewards.objective import RewardObjective
-
-        tokenizer = tiny_tokenizer()
-        config = MeZOConfig(reward="length=6", max_new_tokens=8, num_samples=2, seed=4)
-        objective = RewardObjective.from_config(config, tokenizer)
-        data = MeZODataset(TestSGLangGeneration.PROMPTS, tokenizer, **config.dataset_options())
-        batch = next(iter(create_dataloader(data, 3, shuffle=False)))
-        for name, (step, seed, scale) in {"greedy": (None, None, 0.0), "perturbed": (5, 9, 2e-2)}.items():
-            with self.subTest(name):
-                at = objective.at_step(step)
-                engine = self.backend.completions(at, batch, seed, scale)
-                self.assertEqual(engine, self.reference.backend.completions(at, batch, seed, scale))
+        cases = {"greedy": (None, None, 0.0), "perturbed": (5, 9, 2e-2)}
+        assert_same_completions(self, self.backend, self.reference.backend, cases)
 
     def test_passes_equal_the_single_rank_engine_and_transformers(self):
         """Per-token log-probs, L+ and L- of two steps within the derived tolerances of the
