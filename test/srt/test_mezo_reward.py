@@ -161,6 +161,12 @@ class TestRewardObjective(unittest.TestCase):
                 self.assertEqual(trainer.global_step, 4)
                 assert_bit_identical(self, model, before)
 
+    def test_a_batch_without_prompts_is_refused_by_name(self):
+        trainer = MeZOTrainer(tiny_llama(), reward_config(learning_rate=0.0), tokenizer=self.tok)
+        plain = MeZODataset([{"prompt": "Say yes:", "completion": " yes"}], self.tok)
+        with self.assertRaisesRegex(ValueError, "prompt_only=True"):
+            trainer.step(next(iter(create_dataloader(plain, 1))))
+
     def test_each_bad_reward_output_is_a_one_line_error_naming_the_reward(self):
         cases = {
             "raise": "--reward mezo_test_rewards:scripted raised KeyError: 'answer'",

@@ -315,6 +315,11 @@ class MeZOTrainer:
     def _check_batch(self, batch: dict) -> None:
         if not batch or any(torch.is_tensor(v) and v.shape[:1] == (0,) for v in batch.values()):
             raise ValueError("empty batch: no examples to estimate a gradient from")
+        if isinstance(self.objective, RewardObjective) and not {"records", "prompts"} <= set(batch):
+            raise ValueError(
+                "the reward objective generates from prompt batches (with 'records' and 'prompts'): build the "
+                "dataset with MeZODataset(..., prompt_only=True), as MeZOConfig.dataset_options() does for it"
+            )
         if self.objective is not None:
             return  # a custom objective defines its own batch
         for key in ("input_ids", "attention_mask", "labels"):
