@@ -11,6 +11,8 @@ Run as ``pytest test/srt/test_mezo_cli_errors.py`` or ``python3 test/srt/test_me
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -149,6 +151,20 @@ class TestCommandLineMistakes(unittest.TestCase):
                     with self.assertRaisesRegex(RuntimeError, "self-test failed"):
                         main(argv)
                 self.assertEqual(listing(out_dir), before)
+
+    def test_help_lists_every_flag(self):
+        """--help renders every field's help (argparse %-formats help strings: a bare '%' once
+        made it crash)."""
+        from dataclasses import fields
+
+        from sglang.srt.mezo.config import MeZOConfig, flag
+
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout), self.assertRaises(SystemExit) as exit_:
+            main(["--help"])
+        self.assertEqual(exit_.exception.code, 0)
+        for spec in fields(MeZOConfig):
+            self.assertIn(flag(spec.name), stdout.getvalue())
 
     def test_the_api_raises_the_same_messages(self):
         with self.assertRaisesRegex(UsageError, r"^--lora-rank 0 \(MeZOConfig.lora_rank\): must be >= 1"):
