@@ -149,13 +149,17 @@ class TestRewardObjective(unittest.TestCase):
         self.assertEqual(backend.completions(at, batch, seed, 0.5), backend.completions(at, batch))
 
     def test_learning_rate_zero_leaves_the_weights_bit_exact_with_generation_in_the_loop(self):
-        for perturbation in ("rademacher", "gaussian"):  # the restore log, then per-unit copies
-            with self.subTest(perturbation=perturbation):
+        cases = {  # the restore log, per-unit copies, then structured directions (masked, low-rank)
+            "fzoo rademacher": dict(estimator="fzoo", num_directions=2, perturbation="rademacher"),
+            "fzoo gaussian": dict(estimator="fzoo", num_directions=2, perturbation="gaussian"),
+            "sparse": dict(estimator="sparse"),
+            "lowrank": dict(estimator="lowrank"),
+        }
+        for name, estimator in cases.items():
+            with self.subTest(name):
                 model = tiny_llama()
                 before = snapshot(model)
-                config = reward_config(
-                    learning_rate=0.0, perturbation=perturbation, estimator="fzoo", num_directions=2, max_steps=4
-                )
+                config = reward_config(learning_rate=0.0, max_steps=4, **estimator)
                 trainer = MeZOTrainer(model, config, tokenizer=self.tok)
                 trainer.train(self.loader(shuffle=True))
                 self.assertEqual(trainer.global_step, 4)
