@@ -20,6 +20,7 @@ interrupted run keeps what it finished.
     .venv/bin/python benchmark/mezo/bench_defaults.py --seeds 1            # one seed per row
     .venv/bin/python benchmark/mezo/bench_defaults.py --quick              # < 5 min: 2 tasks, 60 passes
     .venv/bin/python benchmark/mezo/bench_defaults.py --rows grid --grid-points 1 --seeds 1   # one grid point
+    .venv/bin/python benchmark/mezo/bench_defaults.py --rows defaults --seeds 2 --first-seed 1  # more seeds
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the defaults and auto rows run seeds first-seed .. first-seed + seeds - 1",
+    )
     parser.add_argument("--passes", type=int, default=300, help="forward passes per run")
     parser.add_argument("--rows", default="zero-shot,defaults,auto,grid", help="which rows to run")
     parser.add_argument("--grid-points", default="0,1,2", help="which learning rates of each grid (indices)")
@@ -107,7 +114,8 @@ def main() -> None:
     setup_threads()
     args.out.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    report = {"passes": args.passes, "seeds": args.seeds, "batch_size": BATCH_SIZE, "tasks": {}}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    report = {"passes": args.passes, "seeds": list(seeds), "batch_size": BATCH_SIZE, "tasks": {}}
     started = time.perf_counter()
 
     def save():
@@ -135,7 +143,7 @@ def main() -> None:
                 fields = dict(peft=peft) if row == "defaults" else dict(peft=peft, learning_rate="auto")
                 runs = [
                     train_and_evaluate(base, tokenizer, files[name], {**fields, "seed": s}, args.passes, work)
-                    for s in range(args.seeds)
+                    for s in seeds
                 ]
                 table[row] = {**summary(runs), "runs": runs}
                 print(f"[{time.perf_counter() - started:6.0f} s] {name}: {row} {summary(runs)} "
