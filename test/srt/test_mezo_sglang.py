@@ -541,11 +541,19 @@ class TestSGLangGeneration(unittest.TestCase):
             self.engine_trainer.backend.completions(sampled, self.batch)[1::2],
         )
 
-    def test_common_random_numbers_and_lr0_steps_on_the_engine(self):
+    def test_common_random_numbers_prompt_reuse_and_lr0_steps_on_the_engine(self):
         """Passes at eps = 0 under different directions generate the same text as the
-        unperturbed pass; lr = 0 steps leave the engine's weights bit-identical."""
+        unperturbed pass; a prompt's samples reuse its KV within a pass; lr = 0 steps leave
+        the engine's weights bit-identical."""
         at = self.engine_trainer.objective.at_step(2)
         passes = [self.engine_trainer.backend.completions(at, self.batch, seed, 0.0) for seed in (7, 8, None)]
+        # a prompt's two samples share its KV: the prompts are prefilled once (with the cache
+        # flushed before the pass), each of the 6 requests then recomputes only its last token
+        # (measured without the prefill call: 66 computed, 0 reused)
+        lengths = [int(n) for n in self.batch["attention_mask"].sum(1)]
+        stats = self.engine_trainer.backend.cache_stats
+        self.assertEqual(stats["pass/radix_cache/tokens_reused"], 2 * sum(n - 1 for n in lengths))
+        self.assertEqual(stats["pass/radix_cache/tokens_computed"], sum(lengths) + 2 * len(lengths))
         self.assertEqual(passes[0], passes[1])
         self.assertEqual(passes[0], passes[2])
         before = self.engine_trainer.backend.checksum()

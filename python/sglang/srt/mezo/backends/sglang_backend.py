@@ -243,11 +243,20 @@ class SGLangBackend:
         from sglang.srt.mezo.generation import cut_at_stop, prompt_token_lists
 
         settings, tokenizer = objective.settings, objective.tokenizer
-        requests = generation_requests(settings, prompt_token_lists(batch))
-        if self.lora_name is not None:
+        prompts = prompt_token_lists(batch)
+        requests = generation_requests(settings, prompts)
+        lora = {} if self.lora_name is None else {"lora_path": [self.lora_name] * len(prompts)}
+        if lora:
             requests["lora_path"] = [self.lora_name] * len(requests["input_ids"])
+        calls = [requests]
+        if settings.num_samples > 1:  # each prompt prefilled once first: its samples then reuse its KV
+            calls.insert(0, dict(input_ids=prompts, sampling_params={"max_new_tokens": 0}, **lora))
+        self.stats.begin_pass()
         with self._pass(seed, scale), self._engine_call():
-            outputs = self.engine.generate(**requests)
+            for call in calls:
+                outputs = self.engine.generate(**call)
+                cached = sum(int(out["meta_info"].get("cached_tokens", 0)) for out in outputs)
+                self.stats.add("radix_cache", sum(len(ids) for ids in call["input_ids"]) - cached, cached)
         texts = [tokenizer.decode(out["output_ids"], skip_special_tokens=True) for out in outputs]
         return [cut_at_stop(text, settings.stop) for text in texts]
 
