@@ -24,12 +24,12 @@ Memory: none beyond the direction family's (see its docstring); FZOO keeps q + 1
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
+from sglang.srt.mezo.primitives import derived_seed
 from sglang.srt.mezo.structured_directions import lowrank_seed
 
 ESTIMATORS = ("mezo", "fzoo", "sparse", "lowrank")
@@ -40,8 +40,7 @@ LossAt = Callable[[Optional[int], float], float]
 
 def direction_seed(run_seed: int, step: int, direction: int) -> int:
     """The seed of direction `direction` at step `step`: stable, 63 bits, logged per step."""
-    digest = hashlib.blake2b(f"mezo/{int(run_seed)}/{int(step)}/{int(direction)}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
+    return derived_seed("mezo", int(run_seed), int(step), int(direction))
 
 
 @dataclass

@@ -12,12 +12,12 @@ end-of-sequence token, as SGLang returns them.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
+from sglang.srt.mezo.primitives import derived_seed
 from sglang.srt.mezo.sampling import SeededGumbelSampling, completion_seed
 
 
@@ -57,8 +57,7 @@ class GenerationSettings:
 def sampling_seed(run_seed: int, step: int) -> int:
     """The seed every generating pass of `step` samples with (63 bits, apart from the
     directions' seeds by its own prefix)."""
-    digest = hashlib.blake2b(f"mezo-sampling/{int(run_seed)}/{int(step)}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
+    return derived_seed("mezo-sampling", int(run_seed), int(step))
 
 
 def cut_at_stop(text: str, stop: tuple) -> str:

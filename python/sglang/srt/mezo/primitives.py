@@ -4,7 +4,8 @@
   their BLAKE2b digest (checksums across ranks, engines and devices; cache keys);
 * `write_json_atomically`: a JSON file that is either the old one or the new one;
 * `require_all`: the one policy for loading tensors by name: every expected one present;
-* `same_bits`: bitwise equality of a host tensor and one on any device.
+* `same_bits`: bitwise equality of a host tensor and one on any device;
+* `derived_seed`: a stable 63-bit seed from its parts (directions, sampling).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ def host_bytes(tensor: torch.Tensor) -> bytes:
     sees device memory."""
     flat = tensor.detach().to("cpu", copy=True).contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def derived_seed(*parts) -> int:
+    """A stable 63-bit seed named by `parts` (BLAKE2b of ``"a/b/c"``, not ``hash()``, which
+    changes between processes): the same parts give the same seed on every machine."""
+    digest = hashlib.blake2b("/".join(str(part) for part in parts).encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:

@@ -18,19 +18,17 @@ applies it as a logits processor that leaves only the chosen token (score 0, the
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from sglang.srt.mezo.kernels.reference import mix
+from sglang.srt.mezo.primitives import derived_seed
 
 UNIT_53 = 2.0**-53
 
 
 def completion_seed(step_seed: int, prompt: int, sample: int) -> int:
     """The seed of sample `sample` of the batch's prompt `prompt` in a step (63 bits)."""
-    digest = hashlib.blake2b(f"mezo-completion/{step_seed}/{prompt}/{sample}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
+    return derived_seed("mezo-completion", step_seed, prompt, sample)
 
 
 def gumbel_noise(seed: int, position: int, vocab: int, device) -> torch.Tensor:

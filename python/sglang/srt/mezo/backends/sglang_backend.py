@@ -245,12 +245,10 @@ class SGLangBackend:
         settings, tokenizer = objective.settings, objective.tokenizer
         prompts = prompt_token_lists(batch)
         requests = generation_requests(settings, prompts)
-        lora = {} if self.lora_name is None else {"lora_path": [self.lora_name] * len(prompts)}
-        if lora:
-            requests["lora_path"] = [self.lora_name] * len(requests["input_ids"])
-        calls = [requests]
+        calls = [{**requests, **self._lora_paths(len(requests["input_ids"]))}]
         if settings.num_samples > 1:  # each prompt prefilled once first: its samples then reuse its KV
-            calls.insert(0, dict(input_ids=prompts, sampling_params={"max_new_tokens": 0}, **lora))
+            prefill = dict(input_ids=prompts, sampling_params={"max_new_tokens": 0}, **self._lora_paths(len(prompts)))
+            calls.insert(0, prefill)
         self.stats.begin_pass()
         with self._pass(seed, scale), self._engine_call():
             for call in calls:
@@ -364,8 +362,13 @@ class SGLangBackend:
         self.stats.add("radix_cache", int(mask.sum()) - cached, cached)
         return sums, counts
 
+    def _lora_paths(self, requests: int) -> dict:
+        """`Engine.generate`'s argument that serves `requests` requests through the trained
+        adapter ({} without LoRA: the base model)."""
+        return {} if self.lora_name is None else {"lora_path": [self.lora_name] * requests}
+
     def _generate(self, input_ids: list, starts: list) -> list:
-        lora = {} if self.lora_name is None else {"lora_path": [self.lora_name] * len(input_ids)}
+        lora = self._lora_paths(len(input_ids))
         with self._engine_call():
             return self.engine.generate(
                 input_ids=input_ids,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -149,16 +150,24 @@ class TransformersBackend:
         fraction = vanishing_fraction(self.tensors, self.config.perturbation, seed, scale, update=update)
         return fraction, sorted({str(t.param.dtype) for t in self.tensors})
 
-    def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
-        """Per-row completion log-likelihoods under ``w + scale * z(seed)`` (w if seed is None)."""
+    @contextlib.contextmanager
+    def _pass(self, seed: Optional[int], scale: float):
+        """One pass's context: no autograd, the model in eval mode, its weights ``w + scale *
+        z(seed)`` (the perturbation's scope), or exactly w if seed is None."""
         self.model.eval()
-        batch = to_device(batch, self.device)
         with torch.no_grad():
             if seed is None:
                 self.perturbation.settle()
-                return self._in_micro_batches(batch, perturbing=False)
-            with self.perturbation.scope(seed, scale):
-                return self._in_micro_batches(batch, perturbing=True)
+                yield
+            else:
+                with self.perturbation.scope(seed, scale):
+                    yield
+
+    def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
+        """Per-row completion log-likelihoods under ``w + scale * z(seed)`` (w if seed is None)."""
+        batch = to_device(batch, self.device)
+        with self._pass(seed, scale):
+            return self._in_micro_batches(batch, perturbing=seed is not None)
 
     def _in_micro_batches(self, batch: dict, perturbing: bool) -> tuple:
         """Rows in micro-batches under the same weights; on out-of-memory, halve and retry.
@@ -198,14 +207,9 @@ class TransformersBackend:
     def completions(self, objective: RewardObjective, batch: dict, seed: Optional[int] = None, scale: float = 0.0):
         """The batch's completions under ``w + scale * z(seed)``, generated as `objective`'s
         settings say (`generation.transformers_completions`)."""
-        self.model.eval()
         prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, self.device)
-        with torch.no_grad():
-            if seed is None:
-                self.perturbation.settle()
-                return transformers_completions(self.model, objective.tokenizer, prompts, objective.settings)
-            with self.perturbation.scope(seed, scale):
-                return transformers_completions(self.model, objective.tokenizer, prompts, objective.settings)
+        with self._pass(seed, scale):
+            return transformers_completions(self.model, objective.tokenizer, prompts, objective.settings)
 
     def loss_sum(self, objective, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """(sum, count) of `objective` under the perturbed weights; built-ins go through rows,
@@ -217,15 +221,9 @@ class TransformersBackend:
         if isinstance(objective, RewardObjective):
             total, count = objective.reduce(batch, self.completions(objective, batch, seed, scale))
             return float(total), int(count)
-        self.model.eval()
         batch = to_device(batch, self.device)
-        with torch.no_grad():
-            if seed is None:
-                self.perturbation.settle()
-                total, count = objective(self.model, batch)
-            else:
-                with self.perturbation.scope(seed, scale):
-                    total, count = objective(self.model, batch)
+        with self._pass(seed, scale):
+            total, count = objective(self.model, batch)
         return float(total), int(count)
 
     def holding_perturbation(self):
