@@ -81,6 +81,8 @@ def train_and_evaluate(base, tokenizer, files: dict, fields: dict, passes: int, 
     return {
         **result, "seconds": round(time.perf_counter() - started, 1), "learning_rate": run.trainer.base_learning_rate,
         "estimator": config.estimator, "steps": config.max_steps, "guard_trips": guard.trips if guard else None,
+        "guard_check_passes": guard.check_passes if guard else None,
+        "guard_best_step": guard.best_step if guard else None,
     }  # fmt: skip
 
 
@@ -147,7 +149,9 @@ def main() -> None:
                 ]
                 table[row] = {**summary(runs), "runs": runs}
                 print(f"[{time.perf_counter() - started:6.0f} s] {name}: {row} {summary(runs)} "
-                      f"(lr {[r['learning_rate'] for r in runs]}, guard trips {[r['guard_trips'] for r in runs]})",
+                      f"(lr {[r['learning_rate'] for r in runs]}, guard trips {[r['guard_trips'] for r in runs]}, "
+                      f"ended on step {[r['guard_best_step'] for r in runs]} of {runs[0]['steps']}, "
+                      f"check passes {[r['guard_check_passes'] for r in runs]})",
                       flush=True)  # fmt: skip
                 save()
         for name in args.tasks.split(",") if "grid" in rows else ():

@@ -106,7 +106,7 @@ class TestDivergenceGuard(unittest.TestCase):
         rate = 2.5 * best_rate(model, 1)
         trainer = toy_trainer(
             model, learning_rate=rate, estimator="mezo", perturbation="gaussian", max_steps=150,
-            divergence_guard=guard, guard_window=5, max_nonfinite_steps=150,
+            divergence_guard=guard, guard_window=10, max_nonfinite_steps=150,
         )  # fmt: skip
         outputs = run_to_the_end(trainer, 150)
         return start, float(model().detach()), outputs
@@ -134,29 +134,61 @@ class TestDivergenceGuard(unittest.TestCase):
         if to_step > 0:  # the weights of step to_step: the same run, stopped there
             trainer = toy_trainer(
                 model, learning_rate=rate, estimator="mezo", perturbation="gaussian", max_steps=to_step,
-                divergence_guard="on", guard_window=5, max_nonfinite_steps=150,
+                divergence_guard="on", guard_window=10, max_nonfinite_steps=150,
             )  # fmt: skip
             run_to_the_end(trainer, to_step)
         replayed = Quadratic(32, seed=3)
         again = toy_trainer(
             replayed, learning_rate=rate, estimator="mezo", perturbation="gaussian", max_steps=restore.step + 1,
-            divergence_guard="on", guard_window=5, max_nonfinite_steps=150,
+            divergence_guard="on", guard_window=10, max_nonfinite_steps=150,
         )  # fmt: skip
         run_to_the_end(again, restore.step + 1)
         self.assertTrue(torch.equal(replayed.theta.detach(), model.theta.detach()))
 
-    def test_a_snapshot_that_does_not_hold_up_sends_the_run_back_to_its_start(self):
-        """Windows of 2 against a starting level of 1.0 (tolerance 0.2): a good window keeps
-        its end; a bad one restores that (rate halved); a second bad window in a row goes
-        back to the starting weights (step 0), as a window can end on weights worse than its
-        mean. Canary: a guard that always restores the last snapshot returns to step 2 twice."""
-        guard = DivergenceGuard(window=2, tolerance=0.2, start=1.0)
-        losses = [1.0, 1.1, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0]
-        actions = [(guard.observe(step, loss), guard.good_step, guard.lr_scale) for step, loss in enumerate(losses)]
+    def test_the_rule_keeps_the_best_acceptable_check_and_ends_on_it(self):
+        """Checks against a start of loss 1.0 / accuracy 0.5 (tolerance 0.2): a better check
+        is kept; a lower loss at a lower accuracy than the start is not acceptable (kept
+        going, not kept); a loss above the best's 0.8 x 1.2 restores the best and halves the
+        rate; the last check, not the best, ends on the best. Canary: judged on the loss
+        alone, the guard keeps step 10, whose accuracy is below the start's, and ends there."""
+
+        def judged(guard) -> list:
+            guard.begin({"loss": 1.0, "accuracy": 0.5})
+            checks = [(5, 0.8, 0.6), (10, 0.7, 0.4), (15, 1.0, 0.6), (20, 0.75, 0.55), (25, 0.74, 0.45)]
+            return [
+                (
+                    guard.judge(step, {"loss": loss, "accuracy": accuracy}, last=step == 25),
+                    guard.best_step,
+                    guard.lr_scale,
+                )
+                for step, loss, accuracy in checks
+            ]
+
         self.assertEqual(
-            actions[1::2], [(SNAPSHOT, 2, 1.0), (RESTORE, 2, 0.5), (RESTORE, 0, 0.25), (SNAPSHOT, 8, 0.25)]
+            judged(DivergenceGuard(window=10, tolerance=0.2)),
+            [(SNAPSHOT, 5, 1.0), (None, 5, 1.0), (RESTORE, 5, 0.5), (SNAPSHOT, 20, 0.5), (RESTORE, 20, 0.5)],
         )
-        self.assertEqual(actions[0::2], [(None, 0, 1.0), (None, 2, 1.0), (None, 2, 0.5), (None, 0, 0.25)])
+
+        class LossOnly(DivergenceGuard):
+            def acceptable(self, check):
+                return check["loss"] <= self.start["loss"]
+
+        self.assertEqual(judged(LossOnly(window=10, tolerance=0.2))[1], (SNAPSHOT, 10, 1.0))
+
+    def test_checks_come_every_window_of_passes_and_after_the_last_step(self):
+        """MeZO makes 2 passes a step: with a window of 10 passes a check follows steps 5, 10,
+        ... and the last step (13), each logged with its held-back loss; the start's check is
+        logged with the first step; every check spends the held-back batches' passes."""
+        model = Quadratic(8, seed=0)
+        trainer = toy_trainer(
+            model, learning_rate=1e-3, estimator="mezo", perturbation="gaussian", max_steps=13,
+            divergence_guard="on", guard_window=10, guard_batches=2,
+        )  # fmt: skip
+        outputs = run_to_the_end(trainer, 13)
+        checked = [o.step for o in outputs if o.guard and "check" in o.guard]
+        self.assertEqual(checked, [4, 9, 12])
+        self.assertIn("start", outputs[0].guard)
+        self.assertEqual(trainer.guard.check_passes, 2 * 4)  # the start and three checks, 2 batches each
 
     def test_explicit_hyperparameters_keep_the_guard_off(self):
         """A number given for the learning rate means what it meant before the guard existed:

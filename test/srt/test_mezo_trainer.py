@@ -1820,7 +1820,7 @@ class TestMeZOIntegration(unittest.TestCase):
     def test_auto_and_guarded_runs_replay_and_resume_bit_identically(self):
         """``--lr auto`` (its search logged with step 0, held-back data never trained on) and a
         run whose divergence guard restores weights (lr 5 on the tiny Llama's full weights,
-        windows of 2 steps): replay rebuilds each one's final checkpoint bit for bit, and the
+        a check every 2 steps): replay rebuilds each one's final checkpoint bit for bit, and the
         guarded run interrupted after step 4 and resumed equals it uninterrupted (the guard's
         state and snapshot travel in the checkpoint)."""
         from sglang.srt.mezo import replay
@@ -1833,7 +1833,7 @@ class TestMeZOIntegration(unittest.TestCase):
         self.assertEqual(json.loads(Path(auto, "config.json").read_text())["learning_rate"], "auto")
         self.assertEqual(replay.differing_tensors(replay.replay(auto), Path(auto) / "checkpoints" / "step-6"), [])
 
-        guarded = ["--steps", "8", "--lr", "5", "--divergence-guard", "on", "--guard-window", "2", "--save-steps", "4"]
+        guarded = ["--steps", "8", "--lr", "5", "--divergence-guard", "on", "--guard-window", "4", "--save-steps", "4"]
         whole = self.out("guarded-whole")
         self.run_main(whole, *guarded)
         actions = [

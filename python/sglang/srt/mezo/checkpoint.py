@@ -20,7 +20,7 @@ from typing import Optional
 from safetensors.torch import load_file, save_file
 
 from sglang.srt.mezo.config import RESUMABLE_FIELDS, MeZOConfig
-from sglang.srt.mezo.guard import GOOD_WEIGHTS_FILE, START_WEIGHTS_FILE
+from sglang.srt.mezo.guard import BEST_WEIGHTS_FILE
 from sglang.srt.mezo.usage_errors import UsageError
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -81,10 +81,9 @@ def save_checkpoint(trainer, directory: str | os.PathLike, keep: int = 2, identi
     if momentum:
         save_file(momentum, str(tmp / OPTIMIZER_FILE))
     state = {k: getattr(trainer, k) for k in (*TRAINER_STATE, *ADDED_TRAINER_STATE)}
-    if trainer.guard is not None and trainer.good_weights_path is not None:
+    if trainer.guard is not None and trainer.best_weights_path is not None:
         state["guard"] = trainer.guard.state_dict()
-        shutil.copyfile(trainer.good_weights_path, tmp / GOOD_WEIGHTS_FILE)
-        shutil.copyfile(trainer.start_weights_path, tmp / START_WEIGHTS_FILE)
+        shutil.copyfile(trainer.best_weights_path, tmp / BEST_WEIGHTS_FILE)
     state["config"] = trainer.config.to_dict()
     state["identity"] = identity
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -152,9 +151,9 @@ def load_checkpoint(trainer, directory: str | os.PathLike, identity: Optional[di
         setattr(trainer, key, state[key])
     for key, absent in ADDED_TRAINER_STATE.items():
         setattr(trainer, key, state.get(key, absent))
-    if trainer.guard is not None and (path / GOOD_WEIGHTS_FILE).is_file():
+    if trainer.guard is not None and (path / BEST_WEIGHTS_FILE).is_file():
         trainer.guard.load_state_dict(state["guard"])
-        trainer.snapshot_good_weights(source=path / GOOD_WEIGHTS_FILE, start_source=path / START_WEIGHTS_FILE)
+        trainer.snapshot_best_weights(source=path / BEST_WEIGHTS_FILE)
     return path
 
 
@@ -174,6 +173,7 @@ ADDED_IDENTITY_FIELDS = {
             "lowrank_interval",
             "lr_search_batches",
             "lr_search_directions",
+            "guard_batches",
             "guard_window",
             "guard_tolerance",
         )

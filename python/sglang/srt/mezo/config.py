@@ -204,13 +204,16 @@ class MeZOConfig:
     lr_search_directions: int = _f(4, "--lr auto: seeded directions probed per held-back batch (3 passes each).")
     divergence_guard: str = _f(
         "auto",
-        f"Back off when the training loss climbs well above its start (sglang.srt.mezo.guard): one of "
-        f"{GUARD_MODES}; auto: on unless the learning rate is set to a number.",
+        f"Score the weights on held-back training batches, keep the best, back off when they get worse and end on "
+        f"the best (sglang.srt.mezo.guard): one of {GUARD_MODES}; auto: on unless the learning rate is set to a number.",
         choices=GUARD_MODES,
     )
-    guard_window: int = _f(10, "Divergence guard: steps per window whose mean training loss it compares.")
+    guard_batches: int = _f(
+        4, "Divergence guard: held-back training batches each check scores (at most a tenth of the training set)."
+    )
+    guard_window: int = _f(50, "Divergence guard: forward passes of training between held-back checks.")
     guard_tolerance: float = _f(
-        0.2, "Divergence guard: a window mean above (1 + this) x the first window's restores the last good weights."
+        0.2, "Divergence guard: a check's loss above the best's + this x its size restores the best weights."
     )
     perturbation: Optional[str] = _f(
         None, f"Direction distribution: one of {PERTURBATIONS} (unset: the estimator's default).", choices=PERTURBATIONS
@@ -341,6 +344,7 @@ class MeZOConfig:
             "save_total_limit",
             "lr_search_batches",
             "lr_search_directions",
+            "guard_batches",
             "guard_window",
         ):
             if getattr(self, name) < 1:

@@ -102,7 +102,7 @@ class Run:
     log: Optional[StepLog]
     identity: dict  # recorded in every checkpoint (`checkpoint.run_identity`)
     lock: Optional[OutputDirLock]  # held by the writer for the whole run
-    lr_search_batches: Optional[list] = None  # --lr auto: batches held back from training
+    held_back: Optional[list] = None  # batches kept out of training for --lr auto and the divergence guard
     results: dict = field(default_factory=dict)  # eval.json
     stopped_by: Optional[str] = None  # the signal that ended training early, and its number
     stop_signal: Optional[int] = None
@@ -123,19 +123,29 @@ class Run:
 
 
 def load_data(config: MeZOConfig, tokenizer) -> tuple:
-    """(train loader, eval loader or None, --lr auto's held-back batches or None); the
-    objective must fit the data (`check_objective_fits`)."""
+    """(train loader, eval loader or None, held-back batches or None: what ``--lr auto``
+    probes and the divergence guard checks, never trained on); the objective must fit the
+    data (`check_objective_fits`)."""
     train_set = MeZODataset(config.train_file, tokenizer, **config.dataset_options())
     check_objective_fits(config.objective, train_set.has_candidates, config.train_file)
     held_back = None
-    if config.learning_rate == AUTO:  # a few batches the search probes, never trained on (at most a tenth)
-        count = min(config.lr_search_batches * config.batch_size, len(train_set) // 10)
+    wanted = max(
+        config.lr_search_batches if config.learning_rate == AUTO else 0,
+        config.guard_batches if config.divergence_guard == "on" else 0,
+    )
+    if wanted:
+        count = min(wanted * config.batch_size, len(train_set) // 10)  # at most a tenth
         if count:
             train_set, probe_set = hold_back(train_set, count, config.seed)
             loader = {**config.loader_options(), "group_by_length": False, "drop_last": False}
             held_back = list(
                 create_dataloader(probe_set, config.batch_size, shuffle=False, distributed=False, **loader)
             )
+        else:
+            logger.warning(
+                "%s: %d examples, too few to hold a tenth back; --lr auto and the divergence guard use the first "
+                "training batches", config.train_file, len(train_set),
+            )  # fmt: skip
     train_loader = create_dataloader(train_set, config.batch_size, shuffle=True, **config.loader_options())
     if not config.eval_file:
         return train_loader, None, held_back
@@ -259,7 +269,7 @@ def train(run: Run) -> None:
     with StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the step in flight, then stop
         trainer.train(
             run.train_loader, on_step=on_step, should_stop=lambda: stop.requested is not None,
-            lr_search_batches=run.lr_search_batches,
+            held_back=run.held_back,
         )  # fmt: skip
     run.stopped_by, run.stop_signal = stop.requested, stop.signum
     run.results["train_seconds"] = round(time.perf_counter() - started, 2)

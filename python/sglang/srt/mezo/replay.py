@@ -58,15 +58,15 @@ def replay(run_dir: str | Path, model=None, tokenizer=None, up_to_step: int | No
         model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
     trainer = MeZOTrainer(model, config, tokenizer=tokenizer)
     if trainer.guard is not None:
-        trainer.snapshot_good_weights()  # as the run did before its first step
+        trainer.snapshot_best_weights()  # the starting weights, as the run kept them before its first step
     for row in read_log(run_dir, up_to_step):
         if not row["skipped"]:
             trainer.backend.apply_update([(int(s), float(g)) for s, g in row["directions"]], float(row["lr"]))
         guard = row.get("guard")  # what the divergence guard did after this step, logged
         if guard is not None and guard.get("action") == "snapshot":
-            trainer.snapshot_good_weights()
+            trainer.snapshot_best_weights()
         elif guard is not None and guard.get("action") == "restore":
-            trainer.restore_good_weights(to_start=guard["to_step"] == 0)
+            trainer.restore_best_weights()
         trainer.global_step = row["step"] + 1
     return trainer
 

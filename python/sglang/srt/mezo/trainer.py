@@ -21,7 +21,7 @@ from sglang.srt.mezo.backends.base import Backend
 from sglang.srt.mezo.config import AUTO, MeZOConfig, default_learning_rate
 from sglang.srt.mezo.distributed import reduce_sum_count
 from sglang.srt.mezo.estimators import direction_seed, make_estimator
-from sglang.srt.mezo.guard import GOOD_WEIGHTS_FILE, RESTORE, SNAPSHOT, START_WEIGHTS_FILE, DivergenceGuard
+from sglang.srt.mezo.guard import BEST_WEIGHTS_FILE, RESTORE, SNAPSHOT, DivergenceGuard, describe
 from sglang.srt.mezo.lr_search import LearningRateSearch, probe_plan, search_learning_rate
 from sglang.srt.mezo.objectives import RowObjective, accuracy_counts, has_candidates, make_objective
 from sglang.srt.mezo.rewards.objective import RewardObjective
@@ -143,7 +143,7 @@ class MeZOTrainer:
         self.guard = (
             DivergenceGuard(config.guard_window, config.guard_tolerance) if config.divergence_guard == "on" else None
         )
-        self._good_weights: Optional[tempfile.TemporaryDirectory] = None  # the guard's snapshot
+        self._best_weights: Optional[tempfile.TemporaryDirectory] = None  # the guard's snapshot
 
     @property
     def model(self):
@@ -245,70 +245,53 @@ class MeZOTrainer:
         return total / count if count else math.nan
 
     # ------------------------------------------------------------------------- the guard
-    def _measure_starting_level(self, dataloader: Iterable) -> dict:
-        """The divergence guard's starting level: the current weights' mean loss on the
-        batches of the first window (the loader's first ones, its seeded order), one pass each."""
-        c = self.config
-        losses = [
-            self._loss(self._objective_for(batch, self.global_step), batch, None, 0.0)
-            for batch in itertools.islice(dataloader, max(1, min(c.guard_window, c.max_steps)))
-        ]
-        self.guard.start = sum(losses) / len(losses)
-        logger.info("divergence guard: starting level %.4g over %d batches", self.guard.start, len(losses))
-        return {"start": self.guard.start, "start_passes": len(losses)}
+    def _guard_check(self, batches: list) -> dict:
+        """The held-back check of the current weights: their loss (and accuracy) on `batches`."""
+        result = self.evaluate(batches)
+        self.guard.check_passes += len(batches)
+        return {"loss": result["loss"], "accuracy": result.get("accuracy")}
 
-    def _guard_after(self, out: StepOutput) -> Optional[dict]:
-        """The divergence guard's verdict on this step's training loss, acted on."""
-        action = self.guard.observe(out.step, (out.loss_perturbed + out.loss_baseline) / 2)
+    def _guard_after(self, out: StepOutput, batches: list) -> Optional[dict]:
+        """The divergence guard's verdict after this step, when a held-back check is due, acted on."""
+        last = self.global_step >= self.config.max_steps
+        if not self.guard.due(self.estimator.passes_per_step(), last):
+            return None
+        check = self._guard_check(batches)
+        action = self.guard.judge(self.global_step, check, last)
+        record = {"check": check}
         if action == SNAPSHOT:
-            self.snapshot_good_weights()
-            return {"action": SNAPSHOT, "window_loss": self.guard.last_mean}
-        if action == RESTORE:
-            self.restore_good_weights(to_start=self.guard.good_step == 0)
-            logger.warning(self.guard.explain(out.step))
-            return {
-                "action": RESTORE, "window_loss": self.guard.last_mean, "to_step": self.guard.good_step,
-                "lr_scale": self.guard.lr_scale,
-            }  # fmt: skip
-        return None
+            self.snapshot_best_weights()
+        elif action == RESTORE:
+            self.restore_best_weights()
+            logger.warning(self.guard.explain(out.step, check, last))
+            record.update(to_step=self.guard.best_step, lr_scale=self.guard.lr_scale)
+        return {"action": action, **record}
 
     @property
-    def good_weights_path(self) -> Optional[Path]:
-        """The divergence guard's snapshot (None before the first)."""
-        return None if self._good_weights is None else Path(self._good_weights.name) / GOOD_WEIGHTS_FILE
+    def best_weights_path(self) -> Optional[Path]:
+        """The divergence guard's snapshot of the best weights (None before the first)."""
+        return None if self._best_weights is None else Path(self._best_weights.name) / BEST_WEIGHTS_FILE
 
-    @property
-    def start_weights_path(self) -> Optional[Path]:
-        """The divergence guard's copy of the starting weights (None before the first snapshot)."""
-        return None if self._good_weights is None else Path(self._good_weights.name) / START_WEIGHTS_FILE
-
-    def snapshot_good_weights(self, source: Optional[Path] = None, start_source: Optional[Path] = None) -> None:
+    def snapshot_best_weights(self, source: Optional[Path] = None) -> None:
         """Keeps the trainable weights (and momentum) bit for bit on disk, no second copy in
-        memory: the ones the divergence guard comes back to; the first snapshot is also kept
-        as the starting weights. `source` / `start_source`: snapshot files to keep instead
-        (a checkpoint's, on resume)."""
+        memory: the ones the divergence guard comes back to. `source`: a snapshot file to
+        keep instead (a checkpoint's, on resume)."""
         from safetensors.torch import save_file
 
-        if self._good_weights is None:
-            self._good_weights = tempfile.TemporaryDirectory(prefix="mezo-guard-")
+        if self._best_weights is None:
+            self._best_weights = tempfile.TemporaryDirectory(prefix="mezo-guard-")
         if source is not None:
-            shutil.copyfile(source, self.good_weights_path)
-            shutil.copyfile(start_source, self.start_weights_path)
+            shutil.copyfile(source, self.best_weights_path)
             return
         state = {f"weights/{k}": v.contiguous() for k, v in self.backend.trainable_state().items()}
         state.update({f"momentum/{k}": v.contiguous() for k, v in self.backend.momentum_state().items()})
-        save_file(state, str(self.good_weights_path))
-        if not self.start_weights_path.is_file():
-            shutil.copyfile(self.good_weights_path, self.start_weights_path)
+        save_file(state, str(self.best_weights_path))
 
-    def restore_good_weights(self, to_start: bool = False) -> None:
-        """The weights (and momentum) of the last `snapshot_good_weights` (`to_start`: the
-        first's, which then become the snapshot too), bit for bit."""
+    def restore_best_weights(self) -> None:
+        """The weights (and momentum) of the last `snapshot_best_weights`, bit for bit."""
         from safetensors.torch import load_file
 
-        if to_start:
-            shutil.copyfile(self.start_weights_path, self.good_weights_path)
-        state = load_file(str(self.good_weights_path))
+        state = load_file(str(self.best_weights_path))
         self.backend.load_trainable_state({k[8:]: v for k, v in state.items() if k.startswith("weights/")})
         self.backend.load_momentum_state({k[9:]: v for k, v in state.items() if k.startswith("momentum/")})
 
@@ -370,25 +353,29 @@ class MeZOTrainer:
         dataloader: Iterable,
         on_step: Optional[Callable[[StepOutput, float], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
-        lr_search_batches: Optional[list] = None,
+        held_back: Optional[list] = None,
     ) -> TrainOutput:
         """Runs until ``config.max_steps``, cycling epochs; returns a `TrainOutput`.
 
         `on_step(output, seconds)` is called after each step (logging, checkpoints, keeping
         the outputs if you want them); `should_stop()`, asked after each step, ends the loop
-        early (a signal, say). With ``learning_rate="auto"`` the rate is searched first on
-        `lr_search_batches` (batches held back from `dataloader`; default: its first ones).
-        With the divergence guard on, each step's training loss goes to it (`guard`).
+        early (a signal, say). `held_back`: training batches kept out of `dataloader`, which
+        ``learning_rate="auto"`` probes first and the divergence guard checks the weights on
+        (`guard`); default: the loader's first batches (then not held back).
         """
-        if self.config.learning_rate == AUTO and self.learning_rate_found is None:
-            self.find_learning_rate(
-                list(lr_search_batches or itertools.islice(dataloader, self.config.lr_search_batches))
-            )
+        c = self.config
+        if held_back is None and (c.learning_rate == AUTO or self.guard is not None):
+            held_back = list(itertools.islice(dataloader, max(c.lr_search_batches, c.guard_batches)))
+        if c.learning_rate == AUTO and self.learning_rate_found is None:
+            self.find_learning_rate(held_back[: c.lr_search_batches])
+        guard_batches = None if self.guard is None else held_back[: c.guard_batches]
         guard_note = None
         if self.guard is not None and self.guard.start is None:
-            guard_note = self._measure_starting_level(dataloader)
-        if self.guard is not None and self._good_weights is None:
-            self.snapshot_good_weights()  # the weights the guard comes back to until a window is good
+            self.guard.begin(self._guard_check(guard_batches))
+            self.snapshot_best_weights()  # the weights the guard comes back to until a check beats them
+            logger.info("divergence guard: the start scores %s on %d held-back batches", describe(self.guard.start),
+                        len(guard_batches))  # fmt: skip
+            guard_note = {"start": self.guard.start}
         steps = skipped = 0
         loss_sum = 0.0
         bar = tqdm(
@@ -409,8 +396,8 @@ class MeZOTrainer:
                     continue  # resuming mid-epoch: these batches were used before the save
                 started = time.perf_counter()
                 out = self.step(batch)
-                if self.guard is not None and not out.skipped:
-                    out.guard = self._guard_after(out)
+                if self.guard is not None:
+                    out.guard = self._guard_after(out, guard_batches)
                 if guard_note is not None:  # logged with the run's first step
                     out.guard, guard_note = {**guard_note, **(out.guard or {})}, None
                 self.batches_seen_in_epoch = index + 1
