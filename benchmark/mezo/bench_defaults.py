@@ -54,7 +54,7 @@ def write_jsonl(path: Path, records: list) -> str:
 
 
 def steps_for(config: MeZOConfig, passes: int) -> int:
-    return max(1, passes // make_estimator(config).passes_per_step())
+    return max(1, passes // make_estimator(config, epsilon=None).passes_per_step())
 
 
 def evaluate(trainer, eval_file: str, tokenizer) -> dict:

@@ -12,7 +12,7 @@ import unittest
 import torch
 from toy_models import TOY_BATCH, Linear, Quadratic, toy_trainer
 
-from sglang.srt.mezo.config import MeZOConfig, default_learning_rate
+from sglang.srt.mezo.config import MeZOConfig, estimator_default
 from sglang.srt.mezo.guard import RESTORE, SNAPSHOT, DivergenceGuard
 
 
@@ -62,7 +62,7 @@ class TestLearningRateSearch(unittest.TestCase):
             model.H.mul_(scale)
             rates.append(best_rate(model, 1))
         self.assertGreater(rates[0] / rates[1], 4)  # no rate is within 2x of both
-        fixed = default_learning_rate(MeZOConfig(estimator="mezo", learning_rate=1.0))
+        fixed = estimator_default(MeZOConfig(estimator="mezo", learning_rate=1.0), "learning_rate")
         self.assertFalse(all(best / 2 <= fixed <= 2 * best for best in rates))
 
     def test_the_search_leaves_the_weights_exactly_as_they_were(self):
@@ -76,7 +76,9 @@ class TestLearningRateSearch(unittest.TestCase):
         the loss (the float64 toy's is far below); the estimator's default rate is used."""
         trainer = toy_trainer(Linear(64, seed=1), learning_rate="auto", estimator="mezo", max_steps=100)
         search = trainer.find_learning_rate([TOY_BATCH, TOY_BATCH])
-        self.assertEqual(search.learning_rate, default_learning_rate(MeZOConfig(estimator="mezo", learning_rate=1.0)))
+        self.assertEqual(
+            search.learning_rate, estimator_default(MeZOConfig(estimator="mezo", learning_rate=1.0), "learning_rate")
+        )
 
     def test_the_search_stays_within_a_tenth_of_the_run(self):
         """A 10-step MeZO run has 20 passes: the probes may take 2 (one batch, one direction:
@@ -95,6 +97,62 @@ class TestLearningRateSearch(unittest.TestCase):
         self.assertEqual(len(record["probes"]), 2)  # 30 steps x 2 passes: 6 allowed, 1 batch x 2 directions
         self.assertTrue(all(o.lr_search is None for o in outputs[1:]))
         self.assertTrue(all(o.lr == trainer.learning_rate_found for o in outputs))
+
+
+class TestEpsilonSearch(unittest.TestCase):
+    """On a one-weight quadratic with Rademacher z (z = +-1), L(w +- eps z) = L +- eps g z + eps^2 h / 2
+    exactly, so the second-order share of the change is eps h / (2 |g|) for every direction:
+    the loss counts as linear (share <= 0.1) exactly for eps <= 0.2 |g| / h."""
+
+    def boundary_and_choice(self, curvature: float) -> tuple:
+        model = Quadratic(1)
+        with torch.no_grad():  # L(w) = h w^2 / 2 + g w at w = 0: slope g = 0.02, curvature h
+            model.H.fill_(curvature), model.b.fill_(0.02), model.theta.zero_()
+        boundary = 0.2 * 0.02 / curvature
+        trainer = toy_trainer(model, epsilon="auto", estimator="mezo", perturbation="rademacher", max_steps=1000)
+        search = trainer.find_epsilon(TOY_BATCH)
+        self.assertEqual(trainer.epsilon, search.epsilon)
+        return boundary, search.epsilon
+
+    def test_auto_is_the_largest_rung_below_the_linear_boundary(self):
+        """The ladder steps down by sqrt(10): the choice is at or below the boundary and the
+        rung above it is not (choice > boundary / sqrt(10)), for curvatures 10x apart (whose
+        boundaries, 4e-3 and 4e-4, are 26% from the nearest rungs: float64 rounding is far smaller). Canary: one fixed
+        scale (the default 1e-3, or any single number) cannot pass on both."""
+        choices = []
+        for curvature in (1.0, 10.0):
+            with self.subTest(curvature=curvature):
+                boundary, chosen = self.boundary_and_choice(curvature)
+                self.assertLessEqual(chosen, boundary)
+                self.assertGreater(chosen, boundary / math.sqrt(10))
+                choices.append((boundary, chosen))
+        fixed = estimator_default(MeZOConfig(estimator="mezo", learning_rate=1.0), "epsilon")
+        self.assertFalse(all(b / math.sqrt(10) < fixed <= b for b, _ in choices))
+
+    def test_no_linear_scale_keeps_the_default_and_the_weights(self):
+        """A loss without slope (g = 0 at the minimum: only curvature, at every scale) is
+        linear at no rung: the default is used, and the probes leave w bit for bit."""
+        model = Quadratic(4, seed=5)
+        with torch.no_grad():
+            model.theta.copy_(-torch.linalg.solve(model.H, model.b))
+        before = model.theta.detach().clone()
+        trainer = toy_trainer(model, epsilon="auto", estimator="mezo", perturbation="rademacher", max_steps=1000)
+        search = trainer.find_epsilon(TOY_BATCH)
+        self.assertEqual(search.epsilon, estimator_default(trainer.config, "epsilon"))
+        self.assertEqual(search.passes, 1 + 7 * 4)  # every rung probed, 2 directions x 2 passes
+        self.assertTrue(torch.equal(model.theta.detach(), before))
+
+    def test_both_searches_stay_within_a_tenth_of_the_run(self):
+        """300 MeZO steps (600 passes): with --lr auto too, the epsilon search takes at most
+        half of the 60 passes allowed and the two together at most 60."""
+        trainer = toy_trainer(Quadratic(4, seed=6), epsilon="auto", learning_rate="auto", estimator="mezo",
+                              perturbation="rademacher", max_steps=300)  # fmt: skip
+        outputs = run_to_the_end(trainer, 300)
+        first = outputs[0]
+        self.assertLessEqual(first.epsilon_search["passes"], 30)
+        self.assertLessEqual(first.epsilon_search["passes"] + first.lr_search["passes"], 60)
+        self.assertEqual(first.epsilon_search["epsilon"], trainer.epsilon)
+        self.assertTrue(all(o.epsilon_search is None for o in outputs[1:]))
 
 
 class TestDivergenceGuard(unittest.TestCase):

@@ -1818,22 +1818,37 @@ class TestMeZOIntegration(unittest.TestCase):
         self.assertNotEqual(replay.differing_tensors(replay.replay(out), Path(out) / "checkpoints" / "step-5"), [])
 
     def test_auto_and_guarded_runs_replay_and_resume_bit_identically(self):
-        """``--lr auto`` (its search logged with step 0, held-back data never trained on) and a
+        """``--lr auto --epsilon auto`` (the searches logged with step 0, held-back data never trained on) and a
         run whose divergence guard restores weights (lr 5 on the tiny Llama's full weights,
         a check every 2 steps): replay rebuilds each one's final checkpoint bit for bit, and the
-        guarded run interrupted after step 4 and resumed equals it uninterrupted (the guard's
+        guarded run (--epsilon auto too) interrupted after step 4 and resumed equals it uninterrupted (the guard's
         state and snapshot travel in the checkpoint)."""
         from sglang.srt.mezo import replay
 
         auto = self.out("auto-lr")
-        self.run_main(auto, "--steps", "6", "--lr", "auto")
+        self.run_main(auto, "--steps", "6", "--lr", "auto", "--epsilon", "auto")
         rows = [json.loads(line) for line in open(os.path.join(auto, "metrics.jsonl"))]
         search = rows[0]["lr_search"]
+        self.assertEqual(rows[0]["epsilon_search"]["passes"], 5)  # 12 passes in all: one rung, the least
+        self.assertEqual(json.loads(Path(auto, "config.json").read_text())["epsilon"], "auto")
         self.assertEqual([r["lr"] for r in rows], [search["learning_rate"]] * 6)
         self.assertEqual(json.loads(Path(auto, "config.json").read_text())["learning_rate"], "auto")
         self.assertEqual(replay.differing_tensors(replay.replay(auto), Path(auto) / "checkpoints" / "step-6"), [])
 
-        guarded = ["--steps", "8", "--lr", "5", "--divergence-guard", "on", "--guard-window", "4", "--save-steps", "4"]
+        guarded = [
+            "--steps",
+            "8",
+            "--lr",
+            "5",
+            "--epsilon",
+            "auto",
+            "--divergence-guard",
+            "on",
+            "--guard-window",
+            "4",
+            "--save-steps",
+            "4",
+        ]
         whole = self.out("guarded-whole")
         self.run_main(whole, *guarded)
         actions = [

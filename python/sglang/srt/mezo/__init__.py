@@ -13,7 +13,8 @@ primitives import nothing of the project):
   two points, FZOO's normalised one-sided differences); `structured_directions`: masked
   (Sparse-MeZO) and low-rank (LOZO) z drawn from the same seeds;
 * `lr_search`: ``--lr auto``, the rate from the loss's curvature along seeded z; `guard`:
-  the divergence guard's rule (a rising training loss restores the last good weights);
+  the divergence guard's rule (held-back checks keep the best weights, a rise restores
+  them, the run ends on them);
 * `config`: `MeZOConfig`, one help string and one CLI flag per field, and the defaults;
 * `backends/`: the `Backend` protocol and its two implementations, transformers in this
   process and an upstream SGLang engine: its launch (`engine_launch`; `engine_bootstrap`

@@ -31,7 +31,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Trainer attributes that, with the weights and momentum, fix the rest of the run.
 TRAINER_STATE = ("global_step", "epoch", "batches_seen_in_epoch", "nonfinite_in_a_row", "skipped_steps")
 # Trainer state added since, with what a checkpoint written before means by its absence.
-ADDED_TRAINER_STATE = {"learning_rate_found": None}
+ADDED_TRAINER_STATE = {"learning_rate_found": None, "epsilon_found": None}
 
 
 def data_fingerprint(path: Optional[str]) -> Optional[str]:

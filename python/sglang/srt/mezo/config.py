@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATIONS = ("none", "int8")
 PERTURBATION_MECHANISMS = ("auto", "restore_log", "unit_scoped")
 GUARD_MODES = ("auto", "on", "off")
-AUTO = "auto"  # learning_rate's value for --lr auto
+AUTO = "auto"  # learning_rate's and epsilon's value for --lr auto / --epsilon auto
 
 # Fields a resumed run may change: they do not define the trajectory (where to write and
 # log, how often to evaluate and save, how long to run, how memory is used, where to run).
@@ -99,10 +99,11 @@ PRESETS = {
 }
 
 
-def default_learning_rate(config) -> float:
-    """The estimator's default rate for the config's trainable set (--lr auto's fallback)."""
+def estimator_default(config, name: str) -> float:
+    """The estimator's default `name` (learning_rate, epsilon, ...) for the config's trainable
+    set: what --lr auto and --epsilon auto fall back to."""
     trainable = "full" if config.peft == "none" else config.peft
-    return ESTIMATOR_DEFAULTS[config.estimator][trainable]["learning_rate"]
+    return ESTIMATOR_DEFAULTS[config.estimator][trainable][name]
 
 
 def split_list(text: Optional[str]) -> list:
@@ -193,8 +194,11 @@ class MeZOConfig:
         "Unset: the estimator's default for the trainable set.",
         aliases=["--lr"],
     )
-    epsilon: Optional[float] = _f(
-        None, "Perturbation scale eps (unset: the estimator's default for the trainable set)."
+    epsilon: Union[float, str, None] = _f(
+        None,
+        "Perturbation scale eps, or auto: the largest scale at which the loss is still linear along seeded "
+        "directions on a held-back training batch (sglang.srt.mezo.epsilon_search; logged in metrics.jsonl). "
+        "Unset: the estimator's default for the trainable set.",
     )
     seed: int = _f(0, "Run seed: every direction's seed is derived from it and the step.")
     lr_search_batches: int = _f(
@@ -320,13 +324,15 @@ class MeZOConfig:
             if choices is not None and getattr(self, spec.name) not in (*unset, *choices):
                 bad(spec.name, f"expected one of {choices}")
         self.resolve_defaults()
-        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
-            bad("epsilon", "must be a finite number > 0")
-        if isinstance(self.learning_rate, str) and self.learning_rate != AUTO:  # the CLI passes text
-            try:
-                self.learning_rate = float(self.learning_rate)
-            except ValueError:
-                bad("learning_rate", f"expected a number or {AUTO!r}")
+        for name in ("learning_rate", "epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != AUTO:  # the CLI passes text
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    bad(name, f"expected a number or {AUTO!r}")
+        if self.epsilon != AUTO and not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            bad("epsilon", f"must be a finite number > 0 or {AUTO!r}")
         if self.learning_rate != AUTO and not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             bad("learning_rate", "must be a finite number >= 0")
         for name in (

@@ -111,9 +111,11 @@ class OneSidedNormalised:
         return [DirectionEstimate(s, loss, base, (loss - base) * scale) for s, loss in zip(seeds, losses)]
 
 
-def make_estimator(config) -> Estimator:
-    """The estimator `config.estimator` names, with the config's hyperparameters."""
-    seed, eps, q = config.seed, config.epsilon, config.num_directions
+def make_estimator(config, epsilon: Optional[float]) -> Estimator:
+    """The estimator `config.estimator` names, with the config's hyperparameters at scale
+    `epsilon` (the config's, or --epsilon auto's choice; None: not chosen yet: the trainer
+    chooses it before the first step)."""
+    seed, eps, q = config.seed, epsilon, config.num_directions
     if config.estimator == "fzoo":
         return OneSidedNormalised(seed, eps, q)
     if config.estimator == "lowrank":

@@ -65,10 +65,9 @@ class LearningRateSearch:
         }
 
 
-def probe_plan(passes_per_step: int, max_steps: int, batches: int, directions: int) -> tuple:
-    """(batches, directions per batch) within BUDGET_FRACTION of the run's passes: fewer
-    batches first, then fewer directions; at least one of each (3 passes)."""
-    budget = BUDGET_FRACTION * passes_per_step * max_steps
+def probe_plan(budget: float, batches: int, directions: int) -> tuple:
+    """(batches, directions per batch) within `budget` passes: fewer batches first, then
+    fewer directions; at least one of each (3 passes)."""
     while batches > 1 and batches * (2 * directions + 1) > budget:
         batches -= 1
     while directions > 1 and batches * (2 * directions + 1) > budget:

@@ -130,7 +130,7 @@ def load_data(config: MeZOConfig, tokenizer) -> tuple:
     check_objective_fits(config.objective, train_set.has_candidates, config.train_file)
     held_back = None
     wanted = max(
-        config.lr_search_batches if config.learning_rate == AUTO else 0,
+        config.lr_search_batches if AUTO in (config.learning_rate, config.epsilon) else 0,
         config.guard_batches if config.divergence_guard == "on" else 0,
     )
     if wanted:
@@ -208,7 +208,7 @@ def setup(config: MeZOConfig, model=None, tokenizer=None) -> Run:
         claim.commit()
     logger.info("perturbation mechanism: %s", trainer.backend.mechanism)
     logger.info(
-        "estimator %s: lr %s, epsilon %g, q %d%s", config.estimator, config.learning_rate, config.epsilon,
+        "estimator %s: lr %s, epsilon %s, q %d%s", config.estimator, config.learning_rate, config.epsilon,
         config.num_directions, f" (defaults applied: {config.defaults_applied})" if config.defaults_applied else "",
     )  # fmt: skip
     return run

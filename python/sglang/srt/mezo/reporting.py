@@ -46,7 +46,7 @@ class StepLog:
 
     def write(self, out, seconds: float, cache_stats: dict, mechanism: str) -> None:
         record = {k: v for k, v in out.metrics().items() if k not in ("per_direction", "applied")}
-        for occasional in ("guard", "lr_search", "reward"):  # only where they happened / apply
+        for occasional in ("guard", "lr_search", "epsilon_search", "reward"):  # only where they happened / apply
             if record[occasional] is None:
                 del record[occasional]
         record["q"] = len(out.per_direction)

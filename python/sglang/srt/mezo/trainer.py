@@ -18,11 +18,12 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from sglang.srt.mezo.backends.base import Backend
-from sglang.srt.mezo.config import AUTO, MeZOConfig, default_learning_rate
+from sglang.srt.mezo.config import AUTO, MeZOConfig, estimator_default
 from sglang.srt.mezo.distributed import reduce_sum_count
+from sglang.srt.mezo.epsilon_search import EpsilonSearch, search_epsilon
 from sglang.srt.mezo.estimators import direction_seed, make_estimator
 from sglang.srt.mezo.guard import BEST_WEIGHTS_FILE, RESTORE, SNAPSHOT, DivergenceGuard, describe
-from sglang.srt.mezo.lr_search import LearningRateSearch, probe_plan, search_learning_rate
+from sglang.srt.mezo.lr_search import BUDGET_FRACTION, LearningRateSearch, probe_plan, search_learning_rate
 from sglang.srt.mezo.objectives import RowObjective, accuracy_counts, has_candidates, make_objective
 from sglang.srt.mezo.rewards.objective import RewardObjective
 
@@ -74,6 +75,7 @@ class StepOutput:
     applied: list = field(default_factory=list)  # [(seed, clipped coefficient)] of the update
     guard: Optional[dict] = None  # what the divergence guard did after this step, if anything
     lr_search: Optional[dict] = None  # --lr auto's probes and choice, on the run's first step
+    epsilon_search: Optional[dict] = None  # --epsilon auto's probes and choice, on the run's first step
     reward: Optional[dict] = None  # reward objective: mean/std of the rewards of every pass of the step
 
     @classmethod
@@ -130,7 +132,9 @@ class MeZOTrainer:
         if objective is None and config.objective == "reward":
             objective = RewardObjective.from_config(config, tokenizer)
         self.objective = objective
-        self.estimator = make_estimator(config)
+        self._epsilon_found: Optional[float] = None
+        self.estimator = make_estimator(config, epsilon=None if config.epsilon == AUTO else config.epsilon)
+        self._epsilon_search: Optional[EpsilonSearch] = None  # logged with the next step
         self.global_step = 0
         self.epoch = 0
         self.batches_seen_in_epoch = 0
@@ -159,6 +163,51 @@ class MeZOTrainer:
             raise RuntimeError("learning_rate='auto': call find_learning_rate(batches) first (train() does)")
         return self.learning_rate_found
 
+    @property
+    def epsilon(self) -> float:
+        """The perturbation scale: the configured one, or what `find_epsilon` chose for ``epsilon="auto"``."""
+        if self.config.epsilon != AUTO:
+            return self.config.epsilon
+        if self.epsilon_found is None:
+            raise RuntimeError("epsilon='auto': call find_epsilon(batches) first (train() does)")
+        return self.epsilon_found
+
+    @property
+    def epsilon_found(self) -> Optional[float]:
+        """--epsilon auto's choice (checkpointed); setting it rebuilds the estimator at that scale."""
+        return self._epsilon_found
+
+    @epsilon_found.setter
+    def epsilon_found(self, value: Optional[float]) -> None:
+        self._epsilon_found = value
+        if value is not None:
+            self.estimator = make_estimator(self.config, epsilon=value)
+
+    def _search_budget(self) -> float:
+        """Forward passes the searches may take together: BUDGET_FRACTION of the run's."""
+        return BUDGET_FRACTION * self.estimator.passes_per_step() * self.config.max_steps
+
+    def find_epsilon(self, batch: dict) -> EpsilonSearch:
+        """``--epsilon auto``: the largest scale at which the loss is linear along seeded
+        directions on `batch` (held back from training; `epsilon_search`), or the estimator's
+        default where no scale is (logged). The weights are left bit for bit as they were."""
+        c = self.config
+        default = estimator_default(c, "epsilon")
+        share = 0.5 if c.learning_rate == AUTO else 1.0  # --lr auto probes after it, at this scale
+
+        def loss_at(seed: Optional[int], scale: float) -> float:
+            return self._loss(self._objective_for(batch, self.global_step), batch, seed, scale)
+
+        search = search_epsilon(loss_at, run_seed=c.seed, default=default, max_passes=share * self._search_budget())
+        if search.epsilon is None:
+            search.epsilon = default
+            logger.warning("--epsilon auto: the loss is linear at no probed scale; the estimator's default %g is used",
+                           default)  # fmt: skip
+        logger.info("--epsilon auto: %g (%d passes)", search.epsilon, search.passes)
+        self.epsilon_found = search.epsilon
+        self._epsilon_search = search
+        return search
+
     def find_learning_rate(self, batches: list) -> LearningRateSearch:
         """``--lr auto``: probes the loss's curvature and the gradient's noise at the current
         weights on `batches` (held back from training; `lr_search`) and keeps the rate it
@@ -166,18 +215,19 @@ class MeZOTrainer:
         weights are left bit for bit as they were."""
         c = self.config
         batches, directions = batches[: c.lr_search_batches], c.lr_search_directions
-        count, directions = probe_plan(self.estimator.passes_per_step(), c.max_steps, len(batches), directions)
+        spent = self._epsilon_search.passes if self._epsilon_search is not None else 0
+        count, directions = probe_plan(self._search_budget() - spent, len(batches), directions)
 
         def loss_at(b: int, seed: Optional[int], scale: float) -> float:
             batch = batches[b]  # (a reward's probes sample as step 0's passes do)
             return self._loss(self._objective_for(batch, self.global_step), batch, seed, scale)
 
         search = search_learning_rate(
-            loss_at, run_seed=c.seed, epsilon=c.epsilon, num_directions=c.num_directions, estimator=c.estimator,
+            loss_at, run_seed=c.seed, epsilon=self.epsilon, num_directions=c.num_directions, estimator=c.estimator,
             batches=count, directions=directions,
         )  # fmt: skip
         if search.learning_rate is None:
-            search.learning_rate = default_learning_rate(c)
+            search.learning_rate = estimator_default(c, "learning_rate")
             logger.warning(
                 "--lr auto: no measurable curvature (mean |z^T H z| %s); the estimator's default %g is used",
                 search.kappa,
@@ -205,7 +255,7 @@ class MeZOTrainer:
         self._check_batch(batch)
         objective = self._objective_for(batch, self.global_step)
         if self.global_step == 0:
-            self._warn_if_vanishing("perturbation", direction_seed(c.seed, 0, 0), c.epsilon)
+            self._warn_if_vanishing("perturbation", direction_seed(c.seed, 0, 0), self.epsilon)
         lr = learning_rate_at(c, self.global_step, self.base_learning_rate)
         if self.guard is not None:
             lr *= self.guard.lr_scale
@@ -220,6 +270,8 @@ class MeZOTrainer:
                 out.reward = objective.summary()
             if self._lr_search is not None:
                 out.lr_search, self._lr_search = self._lr_search.record(), None
+            if self._epsilon_search is not None:
+                out.epsilon_search, self._epsilon_search = self._epsilon_search.record(), None
             if not all(math.isfinite(e.loss_perturbed) and math.isfinite(e.loss_baseline) for e in estimates):
                 return self._skip(out)
             self.nonfinite_in_a_row = 0
@@ -360,12 +412,15 @@ class MeZOTrainer:
         `on_step(output, seconds)` is called after each step (logging, checkpoints, keeping
         the outputs if you want them); `should_stop()`, asked after each step, ends the loop
         early (a signal, say). `held_back`: training batches kept out of `dataloader`, which
-        ``learning_rate="auto"`` probes first and the divergence guard checks the weights on
-        (`guard`); default: the loader's first batches (then not held back).
+        ``epsilon="auto"`` and ``learning_rate="auto"`` probe first (in that order) and the
+        divergence guard checks the weights on (`guard`); default: the loader's first batches
+        (then not held back).
         """
         c = self.config
-        if held_back is None and (c.learning_rate == AUTO or self.guard is not None):
+        if held_back is None and (AUTO in (c.learning_rate, c.epsilon) or self.guard is not None):
             held_back = list(itertools.islice(dataloader, max(c.lr_search_batches, c.guard_batches)))
+        if c.epsilon == AUTO and self.epsilon_found is None:
+            self.find_epsilon(held_back[0])
         if c.learning_rate == AUTO and self.learning_rate_found is None:
             self.find_learning_rate(held_back[: c.lr_search_batches])
         guard_batches = None if self.guard is None else held_back[: c.guard_batches]
