@@ -141,10 +141,10 @@ def load_data(config: MeZOConfig, tokenizer) -> tuple:
             held_back = list(
                 create_dataloader(probe_set, config.batch_size, shuffle=False, distributed=False, **loader)
             )
-        else:
-            logger.warning(
-                "%s: %d examples, too few to hold a tenth back; --lr auto and the divergence guard use the first "
-                "training batches", config.train_file, len(train_set),
+        else:  # (toy data: the searches and checks then read training batches)
+            logger.info(
+                "%s: %d examples, too few to hold a tenth back; --lr auto, --epsilon auto and the divergence guard "
+                "read the first training batches", config.train_file, len(train_set),
             )  # fmt: skip
     train_loader = create_dataloader(train_set, config.batch_size, shuffle=True, **config.loader_options())
     if not config.eval_file:

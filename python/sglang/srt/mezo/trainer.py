@@ -428,7 +428,7 @@ class MeZOTrainer:
         if self.guard is not None and self.guard.start is None:
             self.guard.begin(self._guard_check(guard_batches))
             self.snapshot_best_weights()  # the weights the guard comes back to until a check beats them
-            logger.info("divergence guard: the start scores %s on %d held-back batches", describe(self.guard.start),
+            logger.info("divergence guard: the start scores %s on %d batches", describe(self.guard.start),
                         len(guard_batches))  # fmt: skip
             guard_note = {"start": self.guard.start}
         steps = skipped = 0
