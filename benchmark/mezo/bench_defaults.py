@@ -21,6 +21,8 @@ interrupted run keeps what it finished.
     .venv/bin/python benchmark/mezo/bench_defaults.py --quick              # < 5 min: 2 tasks, 60 passes
     .venv/bin/python benchmark/mezo/bench_defaults.py --rows grid --grid-points 1 --seeds 1   # one grid point
     .venv/bin/python benchmark/mezo/bench_defaults.py --rows defaults --seeds 2 --first-seed 1  # more seeds
+    .venv/bin/python benchmark/mezo/bench_defaults.py --rows grid --seeds 2 --first-seed 1 \
+        --grid-best demo=1e-3,vader=3e-3,emotion=1e-3,demo_full=1e-6,names=3e-3,continent=1e-3,past_tense=3e-4
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=300, help="forward passes per run")
     parser.add_argument("--rows", default="zero-shot,defaults,auto,grid", help="which rows to run")
     parser.add_argument("--grid-points", default="0,1,2", help="which learning rates of each grid (indices)")
+    parser.add_argument(
+        "--grid-best",
+        default=None,
+        help="task=lr,...: the grid's best rates found before; the grid row then runs only these, on the seeds given",
+    )
     parser.add_argument("--quick", action="store_true", help="2 tasks, 60 passes, one seed, no grid")
     parser.add_argument("--out", type=Path, default=Path("mezo_output/bench_defaults"))
     args = parser.parse_args()
@@ -154,19 +161,27 @@ def main() -> None:
                       f"check passes {[r['guard_check_passes'] for r in runs]})",
                       flush=True)  # fmt: skip
                 save()
+        known_best = dict(item.split("=") for item in args.grid_best.split(",")) if args.grid_best else {}
         for name in args.tasks.split(",") if "grid" in rows else ():
             table, trainable = report["tasks"][name], TASKS[name][1]
             peft, grid = PEFT[trainable], {}
+
+            def mezo_at(lr: float, seed: int, peft=peft, task=files[name]) -> dict:
+                fields = dict(peft=peft, estimator="mezo", learning_rate=lr, seed=seed)
+                return train_and_evaluate(base, tokenizer, task, fields, args.passes, work)
+
+            if known_best:  # the scan ran before: its best rate on these seeds
+                best = float(known_best[name])
+                runs = [mezo_at(best, s) for s in seeds]
+                table["grid"] = {"lr": best, **summary(runs), "runs": runs}
+                print(f"[{time.perf_counter() - started:6.0f} s] {name}: mezo lr {best:g} {summary(runs)}", flush=True)
+                save()
+                continue
             for lr in [GRIDS[trainable][int(i)] for i in args.grid_points.split(",")]:
-                fields = dict(peft=peft, estimator="mezo", learning_rate=lr, seed=0)
-                grid[lr] = train_and_evaluate(base, tokenizer, files[name], fields, args.passes, work)
+                grid[lr] = mezo_at(lr, 0)
                 print(f"[{time.perf_counter() - started:6.0f} s] {name}: mezo lr {lr:g}: {grid[lr]}", flush=True)
             best = max(grid, key=lambda lr: (grid[lr].get("accuracy", 0.0), -grid[lr]["loss"]))
-            runs = [grid[best]] + [
-                train_and_evaluate(base, tokenizer, files[name], dict(peft=peft, estimator="mezo", learning_rate=best,
-                                                                     seed=s), args.passes, work)
-                for s in range(1, args.seeds)
-            ]  # fmt: skip
+            runs = [grid[best]] + [mezo_at(best, s) for s in range(1, args.seeds)]
             table["grid"] = {"lr": best, "points": {str(k): v for k, v in grid.items()}, **summary(runs), "runs": runs}
             save()
     report["seconds"] = round(time.perf_counter() - started, 1)
