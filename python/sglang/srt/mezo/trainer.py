@@ -157,20 +157,20 @@ class MeZOTrainer:
     def base_learning_rate(self) -> float:
         """The learning rate before warm-up, decay and the guard: the configured one, or
         what `find_learning_rate` chose for ``learning_rate="auto"``."""
-        if self.config.learning_rate != AUTO:
-            return self.config.learning_rate
-        if self.learning_rate_found is None:
-            raise RuntimeError("learning_rate='auto': call find_learning_rate(batches) first (train() does)")
-        return self.learning_rate_found
+        return self._configured_or_found("learning_rate", self.learning_rate_found, "find_learning_rate")
 
     @property
     def epsilon(self) -> float:
         """The perturbation scale: the configured one, or what `find_epsilon` chose for ``epsilon="auto"``."""
-        if self.config.epsilon != AUTO:
-            return self.config.epsilon
-        if self.epsilon_found is None:
-            raise RuntimeError("epsilon='auto': call find_epsilon(batches) first (train() does)")
-        return self.epsilon_found
+        return self._configured_or_found("epsilon", self.epsilon_found, "find_epsilon")
+
+    def _configured_or_found(self, name: str, found: Optional[float], finder: str) -> float:
+        value = getattr(self.config, name)
+        if value != AUTO:
+            return value
+        if found is None:
+            raise RuntimeError(f"{name}='auto': call {finder}(batches) first (train() does)")
+        return found
 
     @property
     def epsilon_found(self) -> Optional[float]:
