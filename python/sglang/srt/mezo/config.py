@@ -445,6 +445,14 @@ class MeZOConfig:
             chosen_by_us = "learning_rate" in applied or self.learning_rate == AUTO
             self.divergence_guard = "on" if chosen_by_us else "off"
 
+    def held_back_batches(self) -> int:
+        """Training batches the run keeps out of training: what --lr auto / --epsilon auto
+        probe and the divergence guard checks (0: none of them is on)."""
+        return max(
+            self.lr_search_batches if AUTO in (self.learning_rate, self.epsilon) else 0,
+            self.guard_batches if self.divergence_guard == "on" else 0,
+        )
+
     def dataset_options(self) -> dict:
         """Keyword arguments of `MeZODataset` from this config."""
         return dict(

@@ -26,7 +26,7 @@ from sglang.srt.mezo.checkpoint import (
     run_identity,
     save_checkpoint,
 )
-from sglang.srt.mezo.config import AUTO, MeZOConfig
+from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
 from sglang.srt.mezo.data.dataset import hold_back
 from sglang.srt.mezo.distributed import agreement_callback, assert_ranks_agree, init_distributed, is_main_process
@@ -129,10 +129,7 @@ def load_data(config: MeZOConfig, tokenizer) -> tuple:
     train_set = MeZODataset(config.train_file, tokenizer, **config.dataset_options())
     check_objective_fits(config.objective, train_set.has_candidates, config.train_file)
     held_back = None
-    wanted = max(
-        config.lr_search_batches if AUTO in (config.learning_rate, config.epsilon) else 0,
-        config.guard_batches if config.divergence_guard == "on" else 0,
-    )
+    wanted = config.held_back_batches()
     if wanted:
         count = min(wanted * config.batch_size, len(train_set) // 10)  # at most a tenth
         if count:

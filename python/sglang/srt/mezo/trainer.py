@@ -417,8 +417,8 @@ class MeZOTrainer:
         (then not held back).
         """
         c = self.config
-        if held_back is None and (AUTO in (c.learning_rate, c.epsilon) or self.guard is not None):
-            held_back = list(itertools.islice(dataloader, max(c.lr_search_batches, c.guard_batches)))
+        if held_back is None and c.held_back_batches():
+            held_back = list(itertools.islice(dataloader, c.held_back_batches()))
         if c.epsilon == AUTO and self.epsilon_found is None:
             self.find_epsilon(held_back[0])
         if c.learning_rate == AUTO and self.learning_rate_found is None:
