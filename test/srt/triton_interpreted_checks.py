@@ -43,6 +43,22 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+class _Counting:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are counted in `counts[name]`."""
+
+    def __init__(self, kernel, counts: dict, name: str):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.counts[self.name] += 1
+            return launch(*args, **kwargs)
+
+        return counted
+
+
 @triton.jit
 def _fused_mul_add(a, b, c):
     return tl.fma(a, b, c)
@@ -151,6 +167,72 @@ class TestTritonKernelsInterpreted(unittest.TestCase):
                     w_ref = w0.clone()
                     spec.update_(w_ref, kind, keys, coefs, 1e-2, 0.1)
                     self.assertTrue(same_bits(w, w_ref))
+
+    def test_engine_views_take_one_launch_per_unit_and_dtype(self):
+        """Engine-shaped tensors: row-block shards (rank 1 of 2) viewed out of fused buffers
+        (as `shard_maps` builds them for qkv_proj), in two dtypes, owned by one module. The
+        unit's in-place perturbation takes one grouped launch per dtype (the backups in its
+        scratch), its restore none; the update of all of them one launch per dtype. Every
+        value inside the pass and after the update equals the torch reference drawing z at
+        each shard's unsharded offsets (`ShardLayout`); after the pass, the buffers are
+        their start bit for bit. Canary: z from each view's element 0 (the layouts dropped)
+        gives other values."""
+        from sglang.srt.mezo.perturbation import UnitScopedPerturbation, WeightVersions
+        from sglang.srt.mezo.sharding import ShardLayout
+        from sglang.srt.mezo.trainable import TrainableTensor
+        from sglang.srt.mezo.zo_sgd import commit_update, prepare_update
+
+        class Fused(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                generator = torch.Generator().manual_seed(3)
+                self.qkv = torch.nn.Parameter(torch.randn(96, 40, generator=generator), requires_grad=False)
+                self.norm = torch.nn.Parameter(torch.randn(3, 40, generator=generator).bfloat16(), requires_grad=False)
+
+            def forward(self, seen):
+                seen.append((self.qkv.detach().clone(), self.norm.detach().clone()))
+
+        def views(module, keep_layouts=True):
+            rows = {"q": (0, 64, 128), "k": (64, 16, 32), "v": (80, 16, 32)}  # (start, count, unsharded rows)
+            tensors = []
+            for name, (start, count, full) in rows.items():  # this rank holds the second half of each
+                layout = ShardLayout.rows((full, 40), full - count, count)
+                tensors.append(TrainableTensor(f"{name}_proj.weight", module.qkv.data[start : start + count],
+                                               [module], True, layout=layout if keep_layouts else None))  # fmt: skip
+            layout = ShardLayout.rows((6, 40), 3, 3)  # 120 elements in: z from element 120 (not a multiple of 64)
+            tensors.append(TrainableTensor("norm.weight", module.norm.data, [module], False, layout=layout))
+            return tensors
+
+        def run(name, keep_layouts=True):
+            module = Fused()
+            start = (module.qkv.detach().clone(), module.norm.detach().clone())
+            tensors = views(module, keep_layouts)
+            mechanism = UnitScopedPerturbation(tensors, "gaussian", WeightVersions())
+            seen, launches = [], {"axpy": 0, "update": 0}
+            counting = {
+                kind: mock.patch.object(triton_kernels, f"_{kind}_group_kernel", _Counting(
+                    getattr(triton_kernels, f"_{kind}_group_kernel"), launches, kind))
+                for kind in launches
+            }  # fmt: skip
+            with kernels.forced(name), counting["axpy"], counting["update"]:
+                with mechanism.scope(5, 1e-2):
+                    module(seen)
+                after_pass = (module.qkv.detach().clone(), module.norm.detach().clone())
+                plan = prepare_update(tensors, [(5, 0.7), (6, -0.2)], 1e-2, 0.1, 0.0)
+                commit_update(tensors, plan, "gaussian", WeightVersions())
+            return seen[0], start, after_pass, (module.qkv.detach(), module.norm.detach()), launches
+
+        pass_t, start_t, after_t, updated_t, launches = run("triton")
+        pass_r, start_r, _, updated_r, _ = run("reference")
+        for a, b in zip((*pass_t, *updated_t), (*pass_r, *updated_r)):
+            self.assertTrue(same_bits(a, b))
+        for a, b in zip(after_t, start_t):
+            self.assertTrue(same_bits(a, b))
+        self.assertFalse(same_bits(pass_t[0], start_t[0]))  # the pass saw perturbed values
+        # q, k, v: one float32 group; the bf16 norm starts z at element 120: the reference writes it
+        self.assertEqual(launches, {"axpy": 1, "update": 1})
+        canary, *_ = run("triton", keep_layouts=False)
+        self.assertFalse(same_bits(canary[0], pass_r[0]))
 
     def test_trainer_step_with_triton_forced_equals_numba_path(self):
         """The whole trainer (perturbation swapped in per module, update) with the Triton

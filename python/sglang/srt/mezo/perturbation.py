@@ -36,6 +36,7 @@ from sglang.srt.mezo.kernels import (
     PairedWrites,
     axpy_direction_,
     direction_chunk,
+    fast_kernel_start,
     reference,
     tensor_key,
 )
@@ -227,17 +228,23 @@ class UnitScopedPerturbation:
             self._restore(*self._active.pop())
 
     def _perturb_unit(self, unit, keys: dict, scale: float, saved: list) -> None:
-        """The unit's parameters: perturbed copies written into fixed scratch slots in one
-        batch of launches, then swapped in (w itself is never written). Masters and views:
-        one by one."""
-        writes, swapped = self._unit_writes(unit)
-        writes(self.kind, [keys[t.name] for t in swapped], scale)
-        for t, perturbed in zip(swapped, writes.dsts):
+        """The unit's tensors in one batch of launches per kind of write: its parameters'
+        perturbed copies into fixed scratch slots, then swapped in (w itself is never
+        written); views into larger buffers (the engine's) perturbed in place, each backup
+        written to its slot in the same pass. Masters and views the fast kernels cannot
+        address: one by one."""
+        copies, swapped, in_place, views = self._unit_writes(unit)
+        copies(self.kind, [keys[t.name] for t in swapped], scale)
+        for t, perturbed in zip(swapped, copies.dsts):
             saved.append((t, t.param.data))
             t.param.data = perturbed
             self._perturbed.add(id(t))
+        in_place(self.kind, [keys[t.name] for t in views], scale)
+        for t, backup in zip(views, in_place.saves):
+            saved.append((t, backup))  # only now do the backups hold the values (a failed launch wrote nothing)
+            self._perturbed.add(id(t))
         for t in self._by_unit[unit]:
-            if not _swappable(t):
+            if _slot_kind(t) is None:
                 self._perturb_one(t, keys[t.name], scale, saved)
 
     def _perturb_one(self, t: TrainableTensor, key: int, scale: float, saved: list) -> None:
@@ -268,29 +275,42 @@ class UnitScopedPerturbation:
         reference.axpy_(dst, src, kind, seed, effective_alpha(kind, dst.dtype, scale), save, z_of=z_of)
 
     def _restore(self, unit, saved):
+        views, backups = [], []
         for t, original in saved:
             if t.master is not None:
                 t.sync_param()
             elif _swappable(t):
                 t.param.data = original
             else:
-                t.param.detach().copy_(original)
+                views.append(t.param.detach())
+                backups.append(original)
             self._perturbed.discard(id(t))
+        if views:
+            torch._foreach_copy_(views, backups)  # one multi-tensor launch on a GPU
         for m in self._owners[unit]:
             self.versions.bump(m)
 
     def _unit_writes(self, unit) -> tuple:
-        """(PairedWrites from the unit's swappable parameters into their scratch slots, those tensors)."""
+        """(`PairedWrites` of perturbed copies into scratch slots (`_slots`), the swappable
+        parameters they are of, `PairedWrites` in place with backups into slots, the views
+        they write): the unit's two batches of writes, built once."""
         if unit in self._writes:
             return self._writes[unit]
-        swapped = [t for t in self._by_unit[unit] if _swappable(t)]
-        offsets, _ = _slots(swapped)
-        dsts = []
-        for t, offset in zip(swapped, offsets):
+        slotted = [t for t in self._by_unit[unit] if _slot_kind(t) is not None]
+        offsets, _ = _slots(slotted)
+        slot = {}
+        for t, offset in zip(slotted, offsets):
             p = t.param.detach()
             buffer = self._scratch_buffer(p.device)
-            dsts.append(buffer[offset : offset + _nbytes(p)].view(p.dtype).view(p.shape))
-        self._writes[unit] = (PairedWrites(dsts, [t.param for t in swapped]), swapped)
+            slot[id(t)] = buffer[offset : offset + _nbytes(p)].view(p.dtype).view(p.shape)
+        swapped = [t for t in slotted if _slot_kind(t) == "copy"]
+        views = [t for t in slotted if _slot_kind(t) == "backup"]
+        copies = PairedWrites([slot[id(t)] for t in swapped], [t.param for t in swapped])
+        in_place = PairedWrites(
+            [t.param.detach() for t in views], [t.param.detach() for t in views], [slot[id(t)] for t in views],
+            [t.layout for t in views],
+        )  # fmt: skip
+        self._writes[unit] = (copies, swapped, in_place, views)
         return self._writes[unit]
 
     def _scratch_buffer(self, device: torch.device) -> torch.Tensor:
@@ -305,11 +325,23 @@ def _swappable(t: TrainableTensor) -> bool:
     return t.master is None and isinstance(t.param, nn.Parameter) and not is_shard(t.layout)
 
 
+def _slot_kind(t: TrainableTensor) -> Optional[str]:
+    """What a tensor's scratch slot holds during its unit's call: ``"copy"``, its perturbed
+    copy (swappable parameters); ``"backup"``, its values while it is perturbed in place (a
+    view into a larger buffer that the fast kernels address as one run: `fast_kernel_start`);
+    None: no slot (float32 masters; views written by the reference, with their own backup)."""
+    if _swappable(t):
+        return "copy"
+    if t.master is None and fast_kernel_start(t.layout, t.param.detach()) is not None:
+        return "backup"
+    return None
+
+
 def _slots(tensors: list) -> tuple:
-    """(byte offset of each swappable tensor's scratch slot, bytes of scratch), per device."""
+    """(byte offset of each tensor's scratch slot, bytes of scratch), per device."""
     offsets, end = [], {}
     for t in tensors:
-        if not _swappable(t):
+        if _slot_kind(t) is None:
             offsets.append(None)
             continue
         device = t.param.device

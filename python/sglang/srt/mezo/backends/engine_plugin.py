@@ -7,8 +7,10 @@ process boundary; z is regenerated here from (seed, HF parameter name, offset), 
 engine draws exactly the z the transformers backend draws.
 
 The engine's parameters are perturbed in place with the same `UnitScopedPerturbation`
-as the transformers backend: a module's tensors are perturbed just before it runs and
-restored from a backup right after, so weights are bit-exact after any lr=0 step. Fused
+as the transformers backend: a unit's tensors (a decoder layer's, within the scratch
+budget) are perturbed just before it runs, in one grouped launch per dtype with their
+backups written to scratch in the same pass, and restored from it right after, so weights
+are bit-exact after any lr=0 step. Fused
 engine tensors (``qkv_proj``, ``gate_up_proj``) are split into row-slice views, one per
 logical HF tensor (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``).
 
@@ -59,7 +61,9 @@ class EngineMeZO:
     equal at start-up, each its part of the unsharded tensor (the checkpoint, or the adapter).
     """
 
-    def __init__(self, tensors: list, kind: str, patterns, reference: list, residency=None, tp=SINGLE_PROCESS):
+    def __init__(
+        self, tensors: list, kind: str, patterns, reference: list, residency=None, tp=SINGLE_PROCESS, root=None
+    ):
         if patterns:
             regexes = [re.compile(p) for p in patterns]
             tensors = [t for t in tensors if any(r.search(t.name) for r in regexes)]
@@ -70,7 +74,9 @@ class EngineMeZO:
             TrainableTensor(t.name, t.view, t.owners, decay=weight_decay_applies(t.name, t.view), layout=t.layout)
             for t in tensors
         ]
-        self.perturbation = UnitScopedPerturbation(self.tensors, kind, self.versions)
+        # `root` (the engine's model) merges owner modules into decoder layers, as the
+        # transformers path does: one grouped launch per layer and dtype instead of one per tensor
+        self.perturbation = UnitScopedPerturbation(self.tensors, kind, self.versions, root=root)
         self.scope = contextlib.ExitStack()
         self.reference = reference
         self.residency = residency  # () -> raises when the trained tensors moved (LoRA eviction)
@@ -169,7 +175,9 @@ def mezo_setup(scheduler, owner: str, kind: str, patterns, model_path: str, lora
     tp = TensorParallel.of_this_process()
     if lora_name is None:
         tensors = logical_tensors(runner.model, hf_config, tp)
-        state = EngineMeZO(tensors, kind, patterns, sorted(Path(model_path).glob("*.safetensors")), tp=tp)
+        state = EngineMeZO(
+            tensors, kind, patterns, sorted(Path(model_path).glob("*.safetensors")), tp=tp, root=runner.model
+        )
     else:
         from safetensors import safe_open
 
@@ -187,7 +195,7 @@ def mezo_setup(scheduler, owner: str, kind: str, patterns, model_path: str, lora
             if manager.memory_pool.uid_to_buffer_id.get(lora_id) != slot:
                 raise RuntimeError(f"LoRA adapter {lora_name!r} left pool slot {slot}: its trained values are lost")
 
-        state = EngineMeZO(tensors, kind, patterns, [adapter_file], residency, tp)
+        state = EngineMeZO(tensors, kind, patterns, [adapter_file], residency, tp, root=runner.model)
     if _current is not None:  # the previous backend's state: weights put back, hooks off
         _current[1].scope.close()
         _current[1].perturbation.remove()
@@ -216,7 +224,10 @@ def mezo_end(state: EngineMeZO):
 
 
 def mezo_update(state: EngineMeZO, terms, lr: float, weight_decay: float, momentum: float):
-    """The ZO-SGD update of the directions `terms` [(seed, coefficient)] (`commit_update`)."""
+    """The ZO-SGD update of the directions `terms` [(seed, coefficient)] (`commit_update`),
+    written before the call returns. It never waits for the next pass here, as it does on
+    the transformers backend: the engine reads its weights outside any hook too (a decode
+    replayed from a CUDA graph, SGLang's own weight APIs)."""
     state.check_resident()
     plan = prepare_update(state.tensors, [(int(s), float(g)) for s, g in terms], lr, weight_decay, momentum)
     commit_update(state.tensors, plan, state.kind, state.versions)

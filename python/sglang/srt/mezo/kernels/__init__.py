@@ -14,8 +14,8 @@ tensor; `forced(name)` overrides it within a block (tests run the Triton kernels
 tensors this way, under ``TRITON_INTERPRET=1``). A tensor-parallel shard (a
 `sharding.ShardLayout` that is not the whole tensor) draws z at its elements' offsets in the
 unsharded tensor: on CPU, a block of rows that starts on a 64-element boundary of the
-unsharded tensor goes to numba from that offset (`_fast_start`); column shards, unaligned
-rows and every shard on a GPU go to the reference. Whole tensors take the fast kernels.
+unsharded tensor goes to numba (on a GPU: Triton) from that offset (`fast_kernel_start`); column
+shards and unaligned rows go to the reference. Whole tensors take the fast kernels.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ __all__ = [
     "axpy_direction_",
     "direction",
     "direction_chunk",
+    "fast_kernel_start",
     "forced",
     "implementation",
     "tensor_key",
@@ -156,7 +157,7 @@ def axpy_direction_(
 
     `src` is `w` itself or another tensor of its shape on its device (a backup, a float32
     master); `save`, if given, receives src's values in the same pass. Shards the fast
-    kernels cannot address go to the reference kernel (`_fast_start`). If this raises, `w`
+    kernels cannot address go to the reference kernel (`fast_kernel_start`). If this raises, `w`
     is as it was (the kernels fail only before writing; the chunked reference undoes itself
     from `save`).
     """
@@ -164,21 +165,19 @@ def axpy_direction_(
     if w.device != src.device or (save is not None and save.device != w.device):
         raise ValueError(f"axpy_direction_: w on {w.device}, src on {src.device}: one device expected")
     alpha = effective_alpha(kind, w.dtype, alpha)
-    first = _fast_start(layout, w, src, save)
+    first = fast_kernel_start(layout, w, src, save)
     name = "reference" if first is None else implementation(w)
     if name == "numba" and not all(t.dtype == torch.float32 for t in (src, *([save] if save is not None else []))):
         name = "reference"  # e.g. a bfloat16 backup: numba writes float32 only
-    if name == "triton" and first:
-        name = "reference"  # the Triton kernels draw z from a tensor's element 0
     if name == "reference":
         _module(name).axpy_(w, src, kind, key, alpha, save, layout)
     elif name == "numba":
         _module(name).axpy_(w, src, kind, key, alpha, save, first)
     else:
-        _module(name).axpy_(w, src, kind, key, alpha, save)
+        _module(name).axpy_(w, src, kind, key, alpha, save, first)
 
 
-def _fast_start(layout: Optional[ShardLayout], *tensors: Optional[torch.Tensor]) -> Optional[int]:
+def fast_kernel_start(layout: Optional[ShardLayout], *tensors: Optional[torch.Tensor]) -> Optional[int]:
     """Where a tensor's z starts in its unsharded tensor when a fast kernel can write it: a
     contiguous tensor whose elements are one run of the unsharded one (a whole tensor: 0;
     a block of rows) starting on a 64-element boundary (a Rademacher word, 32 Gaussian
@@ -194,10 +193,21 @@ class PairedWrites:
     """``dst_i = round(src_i + alpha * z_i)`` for a fixed list of (dst, src) pairs, issued
     together: one launch per device and dtype where the implementation takes groups
     (Triton), one `axpy_direction_` per pair elsewhere. The perturbation writes a unit's
-    scratch slots this way on every pass; the launch tables are built once."""
+    tensors this way on every pass (into its scratch slots, or in place with each backup
+    written to its slot in the same pass: `saves`); the launch tables are built once.
+    `layouts` place tensor-parallel shards (z from their offsets in the unsharded tensor);
+    a pair the fast kernels cannot address (`fast_kernel_start`) is written on its own."""
 
-    def __init__(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]):
+    def __init__(
+        self,
+        dsts: Sequence[torch.Tensor],
+        srcs: Sequence[torch.Tensor],
+        saves: Optional[Sequence[torch.Tensor]] = None,
+        layouts: Optional[Sequence[Optional[ShardLayout]]] = None,
+    ):
         self.dsts, self.srcs = list(dsts), list(srcs)
+        self.saves = list(saves) if saves is not None else None
+        self.layouts = list(layouts) if layouts is not None else [None] * len(self.dsts)
         self._plans: dict = {}  # forced implementation -> [(triton group or None, [pair index])]
 
     def __call__(self, kind: str, keys: Sequence[int], alpha: float) -> None:
@@ -205,7 +215,8 @@ class PairedWrites:
         for group, indices in self._plan():
             if group is None:
                 for i in indices:
-                    axpy_direction_(self.dsts[i], self.srcs[i], kind, keys[i], alpha)
+                    save = self.saves[i] if self.saves is not None else None
+                    axpy_direction_(self.dsts[i], self.srcs[i], kind, keys[i], alpha, save=save, layout=self.layouts[i])
             else:
                 group(kind, [keys[i] for i in indices], effective_alpha(kind, group.dtype, alpha))
 
@@ -213,14 +224,21 @@ class PairedWrites:
         if _forced not in self._plans:
             by_key: dict = {}
             for i, dst in enumerate(self.dsts):
-                name = implementation(dst)
-                by_key.setdefault((name, dst.device, dst.dtype) if name == "triton" else None, []).append(i)
+                save = self.saves[i] if self.saves is not None else None
+                grouped = (
+                    implementation(dst) == "triton"
+                    and fast_kernel_start(self.layouts[i], dst, self.srcs[i], save) is not None
+                )
+                by_key.setdefault((dst.device, dst.dtype) if grouped else None, []).append(i)
             plan = []
             for key, indices in by_key.items():
                 group = None
                 if key is not None:
                     group = _module("triton").AxpyGroup(
-                        [self.dsts[i] for i in indices], [self.srcs[i] for i in indices]
+                        [self.dsts[i] for i in indices],
+                        [self.srcs[i] for i in indices],
+                        [self.saves[i] for i in indices] if self.saves is not None else None,
+                        [fast_kernel_start(self.layouts[i], self.dsts[i]) for i in indices],
                     )
                 plan.append((group, indices))
             self._plans[_forced] = plan
@@ -254,14 +272,14 @@ def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], 
         targets = [UpdateTarget(t.weight, None, [t.keys[i] for i in kept], t.weight_decay, t.layout) for t in targets]
     by_implementation: dict = {}
     for t in targets:
-        first = _fast_start(t.layout, t.weight, t.momentum)
+        first = fast_kernel_start(t.layout, t.weight, t.momentum)
         name = "reference" if first is None else implementation(t.weight)
-        if first and not (name == "numba" and t.momentum is None):
-            name = "reference"  # only numba's in-place sweep starts z elsewhere than element 0
+        if first and name == "numba" and t.momentum is not None:
+            name = "reference"  # numba's update with momentum draws z from element 0 only
         by_implementation.setdefault(name, []).append((t, first))
     for name, group in by_implementation.items():
         if name == "triton":
-            _module(name).update_([t for t, _ in group], kind, coefs, lr, mu)
+            _module(name).update_([t for t, _ in group], kind, coefs, lr, mu, z_firsts=[first for _, first in group])
             continue
         for t, first in group:
             if name == "numba" and t.momentum is None:

@@ -2,8 +2,10 @@
 
 Each write reads and writes the weights once: the hash -> z -> ``w = round(src + alpha z)``
 perturbation (the backup, if asked for, in the same pass), and the whole ZO-SGD update
-(decay, q terms, momentum buffer) per tensor. One launch per tensor; float32, bfloat16,
-float16 and float64 weights; any length (masked tail); views with storage offsets.
+(decay, q terms, momentum buffer) per tensor. Grouped launches write many tensors of one
+dtype at once (a unit's perturbation, in place with backups or into scratch; the update of
+every tensor); float32, bfloat16, float16 and float64 weights; any length (masked tail);
+views with storage offsets; a shard's z from its place in the unsharded tensor.
 
 The bits are those of `reference` (and of the numba CPU kernels), so a run trained on a
 GPU replays bit for bit on a CPU. That rests on choices that make every operation
@@ -31,7 +33,7 @@ import contextlib
 import itertools
 import os
 import struct
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -189,32 +191,35 @@ def _fill_kernel(out_ptr, n, start, key_high, key_low, KIND: tl.constexpr, TILE:
 
 
 @triton.jit
-def _axpy_tile(dst, src_ptr, save_ptr, key, alpha, tile_start, n, KIND: tl.constexpr, TILE: tl.constexpr):
+def _axpy_tile(dst, src_ptr, save_ptr, key, alpha, tile_start, n, z_first, KIND: tl.constexpr, TILE: tl.constexpr):
     """One tile of ``dst = round(src + alpha z)`` (and ``save = src`` first unless save_ptr is
-    None); `n` None for a tile that lies wholly inside the tensor (no mask: vector accesses)."""
+    None); `n` None for a tile that lies wholly inside the tensor (no mask: vector accesses).
+    Element i takes z at ``z_first + i`` (a shard's place in its unsharded tensor: a
+    multiple of 64, so tiles stay whole words and pairs)."""
     offsets = _offsets(tile_start, KIND, TILE)
     mask = offsets < n if n is not None else None
     src = tl.load(src_ptr + offsets, mask=mask)
     if save_ptr is not None:
         tl.store(save_ptr + offsets, src, mask=mask)
-    z = _z(key, tile_start, KIND, TILE)
+    z = _z(key, z_first + tile_start, KIND, TILE)
     tl.store(dst + offsets, _axpy_value(src, z, alpha, KIND, dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _axpy_kernel(
-    w_ptr, src_ptr, save_ptr, n, key_high, key_low, alpha_high, alpha_low,
+    w_ptr, src_ptr, save_ptr, n, z_first, key_high, key_low, alpha_high, alpha_low,
     KIND: tl.constexpr, SAVE: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    """w[i] = round(src[i] + alpha z[i]); save[i] = src[i] first when SAVE (one read, one write)."""
+    """w[i] = round(src[i] + alpha z[z_first + i]); save[i] = src[i] first when SAVE (one read,
+    one write)."""
     tile_start = tl.program_id(0).to(tl.int64) * TILE
     key = _u64(key_high, key_low)
     alpha = _u64(alpha_high, alpha_low).to(tl.float64, bitcast=True)
     save = save_ptr if SAVE else None
     if tile_start + TILE <= n:
-        _axpy_tile(w_ptr, src_ptr, save, key, alpha, tile_start, None, KIND, TILE)
+        _axpy_tile(w_ptr, src_ptr, save, key, alpha, tile_start, None, z_first, KIND, TILE)
     else:
-        _axpy_tile(w_ptr, src_ptr, save, key, alpha, tile_start, n, KIND, TILE)
+        _axpy_tile(w_ptr, src_ptr, save, key, alpha, tile_start, n, z_first, KIND, TILE)
 
 
 @triton.jit
@@ -239,29 +244,33 @@ def _pointer(row_ptr, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _axpy_group_kernel(
     rows_ptr, tile_tensor_ptr, first_tile_ptr, keys_ptr, alpha_high, alpha_low,
-    KIND: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr,
+    KIND: tl.constexpr, SAVE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    """`_axpy_kernel` (no backup) over several tensors of one dtype in one launch. A row of
-    `rows` is (dst address, src address, numel); `keys` holds each row's key."""
+    """`_axpy_kernel` over several tensors of one dtype in one launch. A row of `rows` is
+    (dst address, src address, save address, numel, z offset of element 0) (the save
+    address is read only when SAVE); `keys` holds each row's key."""
     t, tile_start = _tile(tile_tensor_ptr, first_tile_ptr, TILE)
-    row = rows_ptr + 3 * t
+    row = rows_ptr + 5 * t
     dst = _pointer(row, 0, DTYPE, ALIGNED)
     src = _pointer(row, 1, DTYPE, ALIGNED)
-    n = tl.load(row + 2)
+    save = _pointer(row, 2, DTYPE, ALIGNED) if SAVE else None
+    n = tl.load(row + 3)
+    z_first = tl.load(row + 4)
     key = tl.load(keys_ptr + t).to(tl.uint64)
     alpha = _u64(alpha_high, alpha_low).to(tl.float64, bitcast=True)
     if tile_start + TILE <= n:
-        _axpy_tile(dst, src, None, key, alpha, tile_start, None, KIND, TILE)
+        _axpy_tile(dst, src, save, key, alpha, tile_start, None, z_first, KIND, TILE)
     else:
-        _axpy_tile(dst, src, None, key, alpha, tile_start, n, KIND, TILE)
+        _axpy_tile(dst, src, save, key, alpha, tile_start, n, z_first, KIND, TILE)
 
 
 @triton.jit
 def _update_tile(
-    w_ptr, m_ptr, keys_ptr, scalars_ptr, terms, factor, wd, tile_start, n,
+    w_ptr, m_ptr, keys_ptr, scalars_ptr, terms, factor, wd, tile_start, n, z_first,
     KIND: tl.constexpr, MOMENTUM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    """One tile of `reference.update_` (`n` None: a whole tile, no mask)."""
+    """One tile of `reference.update_` (`n` None: a whole tile, no mask; element i takes z at
+    ``z_first + i``, as in `_axpy_tile`)."""
     DTYPE = w_ptr.dtype.element_ty
     offsets = _offsets(tile_start, KIND, TILE)
     mask = offsets < n if n is not None else None
@@ -270,7 +279,7 @@ def _update_tile(
     if MOMENTUM:
         acc = tl.load(m_ptr + offsets, mask=mask).to(tl.float64) * tl.load(scalars_ptr + 1)
         for i in range(terms):
-            z = _z(tl.load(keys_ptr + i).to(tl.uint64), tile_start, KIND, TILE)
+            z = _z(tl.load(keys_ptr + i).to(tl.uint64), z_first + tile_start, KIND, TILE)
             acc = acc + z.to(tl.float64) * tl.load(scalars_ptr + 2 + i)
         if wd != 0.0:
             acc = acc + w.to(tl.float64) * wd
@@ -284,7 +293,7 @@ def _update_tile(
             else:
                 w = _round(w.to(tl.float32) * factor.to(tl.float32), DTYPE)
         for i in range(terms):
-            z = _z(tl.load(keys_ptr + i).to(tl.uint64), tile_start, KIND, TILE)
+            z = _z(tl.load(keys_ptr + i).to(tl.uint64), z_first + tile_start, KIND, TILE)
             w = _axpy_value(w, z, -lr * tl.load(scalars_ptr + 2 + i), KIND, DTYPE)
     tl.store(w_ptr + offsets, w, mask=mask)
 
@@ -296,21 +305,24 @@ def _update_group_kernel(
 ):  # fmt: skip
     """`reference.update_` over several tensors of one dtype in one launch, one pass each.
 
-    A row of `rows` is (weight address, float32 momentum address, numel); `decay` holds each
-    row's (1 - lr wd, wd), wd = 0 where the tensor is not decayed; `keys` each row's key per
-    term; `scalars` = [lr, mu, c_0, ..., c_{terms-1}] (float64)."""
+    A row of `rows` is (weight address, float32 momentum address, numel, z offset of element
+    0); `decay` holds each row's (1 - lr wd, wd), wd = 0 where the tensor is not decayed;
+    `keys` each row's key per term; `scalars` = [lr, mu, c_0, ..., c_{terms-1}] (float64)."""
     t, tile_start = _tile(tile_tensor_ptr, first_tile_ptr, TILE)
-    row = rows_ptr + 3 * t
+    row = rows_ptr + 4 * t
     w_ptr = _pointer(row, 0, DTYPE, ALIGNED)
     m_ptr = _pointer(row, 1, tl.float32, ALIGNED)
     n = tl.load(row + 2)
+    z_first = tl.load(row + 3)
     keys = keys_ptr + t * terms
     factor = tl.load(decay_ptr + 2 * t)
     wd = tl.load(decay_ptr + 2 * t + 1)
     if tile_start + TILE <= n:
-        _update_tile(w_ptr, m_ptr, keys, scalars_ptr, terms, factor, wd, tile_start, None, KIND, MOMENTUM, TILE)
+        _update_tile(w_ptr, m_ptr, keys, scalars_ptr, terms, factor, wd, tile_start, None, z_first, KIND, MOMENTUM,
+                     TILE)  # fmt: skip
     else:
-        _update_tile(w_ptr, m_ptr, keys, scalars_ptr, terms, factor, wd, tile_start, n, KIND, MOMENTUM, TILE)
+        _update_tile(w_ptr, m_ptr, keys, scalars_ptr, terms, factor, wd, tile_start, n, z_first, KIND, MOMENTUM,
+                     TILE)  # fmt: skip
 
 
 def _halves(value: int) -> tuple:
@@ -349,12 +361,13 @@ def fill(kind: str, key: int, start: int, n: int, device) -> torch.Tensor:
     return out
 
 
-def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save=None) -> None:
-    """``w = round(src + alpha z)`` in one pass (`alpha` already `effective_alpha`)."""
+def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float, save=None, first: int = 0) -> None:
+    """``w = round(src + alpha z)`` in one pass (`alpha` already `effective_alpha`), z from
+    element `first` (a multiple of 64) of the tensor keyed `key`."""
     if w.numel():
         with _on(w.device):
             _axpy_kernel[_grid(w.numel())](
-                w, src, save if save is not None else w, w.numel(), *_halves(key), *_float_halves(alpha),
+                w, src, save if save is not None else w, w.numel(), first, *_halves(key), *_float_halves(alpha),
                 KIND=_KIND[kind], SAVE=save is not None, TILE=TILE, enable_fp_fusion=False,
             )  # fmt: skip
 
@@ -372,14 +385,14 @@ class GroupTables:
     a row of addresses per tensor, the tensor of each tile and each tensor's first tile.
     Built once and reused while the tensors stay where they are (`matches`)."""
 
-    def __init__(self, columns: list, device: torch.device):
+    def __init__(self, columns: list, device: torch.device, z_firsts: Optional[list] = None):
         self.device = device
-        self.signature = self.signature_of(columns)  # addresses and sizes only: no tensor is kept alive
+        self.signature = self.signature_of(columns, z_firsts)  # addresses and sizes only: no tensor is kept alive
         numels = [row[0].numel() for row in columns]
         tiles = [triton.cdiv(n, TILE) for n in numels]
         self.tiles = sum(tiles)
-        self.aligned = all(a % 16 == 0 for row, _ in self.signature for a in row)
-        rows = [[*addresses, n] for addresses, n in self.signature]
+        self.aligned = all(a % 16 == 0 for row, _, _ in self.signature for a in row)
+        rows = [[*addresses, n, first] for addresses, n, first in self.signature]
         self.rows = _upload(torch.tensor(rows, dtype=torch.int64), device)
         index = torch.repeat_interleave(torch.arange(len(tiles), dtype=torch.int32), torch.tensor(tiles))
         self.tile_tensor = _upload(index, device)
@@ -387,12 +400,17 @@ class GroupTables:
         self.first_tile = _upload(torch.tensor(first, dtype=torch.int32), device)
 
     @staticmethod
-    def signature_of(columns: list) -> tuple:
-        """Per row: the addresses of its tensors (0 for None) and the first one's size."""
-        return tuple((tuple(t.data_ptr() if t is not None else 0 for t in row), row[0].numel()) for row in columns)
+    def signature_of(columns: list, z_firsts: Optional[list] = None) -> tuple:
+        """Per row: the addresses of its tensors (0 for None), the first one's size and where
+        its z starts (`z_firsts`, default 0: whole tensors)."""
+        firsts = z_firsts or [0] * len(columns)
+        return tuple(
+            (tuple(t.data_ptr() if t is not None else 0 for t in row), row[0].numel(), first)
+            for row, first in zip(columns, firsts)
+        )
 
-    def matches(self, columns: list) -> bool:
-        return self.signature == self.signature_of(columns)
+    def matches(self, columns: list, z_firsts: Optional[list] = None) -> bool:
+        return self.signature == self.signature_of(columns, z_firsts)
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -405,20 +423,26 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 class AxpyGroup:
     """``dst_i = round(src_i + alpha z_i)`` for several (dst, src) pairs of one dtype on one device
-    in one launch (the perturbation of a whole module's tensors into its scratch)."""
+    in one launch (the perturbation of a whole unit's tensors: into its scratch, or in place
+    with their backups written to it in the same pass, `saves`); z_i from element
+    ``z_firsts[i]`` of its unsharded tensor (default 0)."""
 
-    def __init__(self, dsts: list, srcs: list):
-        self.dsts, self.srcs = dsts, srcs
+    def __init__(self, dsts: list, srcs: list, saves: Optional[list] = None, z_firsts: Optional[list] = None):
+        self.dsts, self.srcs, self.saves = dsts, srcs, saves
+        self.z_firsts = list(z_firsts) if z_firsts is not None else [0] * len(dsts)
         self.dtype, self.device = dsts[0].dtype, dsts[0].device
         self._tables = None
 
     def __call__(self, kind: str, keys: Sequence[int], alpha: float) -> None:
-        columns = [[d, s] for d, s in zip(self.dsts, self.srcs)]
-        if self._tables is None or not self._tables.matches(columns):
-            moved = [s.device for s in self.srcs if s.device != self.device or s.dtype != self.dtype]
+        saves = self.saves if self.saves is not None else [None] * len(self.dsts)
+        columns = [[d, s, b] for d, s, b in zip(self.dsts, self.srcs, saves)]
+        if self._tables is None or not self._tables.matches(columns, self.z_firsts):
+            moved = [
+                t.device for t in (*self.srcs, *(self.saves or ())) if t.device != self.device or t.dtype != self.dtype
+            ]
             if moved:
                 raise ValueError(f"grouped write on {self.device} {self.dtype}: a source moved to {moved[0]}")
-            self._tables = GroupTables(columns, self.device)
+            self._tables = GroupTables(columns, self.device, self.z_firsts)
         tables = self._tables
         if not tables.tiles:
             return
@@ -426,26 +450,29 @@ class AxpyGroup:
         with _on(self.device):
             _axpy_group_kernel[(tables.tiles,)](
                 tables.rows, tables.tile_tensor, tables.first_tile, key_table, *_float_halves(alpha),
-                KIND=_KIND[kind], DTYPE=_TL_DTYPES[self.dtype], ALIGNED=tables.aligned, TILE=TILE,
-                enable_fp_fusion=False,
+                KIND=_KIND[kind], SAVE=self.saves is not None, DTYPE=_TL_DTYPES[self.dtype], ALIGNED=tables.aligned,
+                TILE=TILE, enable_fp_fusion=False,
             )  # fmt: skip
 
 
 _UPDATE_TABLES: "collections.OrderedDict[tuple, GroupTables]" = collections.OrderedDict()  # a few, by signature
 
 
-def update_(targets: Sequence, kind: str, coefs: Sequence[float], lr: float, mu: float) -> None:
+def update_(targets: Sequence, kind: str, coefs: Sequence[float], lr: float, mu: float, z_firsts=None) -> None:
     """`reference.update_` for each target (`UpdateTarget`): one launch per device and dtype,
-    one pass over each tensor; the per-step keys and scalars go to each device once."""
+    one pass over each tensor; the per-step keys and scalars go to each device once.
+    `z_firsts[i]`: where target i's z starts in its unsharded tensor (default 0)."""
     groups: dict = {}
-    for target in targets:
+    firsts = list(z_firsts) if z_firsts is not None else [0] * len(targets)
+    for target, first in zip(targets, firsts):
         if target.weight.numel():
-            groups.setdefault((target.weight.device, target.weight.dtype), []).append(target)
+            groups.setdefault((target.weight.device, target.weight.dtype), []).append((target, first))
     momentum = mu > 0
-    for (device, dtype), group in groups.items():
+    for (device, dtype), pairs in groups.items():
+        group, group_firsts = [t for t, _ in pairs], [f for _, f in pairs]
         columns = [[t.weight, t.momentum] for t in group]
-        signature = (device, GroupTables.signature_of(columns))
-        tables = _UPDATE_TABLES.pop(signature, None) or GroupTables(columns, device)
+        signature = (device, GroupTables.signature_of(columns, group_firsts))
+        tables = _UPDATE_TABLES.pop(signature, None) or GroupTables(columns, device, group_firsts)
         _UPDATE_TABLES[signature] = tables  # the most recent last
         while len(_UPDATE_TABLES) > 4:
             _UPDATE_TABLES.popitem(last=False)
