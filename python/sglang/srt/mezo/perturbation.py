@@ -17,6 +17,12 @@ whatever is still perturbed. `restore_log.RestoreLogPerturbation` (Rademacher di
 float32 CPU tensors, where memory traffic is the whole cost) moves all weights at once
 and restores by subtraction plus a log of the elements that subtraction would miss.
 
+Inside `holding()` (which the trainer's loop spans across steps) a committed update may
+wait: each tensor takes it just before its first read (its unit's next call, perturbed or
+not) or at `settle()`, whichever comes first, so the update's sweep and the next pass's
+perturbed write meet while the tensor is in cache. Every reader that goes through the
+backend (passes, evaluation, checkpoints, export) sees the updated weights bit for bit.
+
 Every write (perturb, restore, update, load) advances the module's entry in
 `WeightVersions`, which caches key their entries on.
 """
@@ -164,6 +170,9 @@ class UnitScopedPerturbation:
         self._active: list = []  # stack of (unit, [(tensor, how to put it back)])
         self._perturbed: set = set()  # ids of tensors perturbed now (a tied tensor may have several units)
         self._scratch: dict = {}  # device -> uint8 buffer: one unit's perturbed copies or backups
+        self._holding = 0  # depth of nested `holding()` blocks
+        self._pending: Optional[UpdatePlan] = None  # a committed update some tensors have not taken yet
+        self._waiting: set = set()  # ids of the tensors that have not
         self._writes: dict = {}  # unit -> (PairedWrites into the scratch, its tensors)
         self._handles = []
         for unit in self._by_unit:
@@ -181,15 +190,46 @@ class UnitScopedPerturbation:
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
-        """Every scope restores on exit here: nothing to hold (see `RestoreLogPerturbation`)."""
-        yield
+        """Within this block a committed update may wait for each tensor's next read; exact
+        (`settle`) when the outermost block exits."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                self.settle()
 
     def settle(self) -> None:
-        """Weights are never left perturbed outside a scope."""
+        """Writes a waiting update into every tensor that has not taken it (scopes always
+        restore on exit: no perturbation is ever left behind)."""
+        if self._pending is not None:
+            self._take_pending([t for t in self.tensors if id(t) in self._waiting])
+
+    @property
+    def pending_update(self) -> bool:
+        """Whether some tensors have not taken a committed update yet (read them through `settle`)."""
+        return self._pending is not None
 
     def commit(self, plan: "UpdatePlan") -> None:
-        """The ZO-SGD update (`commit_update`)."""
-        commit_update(self.tensors, plan, self.kind, self.versions, self.family)
+        """The ZO-SGD update (`commit_update`); inside `holding()` each tensor takes it just
+        before its next read. A direction family draws z from the values of every tensor at
+        once (a magnitude mask's threshold): its update is written at once."""
+        self.settle()  # two updates never wait together
+        if not self._holding or self.family is not None or plan.writes_nothing:
+            commit_update(self.tensors, plan, self.kind, self.versions, self.family)
+            return
+        self._pending, self._waiting = plan, {id(t) for t in self.tensors}
+
+    def _take_pending(self, tensors: list) -> None:
+        """The waiting update, written into `tensors` (those of them still waiting), atomically
+        per call: exactly the bits `commit_update` writes over all tensors at once."""
+        waiting = [t for t in tensors if id(t) in self._waiting]
+        if waiting:
+            commit_update(waiting, self._pending, self.kind, self.versions)
+            self._waiting.difference_update(id(t) for t in waiting)
+        if not self._waiting:
+            self._pending = None
 
     @contextlib.contextmanager
     def scope(self, seed: int, scale: float) -> Iterator[None]:
@@ -207,6 +247,8 @@ class UnitScopedPerturbation:
 
     # -- hooks ---------------------------------------------------------------------------
     def _before(self, unit, args):
+        if self._pending is not None:  # any call reads the unit's tensors: they take a waiting update first
+            self._take_pending(self._by_unit[unit])
         if self._scope is None or any(u is unit for u, _ in self._active):
             return
         _, scale, keys = self._scope

@@ -266,7 +266,7 @@ def train(run: Run) -> None:
     with StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the step in flight, then stop
         trainer.train(
             run.train_loader, on_step=on_step, should_stop=lambda: stop.requested is not None,
-            held_back=run.held_back,
+            held_back=run.held_back, on_step_reads_weights=False,  # it reads them through the trainer only
         )  # fmt: skip
     run.stopped_by, run.stop_signal = stop.requested, stop.signum
     run.results["train_seconds"] = round(time.perf_counter() - started, 2)

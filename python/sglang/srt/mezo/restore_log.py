@@ -125,7 +125,8 @@ class RestoreLogPerturbation:
         self._no_decay = np.ones(len(tensors), dtype=np.float32)
         self._no_terms = np.empty((len(tensors), 0), dtype=np.uint64)
         self._at: Optional[_Offset] = None  # where the weights rest (None: at θ)
-        self._holding = False
+        self._pending: Optional[tuple] = None  # an update committed but not yet written (see `commit`)
+        self._holding = 0  # depth of nested `holding()` blocks
         self._in_scope = False
         self.fallback: Optional[UnitScopedPerturbation] = None  # after a log overflow
         self.last_log_entries = 0
@@ -164,7 +165,8 @@ class RestoreLogPerturbation:
             raise RuntimeError("perturbation scopes do not nest")
         if self.fallback is None:
             try:
-                self._move_to((self._keys(seed), scale))
+                with DeferredInterrupts():  # the move may carry the last step's update: all or nothing
+                    self._move_to((self._keys(seed), scale), update=self._take_pending())
             except LogFull:
                 self._fall_back(scale)
         if self.fallback is not None:
@@ -184,23 +186,33 @@ class RestoreLogPerturbation:
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
-        """Between scopes in this block the weights may rest at the last offset; exact at exit."""
-        self._holding = True
+        """Between scopes in this block the weights may rest at the last offset, and a
+        committed update may wait for the next scope's move; exact when the outermost block exits."""
+        self._holding += 1
         try:
             yield
         finally:
-            self._holding = False
-            self.settle()
+            self._holding -= 1
+            if not self._holding:
+                self.settle()
 
     def settle(self) -> None:
-        """Back to the unperturbed weights, exactly."""
-        if self._at is not None:
-            self._move_to(None)
+        """Back to the unperturbed weights, with any pending update written, exactly."""
+        if self.fallback is not None:
+            self.fallback.settle()
+        elif self._at is not None or self._pending is not None:
+            with DeferredInterrupts():
+                self._move_to(None, update=self._take_pending())
 
     def commit(self, plan: UpdatePlan) -> None:
         """The ZO-SGD update of `commit_update`, in the same sweep as the restore (without
         momentum: its buffer needs z as a tensor). Same bits: the decay is one float32
-        multiply, then each term one float32 add, as `commit_update` does them."""
+        multiply, then each term one float32 add, as `commit_update` does them. Inside
+        `holding()` it waits for the next move (the next scope's, or `settle`'s), which
+        writes it on the way: one sweep fewer per step, the same bits."""
+        if self.fallback is not None:
+            self.fallback.commit(plan)
+            return
         if plan.momentum > 0 or plan.writes_nothing:
             self.settle()
             commit_update(self.tensors, plan, self.kind, self.versions)
@@ -209,8 +221,21 @@ class RestoreLogPerturbation:
         terms = [(seed, coef) for seed, coef in plan.terms if coef]
         keys = np.array([[tensor_key(seed, t.name) for seed, _ in terms] for t in self.tensors], dtype=np.uint64)
         alphas = np.array([-plan.lr * coef for _, coef in terms], dtype=np.float32)
-        with DeferredInterrupts():
-            self._move_to(None, update=(decay, keys, alphas))
+        if self._pending is not None:
+            self.settle()  # two updates never wait together
+        self._pending = (decay, keys, alphas)
+        if not self._holding:
+            self.settle()
+
+    @property
+    def pending_update(self) -> bool:
+        """Whether a committed update waits for the next move (the weights are not yet the
+        updated ones: read them through `settle`)."""
+        return self._pending is not None
+
+    def _take_pending(self) -> Optional[tuple]:
+        pending, self._pending = self._pending, None
+        return pending
 
     # -- moves -------------------------------------------------------------------------------
     def _keys(self, seed: int) -> np.ndarray:
@@ -218,7 +243,8 @@ class RestoreLogPerturbation:
 
     def _move_to(self, destination: Optional[tuple], update: Optional[tuple] = None) -> None:
         """One sweep from where the weights rest to `destination` ((keys, scale); None: θ),
-        applying `update` ((decay, term keys, term alphas)) at θ on the way."""
+        applying `update` ((decay, term keys, term alphas)) at θ on the way. If the log
+        overflows, every item ends at θ with the update written, and LogFull is raised."""
         if [t.param.data_ptr() for t in self.tensors] != self._pointers:
             raise RuntimeError("a trainable tensor was reallocated (param.data replaced) while MeZO holds it")
         if self._logs is None:
@@ -233,10 +259,11 @@ class RestoreLogPerturbation:
         read = source.log.region_start.copy() if source is not None else None
         stopped = self._sweep(source, read, target, self._thread_lo, self._thread_hi, update)
         if target is not None and np.any(stopped < self._thread_hi):
-            # undo: the items already moved come back through the new log, the rest through the old
+            # undo: the items already moved come back through the new log, the rest through the
+            # old one, and they take the update the moved items took on their way
             self._sweep(target, None, None, self._thread_lo, stopped)
-            if source is not None:
-                self._sweep(source, read, None, stopped, self._thread_hi)
+            if source is not None or update is not None:
+                self._sweep(source, read, None, stopped, self._thread_hi, update)
             raise LogFull(f"the move needed more than {self.log_bytes // 2} bytes of log")
         self._at = target
 

@@ -250,7 +250,8 @@ class MeZOTrainer:
     def step(self, batch: dict) -> StepOutput:
         """One step on `batch`: the estimator's passes at seeded perturbations of the same
         weights (MeZO: L(w + eps z), L(w - eps z), g = their difference / 2 eps, for q seeds),
-        then one update along the regenerated z."""
+        then one update along the regenerated z. The weights are the updated ones when it
+        returns (inside `train`, the update may be written by the next step's first pass)."""
         c = self.config
         self._check_batch(batch)
         objective = self._objective_for(batch, self.global_step)
@@ -277,10 +278,11 @@ class MeZOTrainer:
             self.nonfinite_in_a_row = 0
             clip = c.grad_clip or math.inf
             directions = [(e.seed, max(-clip, min(clip, e.coefficient))) for e in estimates]
-            self.backend.apply_update(directions, lr)
-        if lr != self._update_checked_at_lr:  # a sampled check, once per learning rate, on exact weights
-            self._update_checked_at_lr = lr
-            self._warn_if_vanishing("update", directions[0][0], -lr * directions[0][1] / len(directions))
+            peak = self.base_learning_rate * (self.guard.lr_scale if self.guard is not None else 1.0)
+            if peak != self._update_checked_at_lr:  # a sampled check on exact weights, once per peak rate
+                self._update_checked_at_lr = peak
+                self._warn_if_vanishing("update", directions[0][0], -lr * directions[0][1] / len(directions))
+            self.backend.apply_update(directions, lr)  # in a train() loop it may wait for the next pass
         out.applied = directions
         self.global_step += 1
         return out
@@ -406,6 +408,7 @@ class MeZOTrainer:
         on_step: Optional[Callable[[StepOutput, float], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         held_back: Optional[list] = None,
+        on_step_reads_weights: bool = True,
     ) -> TrainOutput:
         """Runs until ``config.max_steps``, cycling epochs; returns a `TrainOutput`.
 
@@ -415,6 +418,13 @@ class MeZOTrainer:
         ``epsilon="auto"`` and ``learning_rate="auto"`` probe first (in that order) and the
         divergence guard checks the weights on (`guard`); default: the loader's first batches
         (then not held back).
+
+        Between steps a step's update may wait for the next step's first pass, which writes
+        it in the same sweep as its perturbation (one sweep of the weights fewer per step).
+        Whatever reads the weights through the trainer (`evaluate`, checkpoints, export) and
+        every forward of the model writes it first; so do the loop's end and an exception
+        leaving it. `on_step` sees the updated weights unless `on_step_reads_weights` is False
+        (a callback that reads them only through the trainer, as the main job's does).
         """
         c = self.config
         if held_back is None and c.held_back_batches():
@@ -431,8 +441,6 @@ class MeZOTrainer:
             logger.info("divergence guard: the start scores %s on %d batches", describe(self.guard.start),
                         len(guard_batches))  # fmt: skip
             guard_note = {"start": self.guard.start}
-        steps = skipped = 0
-        loss_sum = 0.0
         bar = tqdm(
             total=self.config.max_steps,
             initial=self.global_step,
@@ -440,45 +448,50 @@ class MeZOTrainer:
             disable=self.config.disable_tqdm,
             dynamic_ncols=True,
         )
-        while self.global_step < self.config.max_steps:
-            sampler = getattr(dataloader, "sampler", None)  # a DataLoader, or a wrapper that exposes its sampler
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(self.epoch)  # a new seeded order per epoch
-            yielded = False
-            for index, batch in enumerate(dataloader):
-                yielded = True
-                if index < self.batches_seen_in_epoch:
-                    continue  # resuming mid-epoch: these batches were used before the save
-                started = time.perf_counter()
-                out = self.step(batch)
-                if self.guard is not None:
-                    out.guard = self._guard_after(out, guard_batches)
-                if guard_note is not None:  # logged with the run's first step
-                    out.guard, guard_note = {**guard_note, **(out.guard or {})}, None
-                self.batches_seen_in_epoch = index + 1
-                seconds = time.perf_counter() - started
-                steps += 1
-                if out.skipped:
-                    skipped += 1
+        steps = skipped = 0
+        loss_sum = 0.0
+        with self.backend.holding_perturbation():  # the weights are exact when the loop ends, however it ends
+            while self.global_step < self.config.max_steps:
+                sampler = getattr(dataloader, "sampler", None)  # a DataLoader, or a wrapper that exposes its sampler
+                if isinstance(sampler, DistributedSampler):
+                    sampler.set_epoch(self.epoch)  # a new seeded order per epoch
+                yielded = False
+                for index, batch in enumerate(dataloader):
+                    yielded = True
+                    if index < self.batches_seen_in_epoch:
+                        continue  # resuming mid-epoch: these batches were used before the save
+                    started = time.perf_counter()
+                    out = self.step(batch)
+                    if self.guard is not None:
+                        out.guard = self._guard_after(out, guard_batches)
+                    if guard_note is not None:  # logged with the run's first step
+                        out.guard, guard_note = {**guard_note, **(out.guard or {})}, None
+                    self.batches_seen_in_epoch = index + 1
+                    seconds = time.perf_counter() - started
+                    steps += 1
+                    if out.skipped:
+                        skipped += 1
+                    else:
+                        loss_sum += (out.loss_perturbed + out.loss_baseline) / 2
+                    bar.update(1)
+                    if out.reward is not None:
+                        bar.set_postfix(reward=f"{out.reward['mean']:.4f}", std=f"{out.reward['std']:.3g}")
+                    else:
+                        loss = (out.loss_perturbed + out.loss_baseline) / 2
+                        bar.set_postfix(loss=f"{loss:.4f}", g=f"{out.coefficient:.3g}")
+                    if on_step is not None:
+                        if on_step_reads_weights:
+                            self.backend.settle_weights()
+                        on_step(out, seconds)
+                    if self.global_step >= self.config.max_steps or (should_stop is not None and should_stop()):
+                        break
                 else:
-                    loss_sum += (out.loss_perturbed + out.loss_baseline) / 2
-                bar.update(1)
-                if out.reward is not None:
-                    bar.set_postfix(reward=f"{out.reward['mean']:.4f}", std=f"{out.reward['std']:.3g}")
-                else:
-                    loss = (out.loss_perturbed + out.loss_baseline) / 2
-                    bar.set_postfix(loss=f"{loss:.4f}", g=f"{out.coefficient:.3g}")
-                if on_step is not None:
-                    on_step(out, seconds)
-                if self.global_step >= self.config.max_steps or (should_stop is not None and should_stop()):
+                    self.epoch += 1
+                    self.batches_seen_in_epoch = 0
+                if not yielded:  # (a resume at an epoch's end skips all of that epoch's batches)
+                    raise ValueError("the training dataloader yielded no batches")
+                if should_stop is not None and should_stop():
                     break
-            else:
-                self.epoch += 1
-                self.batches_seen_in_epoch = 0
-            if not yielded:  # (a resume at an epoch's end skips all of that epoch's batches)
-                raise ValueError("the training dataloader yielded no batches")
-            if should_stop is not None and should_stop():
-                break
         bar.close()
         mean_loss = loss_sum / (steps - skipped) if steps > skipped else math.nan
         return TrainOutput(steps, self.global_step, mean_loss, skipped)

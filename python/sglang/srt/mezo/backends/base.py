@@ -36,8 +36,13 @@ class Backend(Protocol):
         """Per-row completion log-likelihood sums (float64) and token counts, on the host."""
 
     def holding_perturbation(self) -> AbstractContextManager:
-        """A block within which perturbed passes and the update may share weight sweeps; the
-        weights are exact when it exits."""
+        """A block within which perturbed passes and the update may share weight sweeps (an
+        update may wait for the next pass); blocks nest, and the weights are exact when the
+        outermost exits."""
+
+    def settle_weights(self) -> None:
+        """Makes the weights exact now: a waiting update written, no perturbation left in place
+        (every read through this backend does it first)."""
 
     def apply_update(self, directions: Sequence[tuple], lr: float) -> None:
         """The ZO-SGD update from ``[(seed, coefficient)]``, atomically."""

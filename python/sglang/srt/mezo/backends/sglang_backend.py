@@ -274,6 +274,9 @@ class SGLangBackend:
         """Every engine pass perturbs and restores within its own RPC: nothing to hold."""
         return contextlib.nullcontext()
 
+    def settle_weights(self) -> None:
+        """Every update RPC writes the engine's weights before it returns: nothing waits."""
+
     def apply_update(self, directions: list, lr: float) -> None:
         c = self.config
         terms = [[int(s), float(g)] for s, g in directions]

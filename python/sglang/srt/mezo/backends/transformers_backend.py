@@ -147,6 +147,7 @@ class TransformersBackend:
         return self.row_forward.stats.as_dict()
 
     def vanishing_fraction(self, seed: int, scale: float, update: bool) -> Optional[tuple]:
+        self.perturbation.settle()
         fraction = vanishing_fraction(self.tensors, self.config.perturbation, seed, scale, update=update)
         return fraction, sorted({str(t.param.dtype) for t in self.tensors})
 
@@ -231,6 +232,9 @@ class TransformersBackend:
         weights can rest at the last pass's offset between calls); exact when it exits."""
         return self.perturbation.holding()
 
+    def settle_weights(self) -> None:
+        self.perturbation.settle()
+
     def apply_update(self, directions: list, lr: float) -> None:
         """ZO-SGD update from [(seed, coefficient)] at the current weights, atomically."""
         c = self.config
@@ -258,6 +262,7 @@ class TransformersBackend:
         return {name: p for name, p in self.model.named_parameters() if id(p) not in trainable}
 
     def momentum_state(self) -> dict:
+        self.perturbation.settle()  # a waiting update moves the buffers too
         return {t.name: t.momentum for t in self.tensors if t.momentum is not None}
 
     def load_momentum_state(self, state: dict) -> None:
