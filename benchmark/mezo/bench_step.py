@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import copy
 import math
 import os
@@ -78,8 +79,19 @@ def make_forward(model, batch: dict):
     return forward
 
 
+HELD = contextlib.ExitStack()  # the loop sides' holding blocks, open until the process ends
+
+
 def make_sides(workload, kinds, with_official: bool) -> dict:
-    """side name -> zero-argument callable; every side has its own copy of the model."""
+    """side name -> zero-argument callable; every side has its own copy of the model.
+
+    ``step:`` the public `MeZOTrainer.step` (the update written before it returns); ``loop:``
+    the same inside `train`'s holding block (the update written by the next step's first
+    pass); ``copy`` a copy of every weight into a second buffer; ``sweep:`` one perturbed
+    write of every weight into that buffer (``round(w + eps z)``, the kernel a pass runs)."""
+    import torch
+
+    from sglang.srt.mezo.kernels import axpy_direction_, tensor_key
     from sglang.srt.mezo.objectives import CompletionNLL
 
     batch = workload.batch
@@ -90,6 +102,17 @@ def make_sides(workload, kinds, with_official: bool) -> dict:
     for kind in kinds:
         trainer = make_trainer(copy.deepcopy(workload.model), kind)
         sides[f"step:{kind}"] = lambda trainer=trainer: trainer.step(batch)
+        # as `train` runs steps: inside one holding block, each update written by the next step's first pass
+        looped = make_trainer(copy.deepcopy(workload.model), kind)
+        HELD.enter_context(looped.backend.holding_perturbation())
+        sides[f"loop:{kind}"] = lambda looped=looped: looped.step(batch)
+    weights = [p.detach() for p in copy.deepcopy(workload.model).parameters()]
+    copies = [torch.empty_like(w) for w in weights]
+    sides["copy"] = lambda: [c.copy_(w) for c, w in zip(copies, weights)]
+    for kind in kinds:
+        sides[f"sweep:{kind}"] = lambda kind=kind: [
+            axpy_direction_(c, w, kind, tensor_key(1, str(i)), EPSILON) for i, (c, w) in enumerate(zip(copies, weights))
+        ]
     return sides
 
 
@@ -151,10 +174,14 @@ def ratios(res: dict, kind: str) -> dict:
     """The printed ratios of one (workload, perturbation) row; None where not measured."""
     med, best = res["median"], res["min"]
     step = f"step:{kind}"
+    loop = f"loop:{kind}"
     out = {
         "overhead": med[step] / (2 * med["forward"]),
         "overhead_best": best[step] / (2 * best["forward"]),
         "overhead_clean": med[step] / (2 * res["clean_forward"]),
+        "loop": med[loop] / (2 * med["forward"]),
+        "loop_clean": med[loop] / (2 * res["clean_forward"]),
+        "sweep": med["copy"] / med[f"sweep:{kind}"],
         "official": None,
         "speedup": None,
         "speedup_best": None,
@@ -175,9 +202,12 @@ def report(results: list, kinds: list, repeats: int, layer: str) -> None:
     print("  speed-up = t_official / t_step, medians    (> 1: our step is faster than the official pattern)")
     print("  (best)   = the same ratio from each side's fastest repeat (robust to a busy neighbour)")
     print("  (clean)  = against the forward timed before any MeZO step ran in this process")
+    print("  loop     = the overhead of steps as `train` runs them: each update folded into the next step's")
+    print("             first pass (overhead: the public step(), which writes its update before returning)")
+    print("  sweep    = t_copy / t_sweep: one perturbed write of every weight, as a fraction of a plain copy")
     header = (
         f"{'workload':<16}{'batch':>7}  {'perturbation':<12}{'overhead':>9}{'(best)':>8}{'(clean)':>9}"
-        f"{'official':>10}{'speed-up':>10}{'(best)':>8}{'target':>8}  verdict"
+        f"{'loop':>7}{'(clean)':>9}{'sweep':>7}{'official':>10}{'speed-up':>10}{'(best)':>8}{'target':>8}  verdict"
     )
     print(header)
     print("-" * len(header))
@@ -189,11 +219,11 @@ def report(results: list, kinds: list, repeats: int, layer: str) -> None:
             target = TARGETS.get(name) if kind == "rademacher" else None
             verdict = ""
             if target is not None:
-                verdict = "MET" if max(r["overhead"], r["overhead_clean"]) <= target else "MISSED"
+                verdict = "MET" if max(r["loop"], r["loop_clean"]) <= target else "MISSED"
             print(
                 f"{name:<16}{res['shape']:>7}  {kind:<12}{fmt(r['overhead']):>9}{fmt(r['overhead_best']):>8}"
-                f"{fmt(r['overhead_clean']):>9}{fmt(r['official']):>10}{fmt(r['speedup']):>10}"
-                f"{fmt(r['speedup_best']):>8}{fmt(target):>8}  {verdict}"
+                f"{fmt(r['overhead_clean']):>9}{fmt(r['loop']):>7}{fmt(r['loop_clean']):>9}{fmt(r['sweep']):>7}"
+                f"{fmt(r['official']):>10}{fmt(r['speedup']):>10}{fmt(r['speedup_best']):>8}{fmt(target):>8}  {verdict}"
             )
         slowdown = res["median"]["forward"] / res["clean_forward"]
         if slowdown > CONTAMINATION_WARN:
@@ -206,7 +236,7 @@ def report(results: list, kinds: list, repeats: int, layer: str) -> None:
             )
     print()
     print("Targets (issue 2): Rademacher overhead <= 1.10 at smollm2-16x128 and <= 1.15 at smollm2-8x64 (the verdict")
-    print("uses the worse of overhead and (clean)). The official pattern's overhead measured on this CPU when the")
+    print("uses the worse of loop and its (clean)). The official pattern's overhead measured on this CPU when the")
     print("targets were set: " + ", ".join(f"{k} {v:.2f}" for k, v in OFFICIAL_ANCHOR.items()) + ".")
     print(GAUSSIAN_NOTE + ".")
     for note in notes:
