@@ -360,6 +360,34 @@ class TestMeZOGradientEstimation(unittest.TestCase):
         D.direction_chunk("gaussian", key, 0, 100)
         self.assertTrue(torch.equal(before, torch.rand(3)))
 
+    def test_gaussian_writes_equal_the_reference_on_millions_of_elements(self):
+        """The numba Gaussian kernel (a pair per iteration, ln from float32 bit fields) against
+        the torch reference over 3M + 5 elements (an odd tail: a half pair), in place with
+        the backup and into another tensor from element 64 of a row shard: every element's
+        bits. The reference draws z with torch ops (`reference.z_chunk`), a separate code path."""
+        from sglang.srt.mezo.kernels import reference as spec
+        from sglang.srt.mezo.sharding import ShardLayout
+
+        n = 3_000_005
+        key = tensor_key(21, "model.embed_tokens.weight")
+        w = torch.randn(n, generator=torch.Generator().manual_seed(21)) * 0.05
+        expected = w.clone()
+        spec.axpy_(expected, expected, "gaussian", key, 1e-3)
+        written, backup = w.clone(), torch.empty_like(w)
+        axpy_direction_(written, written, "gaussian", key, 1e-3, save=backup)
+        self.assertTrue(torch.equal(written.view(torch.int32), expected.view(torch.int32)))
+        self.assertTrue(torch.equal(backup.view(torch.int32), w.view(torch.int32)))
+        layout = ShardLayout.rows((n + 64,), 64, n)  # z from element 64 of the unsharded tensor
+        shard_expected, out = w.clone(), torch.empty_like(w)
+        spec.axpy_(shard_expected, w, "gaussian", key, 1e-3, layout=layout)
+        axpy_direction_(out, w, "gaussian", key, 1e-3, layout=layout)
+        self.assertTrue(torch.equal(out.view(torch.int32), shard_expected.view(torch.int32)))
+        self.assertFalse(torch.equal(out, written))  # the shard's z is not the whole tensor's
+        # canary: the same z with the product and sum in float32 (one double rounding fewer) differs somewhere
+        z = spec.z_chunk("gaussian", key, 0, n)
+        single = w + torch.tensor(1e-3, dtype=torch.float32) * z
+        self.assertGreater(int((single != expected).sum()), 0)
+
     def test_gaussian_sampler_is_box_muller_to_a_few_ulps(self):
         """The float32 polynomial Box-Muller against the same uniforms in float64 with libm:
         ln (Cephes, ~1 ulp), sqrt (exact) and sin/cos (~1 ulp each, argument rounded once)

@@ -68,8 +68,9 @@ class TestTritonKernelsInterpreted(unittest.TestCase):
     def test_z_is_bit_identical_to_reference_and_numba(self):
         """z from the Triton fill kernel equals the torch reference and numba, bit for bit, for
         both kinds, over lengths around a 64-element word and a tile, at odd start offsets
-        (a chunk that starts inside a pair or a word), and over one long tensor."""
-        cases = [(0, 1), (0, 63), (0, 64), (0, 65), (1, 64), (63, 65), (131, 5000), (0, (1 << 20) + 3)]
+        (a chunk that starts inside a pair or a word), and over long tensors (3M + 5 elements
+        from element 64: every element compared, as the numba test does)."""
+        cases = [(0, 1), (0, 63), (0, 64), (0, 65), (1, 64), (63, 65), (131, 5000), (0, (1 << 20) + 3), (64, 3_000_005)]
         for kind in spec.PERTURBATIONS:
             for start, n in cases:
                 with self.subTest(kind=kind, start=start, n=n):
