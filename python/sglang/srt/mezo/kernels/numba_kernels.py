@@ -5,11 +5,12 @@ so a GPU box never loads numba. They compute the bits `reference` defines:
 
 * Rademacher: the word's 64 signs from one hash, then one float32 add per element
   (alpha is already float32: `reference.effective_alpha`).
-* Gaussian: pairs generated a block at a time by a straight loop LLVM vectorises
-  (0.6-0.7 G elements/s on 2 cores), the polynomials op by op as in `reference` (numba
-  never contracts a*b+c into an FMA without fastmath; ln's mantissa and exponent are bit
-  fields of float32(m), as in the Triton kernel), then the float64 product and sum, a
-  pair per iteration.
+* Gaussian: pairs generated a block at a time, 32 pairs per call as explicit LLVM vectors
+  (`_gaussian_lanes`: ~1.4 G elements/s on 2 cores, against 0.65 for the loop LLVM
+  vectorised itself), the polynomials op by op as in `reference` (no FMA: numba never
+  contracts without fastmath, and the vector code writes each multiply and add; ln's
+  mantissa and exponent are bit fields of float32(m), as in the Triton kernel), then the
+  float64 product and sum, a pair per iteration.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numba
 import numpy as np
 import torch
 from llvmlite import ir
+from numba.core import cgutils
 from numba.core import types as nb_types
 from numba.extending import intrinsic
 
@@ -168,11 +170,101 @@ def _axpy_rademacher(w, save, key, alpha, first_word):
                     w[base + k] = value + step[k]
 
 
+# Pairs per call of `_gaussian_lanes`: explicit 32-lane vectors (two AVX-512 registers per
+# value). LLVM's loop vectoriser stops at 256-bit vectors on these CPUs ("prefer-256-bit"),
+# and a wider explicit vector ran the pairs 2.2x faster (0.65 -> 1.4 G elements/s on 2 cores).
+LANES = 32
+
+
+@intrinsic
+def _gaussian_lanes(typingctx, key, first_pair, z0_address, z1_address):
+    """(z0, z1) of pairs first_pair .. first_pair + LANES - 1, stored to the float32 arrays at
+    the two addresses: `_gaussian_pair`'s operations, op for op, on LANES lanes at once (each
+    an IEEE float32 or integer op, no FMA, sqrt correctly rounded: the same bits)."""
+    signature = nb_types.void(nb_types.uint64, nb_types.int64, nb_types.int64, nb_types.int64)
+
+    def codegen(context, builder, signature, args):
+        key, first, z0_address, z1_address = args
+        return _gaussian_lanes_codegen(builder, key, first, z0_address, z1_address, context)
+
+    return signature, codegen
+
+
+def _gaussian_lanes_codegen(b, key, first, z0_address, z1_address, context):
+    i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+    ints, longs, floats = (ir.VectorType(t, LANES) for t in (i32, i64, f32))
+
+    def splat(value, vector):
+        lane0 = b.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(i32, 0))
+        return b.shuffle_vector(lane0, ir.Constant(vector, ir.Undefined), ir.Constant(ints, [0] * LANES))
+
+    def u64(value):
+        return ir.Constant(longs, [value & ((1 << 64) - 1)] * LANES)
+
+    def i(value):
+        return ir.Constant(ints, [value] * LANES)
+
+    def f(value):  # exact float32 values (`reference.f32`): no rounding here
+        return ir.Constant(floats, [float(value)] * LANES)
+
+    # SplitMix64 of key + (pair + 1) * GOLDEN (`_mix`)
+    pair = b.add(splat(first, longs), ir.Constant(longs, list(range(LANES))))
+    x = b.add(splat(key, longs), b.mul(b.add(pair, u64(1)), u64(ref.GOLDEN)))
+    x = b.mul(b.xor(x, b.lshr(x, u64(30))), u64(ref.MIX1))
+    x = b.mul(b.xor(x, b.lshr(x, u64(27))), u64(ref.MIX2))
+    h = b.xor(x, b.lshr(x, u64(31)))
+    # ln(m / 2^24), m = (h >> 40) + 1 (`_ln_uniform`)
+    m = b.add(b.trunc(b.lshr(h, u64(40)), ints), i(1))
+    bits = b.bitcast(b.sitofp(m, floats), ints)
+    fraction = b.bitcast(b.or_(b.and_(bits, i(0x007FFFFF)), i(0x3F000000)), floats)
+    e = b.sitofp(b.sub(b.lshr(bits, i(23)), i(126 + 24)), floats)
+    small = b.fcmp_ordered("<", fraction, f(_SQRT_HALF))
+    e = b.select(small, b.fsub(e, f(1.0)), e)
+    x = b.select(small, b.fsub(b.fadd(fraction, fraction), f(1.0)), b.fsub(fraction, f(1.0)))
+    z = b.fmul(x, x)
+    y = b.fmul(f(_LOG_P[0]), x)
+    for c in _LOG_P[1:]:
+        y = b.fmul(b.fadd(y, f(c)), x)
+    y = b.fmul(y, z)
+    y = b.fadd(y, b.fmul(f(_LN2_LO), e))
+    y = b.fsub(y, b.fmul(f(0.5), z))
+    ln = b.fadd(b.fadd(x, y), b.fmul(f(_LN2_HI), e))
+    sqrt = cgutils.get_or_insert_function(b.module, ir.FunctionType(floats, [floats]), f"llvm.sqrt.v{LANES}f32")
+    r = b.call(sqrt, [b.fmul(f(-2.0), ln)])
+    # the angle within its quadrant, reflected into [0, pi/4] (`_gaussian_pair`)
+    angle = b.trunc(b.and_(h, u64(0xFFFFFF)), ints)
+    quadrant = b.ashr(angle, i(22))
+    within = b.and_(angle, i(0x3FFFFF))
+    reflect = b.icmp_signed(">", within, i(0x200000))
+    a = b.fmul(b.sitofp(b.select(reflect, b.sub(i(0x400000), within), within), floats), f(_HALF_PI_2_22))
+    z = b.fmul(a, a)
+    sine = b.fmul(f(_SIN_P[0]), z)
+    sine = b.fmul(b.fadd(sine, f(_SIN_P[1])), z)
+    sine = b.fadd(b.fmul(b.fmul(b.fadd(sine, f(_SIN_P[2])), z), a), a)
+    cosine = b.fmul(f(_COS_P[0]), z)
+    cosine = b.fmul(b.fadd(cosine, f(_COS_P[1])), z)
+    cosine = b.fmul(b.fmul(b.fadd(cosine, f(_COS_P[2])), z), z)
+    cosine = b.fadd(b.fsub(cosine, b.fmul(f(0.5), z)), f(1.0))
+    rs = b.fmul(r, b.select(reflect, cosine, sine))
+    rc = b.fmul(r, b.select(reflect, sine, cosine))
+    swap = b.icmp_signed("==", b.and_(quadrant, i(1)), i(1))
+    z0, z1 = b.select(swap, rs, rc), b.select(swap, rc, rs)
+    z0 = b.select(b.or_(b.icmp_signed("==", quadrant, i(1)), b.icmp_signed("==", quadrant, i(2))), b.fneg(z0), z0)
+    z1 = b.select(b.icmp_signed(">=", quadrant, i(2)), b.fneg(z1), z1)
+    for value, address in ((z0, z0_address), (z1, z1_address)):
+        b.store(value, b.inttoptr(address, ir.PointerType(floats)), align=4)
+    return context.get_dummy_value()
+
+
 @numba.njit(inline="always")
 def _gaussian_pairs(key, first_pair, pairs, z0, z1):
-    """z of pairs [first_pair, first_pair + pairs) into z0 (even elements) and z1 (odd): a
-    straight loop over pairs, which LLVM vectorises (~5x the element-by-element rate)."""
-    for p in range(pairs):
+    """z of pairs [first_pair, first_pair + pairs) into z0 (even elements) and z1 (odd):
+    `LANES` pairs per vector call, the last few one by one (the same operations)."""
+    whole = pairs - pairs % LANES
+    z0_address, z1_address = z0.ctypes.data, z1.ctypes.data
+    for g in range(0, whole, LANES):
+        _gaussian_lanes(key, first_pair + g, z0_address + 4 * g, z1_address + 4 * g)
+    for p in range(whole, pairs):
         a, b = _gaussian_pair(key, first_pair + p)
         z0[p] = a
         z1[p] = b
