@@ -5,12 +5,13 @@ so a GPU box never loads numba. They compute the bits `reference` defines:
 
 * Rademacher: the word's 64 signs from one hash, then one float32 add per element
   (alpha is already float32: `reference.effective_alpha`).
-* Gaussian: pairs generated a block at a time, 32 pairs per call as explicit LLVM vectors
-  (`_gaussian_lanes`: ~1.4 G elements/s on 2 cores, against 0.65 for the loop LLVM
-  vectorised itself), the polynomials op by op as in `reference` (no FMA: numba never
-  contracts without fastmath, and the vector code writes each multiply and add; ln's
-  mantissa and exponent are bit fields of float32(m), as in the Triton kernel), then the
-  float64 product and sum, a pair per iteration.
+* Gaussian: 32 pairs per call as explicit LLVM vectors (`_gaussian_lanes`; LLVM's own
+  loop vectoriser stops at 256-bit vectors on these CPUs), the polynomials op by op as in
+  `reference` (no FMA: numba never contracts without fastmath, and the vector code writes
+  each multiply and add; ln's mantissa and exponent are bit fields of float32(m), as in the
+  Triton kernel); the write's float64 product and sum on the same registers
+  (`_gaussian_axpy_lanes`), z never stored. An in-place sweep ran 0.32 G elements/s on 2
+  cores as a vectorised loop with z in scratch, ~0.9 this way.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def _axpy_rademacher(w, save, key, alpha, first_word):
 
 
 # Pairs per call of `_gaussian_lanes`: explicit 32-lane vectors (two AVX-512 registers per
-# value). LLVM's loop vectoriser stops at 256-bit vectors on these CPUs ("prefer-256-bit"),
-# and a wider explicit vector ran the pairs 2.2x faster (0.65 -> 1.4 G elements/s on 2 cores).
+# value; split into narrower registers elsewhere, same bits). LLVM's loop vectoriser stops
+# at 256-bit vectors on these CPUs ("prefer-256-bit"); this generates pairs 2.2x faster
+# (0.65 -> 1.4 G elements/s on 2 cores; 16 lanes: 1.25).
 LANES = 32
 
 
@@ -185,12 +187,48 @@ def _gaussian_lanes(typingctx, key, first_pair, z0_address, z1_address):
 
     def codegen(context, builder, signature, args):
         key, first, z0_address, z1_address = args
-        return _gaussian_lanes_codegen(builder, key, first, z0_address, z1_address, context)
+        for value, address in zip(_gaussian_lanes_codegen(builder, key, first), (z0_address, z1_address)):
+            builder.store(value, builder.inttoptr(address, ir.PointerType(value.type)), align=4)
+        return context.get_dummy_value()
 
     return signature, codegen
 
 
-def _gaussian_lanes_codegen(b, key, first, z0_address, z1_address, context):
+@intrinsic
+def _gaussian_axpy_lanes(typingctx, key, first_pair, dst_address, src_address, save_address, alpha):
+    """``dst = round(src + alpha z)`` (float64 product and sum, rounded once to float32) for
+    the 2 * LANES float32 elements of pairs first_pair .. first_pair + LANES - 1, and
+    ``save = src`` first unless `save_address` is 0: z never leaves the registers."""
+    signature = nb_types.void(
+        nb_types.uint64, nb_types.int64, nb_types.int64, nb_types.int64, nb_types.int64, nb_types.float64
+    )
+
+    def codegen(context, builder, signature, args):
+        key, first, dst_address, src_address, save_address, alpha = args
+        b = builder
+        z0, z1 = _gaussian_lanes_codegen(b, key, first)
+        elements = ir.VectorType(ir.FloatType(), 2 * LANES)
+        doubles = ir.VectorType(ir.DoubleType(), 2 * LANES)
+        interleave = ir.Constant(
+            ir.VectorType(ir.IntType(32), 2 * LANES), [k // 2 + (k % 2) * LANES for k in range(2 * LANES)]
+        )
+        z = b.shuffle_vector(z0, z1, interleave)  # z0[0], z1[0], z0[1], ...: the elements' order
+        src = b.load(b.inttoptr(src_address, ir.PointerType(elements)), align=4)
+        with b.if_then(b.icmp_unsigned("!=", save_address, ir.Constant(ir.IntType(64), 0))):
+            b.store(src, b.inttoptr(save_address, ir.PointerType(elements)), align=4)
+        alphas = b.shuffle_vector(
+            b.insert_element(ir.Constant(doubles, ir.Undefined), alpha, ir.Constant(ir.IntType(32), 0)),
+            ir.Constant(doubles, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 2 * LANES), [0] * (2 * LANES)),
+        )  # fmt: skip
+        value = b.fadd(b.fpext(src, doubles), b.fmul(alphas, b.fpext(z, doubles)))
+        b.store(b.fptrunc(value, elements), b.inttoptr(dst_address, ir.PointerType(elements)), align=4)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def _gaussian_lanes_codegen(b, key, first):
+    """IR of (z0, z1) for pairs first .. first + LANES - 1: two <LANES x float> values."""
     i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
     ints, longs, floats = (ir.VectorType(t, LANES) for t in (i32, i64, f32))
 
@@ -251,9 +289,7 @@ def _gaussian_lanes_codegen(b, key, first, z0_address, z1_address, context):
     z0, z1 = b.select(swap, rs, rc), b.select(swap, rc, rs)
     z0 = b.select(b.or_(b.icmp_signed("==", quadrant, i(1)), b.icmp_signed("==", quadrant, i(2))), b.fneg(z0), z0)
     z1 = b.select(b.icmp_signed(">=", quadrant, i(2)), b.fneg(z1), z1)
-    for value, address in ((z0, z0_address), (z1, z1_address)):
-        b.store(value, b.inttoptr(address, ir.PointerType(floats)), align=4)
-    return context.get_dummy_value()
+    return z0, z1
 
 
 @numba.njit(inline="always")
@@ -270,28 +306,24 @@ def _gaussian_pairs(key, first_pair, pairs, z0, z1):
         z1[p] = b
 
 
-def _axpy_gaussian(w, src, save, key, alpha, scratch, first_pair):
+def _axpy_gaussian(w, src, save, key, alpha, first_pair):
     n = w.shape[0]
     key = np.uint64(key)
     saving = save.shape[0] == n
+    step = 2 * LANES  # elements per vector call
     for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
-        lo = b * _BLOCK  # even: blocks hold whole pairs
+        lo = b * _BLOCK  # a multiple of `step`: blocks hold whole calls
         hi = min(n, lo + _BLOCK)
-        z0 = scratch[numba.get_thread_id(), 0]
-        z1 = scratch[numba.get_thread_id(), 1]
-        _gaussian_pairs(key, first_pair + (lo >> 1), (hi - lo + 1) >> 1, z0, z1)
-        if saving:
-            for j in range(lo, hi):
-                save[j] = src[j]
-        # One pass over the block's pairs, both elements of a pair per iteration: contiguous
-        # loads and stores (two passes of stride 2, even then odd, ran at a third of the speed).
-        dst, values = w[lo:hi], src[lo:hi]
-        pairs = (hi - lo) >> 1
-        for p in range(pairs):
-            dst[2 * p] = np.float32(np.float64(values[2 * p]) + alpha * np.float64(z0[p]))
-            dst[2 * p + 1] = np.float32(np.float64(values[2 * p + 1]) + alpha * np.float64(z1[p]))
-        if (hi - lo) & 1:  # a tensor's odd last element: the first of its pair
-            dst[2 * pairs] = np.float32(np.float64(values[2 * pairs]) + alpha * np.float64(z0[pairs]))
+        whole = lo + (hi - lo) // step * step
+        for j in range(lo, whole, step):  # z generated and written in registers, 2 * LANES elements a call
+            _gaussian_axpy_lanes(key, first_pair + (j >> 1), w.ctypes.data + 4 * j, src.ctypes.data + 4 * j,
+                                 save.ctypes.data + 4 * j if saving else 0, alpha)  # fmt: skip
+        for j in range(whole, hi):  # a tensor's last few elements: pair by pair
+            z0, z1 = _gaussian_pair(key, first_pair + (j >> 1))
+            value = src[j]
+            if saving:
+                save[j] = value
+            w[j] = np.float32(np.float64(value) + alpha * np.float64(z1 if j & 1 else z0))
 
 
 def _fill(out, kind, key, start, scratch):
@@ -374,8 +406,7 @@ def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float,
     saved = _NO_SAVE if save is None else save.detach().view(-1).numpy()
     kernel = _kernel(kind, flat_w.numel())
     if kind == ref.GAUSSIAN:
-        scratch = _gaussian_scratch()
-        kernel(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha), scratch, np.int64(first >> 1))
+        kernel(flat_w.numpy(), flat_src.numpy(), saved, np.uint64(key), float(alpha), np.int64(first >> 1))
         return
     if flat_src.data_ptr() != flat_w.data_ptr():  # the Rademacher kernel works in place
         if save is not None:
