@@ -137,7 +137,31 @@ def perturbation_units(root: Optional[nn.Module], tensors: list, budget: int) ->
     return units
 
 
-class UnitScopedPerturbation:
+class NestedHolding:
+    """`holding()` blocks that nest (a `train()` loop around each step's own block): the
+    weights may rest perturbed, or wait for an update, until the outermost block exits,
+    which settles them (the class's `settle`)."""
+
+    _holding_depth = 0
+
+    @property
+    def held(self) -> bool:
+        """Whether a `holding()` block is open."""
+        return self._holding_depth > 0
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Within this block the weights may wait to be settled; exact when the outermost block exits."""
+        self._holding_depth += 1
+        try:
+            yield
+        finally:
+            self._holding_depth -= 1
+            if not self._holding_depth:
+                self.settle()
+
+
+class UnitScopedPerturbation(NestedHolding):
     """Perturbs each unit's trainable tensors only while that unit runs (`perturbation_units`).
 
     Its name in `MeZOConfig.perturbation_mechanism` and metrics.jsonl is ``unit_scoped``.
@@ -170,7 +194,6 @@ class UnitScopedPerturbation:
         self._active: list = []  # stack of (unit, [(tensor, how to put it back)])
         self._perturbed: set = set()  # ids of tensors perturbed now (a tied tensor may have several units)
         self._scratch: dict = {}  # device -> uint8 buffer: one unit's perturbed copies or backups
-        self._holding = 0  # depth of nested `holding()` blocks
         self._pending: Optional[UpdatePlan] = None  # a committed update some tensors have not taken yet
         self._waiting: set = set()  # ids of the tensors that have not
         self._writes: dict = {}  # unit -> (PairedWrites into the scratch, its tensors)
@@ -188,18 +211,6 @@ class UnitScopedPerturbation:
         """Bytes of scratch per device: the largest unit's perturbed copies (slots aligned)."""
         return max((_slots(ts)[1] for ts in self._by_unit.values()), default=0)
 
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Within this block a committed update may wait for each tensor's next read; exact
-        (`settle`) when the outermost block exits."""
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
-            if not self._holding:
-                self.settle()
-
     def settle(self) -> None:
         """Writes a waiting update into every tensor that has not taken it (scopes always
         restore on exit: no perturbation is ever left behind)."""
@@ -216,7 +227,7 @@ class UnitScopedPerturbation:
         before its next read. A direction family draws z from the values of every tensor at
         once (a magnitude mask's threshold): its update is written at once."""
         self.settle()  # two updates never wait together
-        if not self._holding or self.family is not None or plan.writes_nothing:
+        if not self.held or self.family is not None or plan.writes_nothing:
             commit_update(self.tensors, plan, self.kind, self.versions, self.family)
             return
         self._pending, self._waiting = plan, {id(t) for t in self.tensors}

@@ -34,6 +34,7 @@ import numpy as np
 from sglang.srt.mezo import kernels
 from sglang.srt.mezo.kernels import RADEMACHER, tensor_key
 from sglang.srt.mezo.perturbation import (
+    NestedHolding,
     UnitScopedPerturbation,
     WeightVersions,
     largest_module_bytes,
@@ -77,7 +78,7 @@ class _Offset:
         return self.keys, self.alpha, self.log.off, self.log.val, self.log.count, positions
 
 
-class RestoreLogPerturbation:
+class RestoreLogPerturbation(NestedHolding):
     """Moves all trainable float32 CPU tensors between offsets along Rademacher directions.
 
     Same contract as `UnitScopedPerturbation` (inside `scope` forwards see ``w + scale z``,
@@ -126,7 +127,6 @@ class RestoreLogPerturbation:
         self._no_terms = np.empty((len(tensors), 0), dtype=np.uint64)
         self._at: Optional[_Offset] = None  # where the weights rest (None: at θ)
         self._pending: Optional[tuple] = None  # an update committed but not yet written (see `commit`)
-        self._holding = 0  # depth of nested `holding()` blocks
         self._in_scope = False
         self.fallback: Optional[UnitScopedPerturbation] = None  # after a log overflow
         self.last_log_entries = 0
@@ -181,20 +181,8 @@ class RestoreLogPerturbation:
             raise
         finally:
             self._in_scope = False
-        if not self._holding:
+        if not self.held:
             self.settle()
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Between scopes in this block the weights may rest at the last offset, and a
-        committed update may wait for the next scope's move; exact when the outermost block exits."""
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
-            if not self._holding:
-                self.settle()
 
     def settle(self) -> None:
         """Back to the unperturbed weights, with any pending update written, exactly."""
@@ -224,7 +212,7 @@ class RestoreLogPerturbation:
         if self._pending is not None:
             self.settle()  # two updates never wait together
         self._pending = (decay, keys, alphas)
-        if not self._holding:
+        if not self.held:
             self.settle()
 
     @property
