@@ -16,6 +16,7 @@ by default) fails the bit-identity test.
 
 from __future__ import annotations
 
+import contextlib
 import unittest
 from unittest import mock
 
@@ -234,6 +235,61 @@ class TestTritonKernelsInterpreted(unittest.TestCase):
         self.assertEqual(launches, {"axpy": 1, "update": 1})
         canary, *_ = run("triton", keep_layouts=False)
         self.assertFalse(same_bits(canary[0], pass_r[0]))
+
+    def test_a_failing_launch_after_a_written_group_leaves_every_view_as_it_was(self):
+        """A unit's in-place views in two dtypes take two grouped launches; the second fails
+        (after the first wrote its views and their backups): the exception leaves both
+        buffers bit for bit as they were. Canary: the same failure with the written groups
+        recorded only after every launch (the write's old bookkeeping) leaves the first
+        group perturbed."""
+        from sglang.srt.mezo.perturbation import UnitScopedPerturbation, WeightVersions
+        from sglang.srt.mezo.sharding import ShardLayout
+        from sglang.srt.mezo.trainable import TrainableTensor
+
+        class Reads(torch.nn.Module):
+            def forward(self):
+                return None
+
+        def attempt(record_each_launch: bool) -> bool:
+            module = Reads()
+            generator = torch.Generator().manual_seed(4)
+            module.a = torch.nn.Parameter(torch.randn(8, 64, generator=generator), requires_grad=False)
+            module.b = torch.nn.Parameter(torch.randn(8, 64, generator=generator).bfloat16(), requires_grad=False)
+            start = [module.a.detach().clone(), module.b.detach().clone()]
+            tensors = [
+                TrainableTensor(f"{name}.weight", getattr(module, name).data[4:], [module], True,
+                                layout=ShardLayout.rows((8, 64), 4, 4))
+                for name in ("a", "b")
+            ]  # fmt: skip
+            mechanism = UnitScopedPerturbation(tensors, "gaussian", WeightVersions())
+            real, launches = triton_kernels.AxpyGroup.__call__, {"n": 0}
+
+            def second_fails(group, *args, **kwargs):
+                launches["n"] += 1
+                if launches["n"] == 2:
+                    raise RuntimeError("failed launch")
+                return real(group, *args, **kwargs)
+
+            paired = kernels.PairedWrites.__call__
+
+            def recorded_at_the_end(writes, kind, keys, alpha, written=None):
+                done = []
+                paired(writes, kind, keys, alpha, written=done.extend)
+                if written is not None:
+                    written(done)
+
+            patches = [mock.patch.object(triton_kernels.AxpyGroup, "__call__", second_fails)]
+            if not record_each_launch:
+                patches.append(mock.patch.object(kernels.PairedWrites, "__call__", recorded_at_the_end))
+            with kernels.forced("triton"), patches[0], contextlib.ExitStack() as stack:
+                for patch in patches[1:]:
+                    stack.enter_context(patch)
+                with self.assertRaisesRegex(RuntimeError, "failed launch"), mechanism.scope(5, 1e-2):
+                    module()
+            return same_bits(module.a.detach(), start[0]) and same_bits(module.b.detach(), start[1])
+
+        self.assertTrue(attempt(record_each_launch=True))
+        self.assertFalse(attempt(record_each_launch=False))  # canary
 
     def test_trainer_step_with_triton_forced_equals_numba_path(self):
         """The whole trainer (perturbation swapped in per module, update) with the Triton

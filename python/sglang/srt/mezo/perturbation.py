@@ -17,11 +17,11 @@ whatever is still perturbed. `restore_log.RestoreLogPerturbation` (Rademacher di
 float32 CPU tensors, where memory traffic is the whole cost) moves all weights at once
 and restores by subtraction plus a log of the elements that subtraction would miss.
 
-Inside `holding()` (which the trainer's loop spans across steps) a committed update may
-wait: each tensor takes it just before its first read (its unit's next call, perturbed or
-not) or at `settle()`, whichever comes first, so the update's sweep and the next pass's
-perturbed write meet while the tensor is in cache. Every reader that goes through the
-backend (passes, evaluation, checkpoints, export) sees the updated weights bit for bit.
+Inside `holding()` (which the trainer's loop spans across steps) the restore log lets a
+committed update wait for the next move, which writes it in the same sweep. Per-unit copies
+write it at once: waiting would save them no sweep (each pass writes its own copies from w,
+and the update draws its own z), on a GPU it would split the one grouped update launch into
+one per unit, and a unit's pass can be retried (out of memory) after part of it ran.
 
 Every write (perturb, restore, update, load) advances the module's entry in
 `WeightVersions`, which caches key their entries on.
@@ -194,9 +194,7 @@ class UnitScopedPerturbation(NestedHolding):
         self._active: list = []  # stack of (unit, [(tensor, how to put it back)])
         self._perturbed: set = set()  # ids of tensors perturbed now (a tied tensor may have several units)
         self._scratch: dict = {}  # device -> uint8 buffer: one unit's perturbed copies or backups
-        self._pending: Optional[UpdatePlan] = None  # a committed update some tensors have not taken yet
-        self._waiting: set = set()  # ids of the tensors that have not
-        self._writes: dict = {}  # unit -> (PairedWrites into the scratch, its tensors)
+        self._writes: dict = {}  # unit -> (copies, their tensors, in-place writes, their views): `_unit_writes`
         self._handles = []
         for unit in self._by_unit:
             self._handles.append(unit.register_forward_pre_hook(self._before))
@@ -212,35 +210,11 @@ class UnitScopedPerturbation(NestedHolding):
         return max((_slots(ts)[1] for ts in self._by_unit.values()), default=0)
 
     def settle(self) -> None:
-        """Writes a waiting update into every tensor that has not taken it (scopes always
-        restore on exit: no perturbation is ever left behind)."""
-        if self._pending is not None:
-            self._take_pending([t for t in self.tensors if id(t) in self._waiting])
-
-    @property
-    def pending_update(self) -> bool:
-        """Whether some tensors have not taken a committed update yet (read them through `settle`)."""
-        return self._pending is not None
+        """Nothing to settle: scopes restore on exit and updates are written at once."""
 
     def commit(self, plan: "UpdatePlan") -> None:
-        """The ZO-SGD update (`commit_update`); inside `holding()` each tensor takes it just
-        before its next read. A direction family draws z from the values of every tensor at
-        once (a magnitude mask's threshold): its update is written at once."""
-        self.settle()  # two updates never wait together
-        if not self.held or self.family is not None or plan.writes_nothing:
-            commit_update(self.tensors, plan, self.kind, self.versions, self.family)
-            return
-        self._pending, self._waiting = plan, {id(t) for t in self.tensors}
-
-    def _take_pending(self, tensors: list) -> None:
-        """The waiting update, written into `tensors` (those of them still waiting), atomically
-        per call: exactly the bits `commit_update` writes over all tensors at once."""
-        waiting = [t for t in tensors if id(t) in self._waiting]
-        if waiting:
-            commit_update(waiting, self._pending, self.kind, self.versions)
-            self._waiting.difference_update(id(t) for t in waiting)
-        if not self._waiting:
-            self._pending = None
+        """The ZO-SGD update (`commit_update`), written at once (see the module docstring)."""
+        commit_update(self.tensors, plan, self.kind, self.versions, self.family)
 
     @contextlib.contextmanager
     def scope(self, seed: int, scale: float) -> Iterator[None]:
@@ -258,8 +232,6 @@ class UnitScopedPerturbation(NestedHolding):
 
     # -- hooks ---------------------------------------------------------------------------
     def _before(self, unit, args):
-        if self._pending is not None:  # any call reads the unit's tensors: they take a waiting update first
-            self._take_pending(self._by_unit[unit])
         if self._scope is None or any(u is unit for u, _ in self._active):
             return
         _, scale, keys = self._scope
@@ -292,10 +264,13 @@ class UnitScopedPerturbation(NestedHolding):
             saved.append((t, t.param.data))
             t.param.data = perturbed
             self._perturbed.add(id(t))
-        in_place(self.kind, [keys[t.name] for t in views], scale)
-        for t, backup in zip(views, in_place.saves):
-            saved.append((t, backup))  # only now do the backups hold the values (a failed launch wrote nothing)
-            self._perturbed.add(id(t))
+
+        def written(indices: list) -> None:  # after each launch: a failing later one leaves these restorable
+            for i in indices:
+                saved.append((views[i], in_place.saves[i]))
+                self._perturbed.add(id(views[i]))
+
+        in_place(self.kind, [keys[t.name] for t in views], scale, written=written)
         for t in self._by_unit[unit]:
             if _slot_kind(t) is None:
                 self._perturb_one(t, keys[t.name], scale, saved)

@@ -165,8 +165,7 @@ class RestoreLogPerturbation(NestedHolding):
             raise RuntimeError("perturbation scopes do not nest")
         if self.fallback is None:
             try:
-                with DeferredInterrupts():  # the move may carry the last step's update: all or nothing
-                    self._move_to((self._keys(seed), scale), update=self._take_pending())
+                self._move_with_pending((self._keys(seed), scale))
             except LogFull:
                 self._fall_back(scale)
         if self.fallback is not None:
@@ -189,8 +188,7 @@ class RestoreLogPerturbation(NestedHolding):
         if self.fallback is not None:
             self.fallback.settle()
         elif self._at is not None or self._pending is not None:
-            with DeferredInterrupts():
-                self._move_to(None, update=self._take_pending())
+            self._move_with_pending(None)
 
     def commit(self, plan: UpdatePlan) -> None:
         """The ZO-SGD update of `commit_update`, in the same sweep as the restore (without
@@ -221,9 +219,18 @@ class RestoreLogPerturbation(NestedHolding):
         updated ones: read them through `settle`)."""
         return self._pending is not None
 
-    def _take_pending(self) -> Optional[tuple]:
-        pending, self._pending = self._pending, None
-        return pending
+    def _move_with_pending(self, destination: Optional[tuple]) -> None:
+        """`_move_to` `destination`, writing a waiting update on the way, with Ctrl-C deferred
+        (all or nothing). The update stops waiting once a move has written it: when the move
+        is done, or undone after a log overflow (which writes it too); any other failure
+        happens before the sweep, and it still waits."""
+        with DeferredInterrupts():
+            try:
+                self._move_to(destination, update=self._pending)
+            except LogFull:
+                self._pending = None
+                raise
+            self._pending = None
 
     # -- moves -------------------------------------------------------------------------------
     def _keys(self, seed: int) -> np.ndarray:

@@ -278,9 +278,9 @@ class MeZOTrainer:
             self.nonfinite_in_a_row = 0
             clip = c.grad_clip or math.inf
             directions = [(e.seed, max(-clip, min(clip, e.coefficient))) for e in estimates]
-            peak = self.base_learning_rate * (self.guard.lr_scale if self.guard is not None else 1.0)
-            if peak != self._update_checked_at_lr:  # a sampled check on exact weights, once per peak rate
-                self._update_checked_at_lr = peak
+            checked = self._update_checked_at_lr
+            if checked is None or not checked / 2 <= lr <= 2 * checked:  # resolution: a matter of 2x, not of 1%
+                self._update_checked_at_lr = lr  # (a sampled check on exact weights: a schedule costs ~log2 of them)
                 self._warn_if_vanishing("update", directions[0][0], -lr * directions[0][1] / len(directions))
             self.backend.apply_update(directions, lr)  # in a train() loop it may wait for the next pass
         out.applied = directions
@@ -420,10 +420,9 @@ class MeZOTrainer:
         (then not held back).
 
         Between steps a step's update may wait for the next step's first pass, which writes
-        it in the same sweep as its perturbation (one sweep of the weights fewer per step).
-        Whatever reads the weights through the trainer (`evaluate`, checkpoints, export) and
-        every forward of the model writes it first; so do the loop's end and an exception
-        leaving it. `on_step` sees the updated weights unless `on_step_reads_weights` is False
+        it in the same sweep as its perturbation (the restore log: one sweep of the weights
+        fewer per step). Whatever reads the weights through the trainer (`evaluate`,
+        checkpoints, export) writes it first; so do the loop's end and an exception leaving it. `on_step` sees the updated weights unless `on_step_reads_weights` is False
         (a callback that reads them only through the trainer, as the main job's does).
         """
         c = self.config

@@ -225,9 +225,9 @@ def mezo_end(state: EngineMeZO):
 
 def mezo_update(state: EngineMeZO, terms, lr: float, weight_decay: float, momentum: float):
     """The ZO-SGD update of the directions `terms` [(seed, coefficient)] (`commit_update`),
-    written before the call returns. It never waits for the next pass here, as it does on
-    the transformers backend: the engine reads its weights outside any hook too (a decode
-    replayed from a CUDA graph, SGLang's own weight APIs)."""
+    written before the call returns. It never waits for the next pass here, as the restore
+    log's does on the transformers backend: the engine reads its weights outside any hook
+    too (a decode replayed from a CUDA graph, SGLang's own weight APIs)."""
     state.check_resident()
     plan = prepare_update(state.tensors, [(int(s), float(g)) for s, g in terms], lr, weight_decay, momentum)
     commit_update(state.tensors, plan, state.kind, state.versions)

@@ -210,15 +210,21 @@ class PairedWrites:
         self.layouts = list(layouts) if layouts is not None else [None] * len(self.dsts)
         self._plans: dict = {}  # forced implementation -> [(triton group or None, [pair index])]
 
-    def __call__(self, kind: str, keys: Sequence[int], alpha: float) -> None:
+    def __call__(self, kind: str, keys: Sequence[int], alpha: float, written=None) -> None:
+        """The writes, each launch whole or not at all; `written(indices)`, if given, is told
+        the pairs each launch wrote as soon as it has (a later failure leaves them known)."""
         check_kind(kind)
         for group, indices in self._plan():
             if group is None:
                 for i in indices:
                     save = self.saves[i] if self.saves is not None else None
                     axpy_direction_(self.dsts[i], self.srcs[i], kind, keys[i], alpha, save=save, layout=self.layouts[i])
+                    if written is not None:
+                        written([i])
             else:
                 group(kind, [keys[i] for i in indices], effective_alpha(kind, group.dtype, alpha))
+                if written is not None:
+                    written(indices)
 
     def _plan(self) -> list:
         if _forced not in self._plans:
@@ -274,8 +280,6 @@ def update_(targets: Sequence[UpdateTarget], kind: str, coefs: Sequence[float], 
     for t in targets:
         first = fast_kernel_start(t.layout, t.weight, t.momentum)
         name = "reference" if first is None else implementation(t.weight)
-        if first and name == "numba" and t.momentum is not None:
-            name = "reference"  # numba's update with momentum draws z from element 0 only
         by_implementation.setdefault(name, []).append((t, first))
     for name, group in by_implementation.items():
         if name == "triton":

@@ -379,8 +379,8 @@ _SCRATCH = threading.local()
 
 
 def _gaussian_scratch() -> np.ndarray:
-    """z scratch for the Gaussian kernels: a row per numba thread, allocated (once per Python
-    thread) before a kernel runs, so a kernel never fails after it has started writing."""
+    """z scratch for `fill`'s Gaussian pairs: a row per numba thread, allocated (once per
+    Python thread) before the kernel runs."""
     shape = (numba.get_num_threads(), 2, _BLOCK // 2 + 1)
     scratch = getattr(_SCRATCH, "rows", None)
     if scratch is None or scratch.shape[0] < shape[0]:
@@ -399,7 +399,7 @@ def axpy_(w: torch.Tensor, src: torch.Tensor, kind: str, key: int, alpha: float,
     """``w = round(src + alpha z)`` on contiguous float32 CPU tensors, `save` <- src in the
     same pass, z of elements [first, first + w.numel()) of the tensor keyed `key` (`first`:
     a multiple of 64, where a tensor-parallel block of rows starts). Fails only before
-    writing (scratch is allocated first)."""
+    writing (the kernels allocate nothing)."""
     if first % 64:
         raise ValueError(f"numba kernels start z on a 64-element boundary, not at element {first}")
     flat_w, flat_src = w.detach().view(-1), src.detach().view(-1)
