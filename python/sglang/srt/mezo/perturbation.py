@@ -194,7 +194,7 @@ class UnitScopedPerturbation(NestedHolding):
         self._active: list = []  # stack of (unit, [(tensor, how to put it back)])
         self._perturbed: set = set()  # ids of tensors perturbed now (a tied tensor may have several units)
         self._scratch: dict = {}  # device -> uint8 buffer: one unit's perturbed copies or backups
-        self._writes: dict = {}  # unit -> (copies, their tensors, in-place writes, their views): `_unit_writes`
+        self._writes: dict = {}  # unit -> its batches of writes and their tensors: `_unit_writes`
         self._handles = []
         for unit in self._by_unit:
             self._handles.append(unit.register_forward_pre_hook(self._before))
@@ -258,7 +258,7 @@ class UnitScopedPerturbation(NestedHolding):
         written); views into larger buffers (the engine's) perturbed in place, each backup
         written to its slot in the same pass. Masters and views the fast kernels cannot
         address: one by one."""
-        copies, swapped, in_place, views = self._unit_writes(unit)
+        copies, swapped, in_place, views, others = self._unit_writes(unit)
         copies(self.kind, [keys[t.name] for t in swapped], scale)
         for t, perturbed in zip(swapped, copies.dsts):
             saved.append((t, t.param.data))
@@ -271,9 +271,8 @@ class UnitScopedPerturbation(NestedHolding):
                 self._perturbed.add(id(views[i]))
 
         in_place(self.kind, [keys[t.name] for t in views], scale, written=written)
-        for t in self._by_unit[unit]:
-            if _slot_kind(t) is None:
-                self._perturb_one(t, keys[t.name], scale, saved)
+        for t in others:
+            self._perturb_one(t, keys[t.name], scale, saved)
 
     def _perturb_one(self, t: TrainableTensor, key: int, scale: float, saved: list) -> None:
         p = t.param.detach()
@@ -321,7 +320,7 @@ class UnitScopedPerturbation(NestedHolding):
     def _unit_writes(self, unit) -> tuple:
         """(`PairedWrites` of perturbed copies into scratch slots (`_slots`), the swappable
         parameters they are of, `PairedWrites` in place with backups into slots, the views
-        they write): the unit's two batches of writes, built once."""
+        they write, the unit's other tensors, written one by one): built once."""
         if unit in self._writes:
             return self._writes[unit]
         slotted = [t for t in self._by_unit[unit] if _slot_kind(t) is not None]
@@ -338,7 +337,8 @@ class UnitScopedPerturbation(NestedHolding):
             [t.param.detach() for t in views], [t.param.detach() for t in views], [slot[id(t)] for t in views],
             [t.layout for t in views],
         )  # fmt: skip
-        self._writes[unit] = (copies, swapped, in_place, views)
+        others = [t for t in self._by_unit[unit] if _slot_kind(t) is None]
+        self._writes[unit] = (copies, swapped, in_place, views, others)
         return self._writes[unit]
 
     def _scratch_buffer(self, device: torch.device) -> torch.Tensor:

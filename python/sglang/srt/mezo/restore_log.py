@@ -184,10 +184,9 @@ class RestoreLogPerturbation(NestedHolding):
             self.settle()
 
     def settle(self) -> None:
-        """Back to the unperturbed weights, with any pending update written, exactly."""
-        if self.fallback is not None:
-            self.fallback.settle()
-        elif self._at is not None or self._pending is not None:
+        """Back to the unperturbed weights, with any pending update written, exactly (after a
+        fallback nothing rests or waits here: its scopes restore, `commit` writes at once)."""
+        if self._at is not None or self._pending is not None:
             self._move_with_pending(None)
 
     def commit(self, plan: UpdatePlan) -> None:

@@ -422,8 +422,9 @@ class MeZOTrainer:
         Between steps a step's update may wait for the next step's first pass, which writes
         it in the same sweep as its perturbation (the restore log: one sweep of the weights
         fewer per step). Whatever reads the weights through the trainer (`evaluate`,
-        checkpoints, export) writes it first; so do the loop's end and an exception leaving it. `on_step` sees the updated weights unless `on_step_reads_weights` is False
-        (a callback that reads them only through the trainer, as the main job's does).
+        checkpoints, export) writes it first; so do the loop's end and an exception leaving
+        it. `on_step` sees the updated weights unless `on_step_reads_weights` is False (a
+        callback that reads them only through the trainer, as the main job's does).
         """
         c = self.config
         if held_back is None and c.held_back_batches():

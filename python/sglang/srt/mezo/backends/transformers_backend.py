@@ -262,7 +262,6 @@ class TransformersBackend:
         return {name: p for name, p in self.model.named_parameters() if id(p) not in trainable}
 
     def momentum_state(self) -> dict:
-        self.perturbation.settle()  # a waiting update moves the buffers too
         return {t.name: t.momentum for t in self.tensors if t.momentum is not None}
 
     def load_momentum_state(self, state: dict) -> None:

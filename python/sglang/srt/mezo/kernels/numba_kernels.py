@@ -178,6 +178,15 @@ def _axpy_rademacher(w, save, key, alpha, first_word):
 LANES = 32
 
 
+def splat(builder, value, count: int):
+    """IR of a <count x type> vector with `value` in every lane."""
+    vector = ir.VectorType(value.type, count)
+    lane0 = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(
+        lane0, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), count), [0] * count)
+    )
+
+
 @intrinsic
 def _gaussian_lanes(typingctx, key, first_pair, z0_address, z1_address):
     """(z0, z1) of pairs first_pair .. first_pair + LANES - 1, stored to the float32 arrays at
@@ -216,11 +225,7 @@ def _gaussian_axpy_lanes(typingctx, key, first_pair, dst_address, src_address, s
         src = b.load(b.inttoptr(src_address, ir.PointerType(elements)), align=4)
         with b.if_then(b.icmp_unsigned("!=", save_address, ir.Constant(ir.IntType(64), 0))):
             b.store(src, b.inttoptr(save_address, ir.PointerType(elements)), align=4)
-        alphas = b.shuffle_vector(
-            b.insert_element(ir.Constant(doubles, ir.Undefined), alpha, ir.Constant(ir.IntType(32), 0)),
-            ir.Constant(doubles, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 2 * LANES), [0] * (2 * LANES)),
-        )  # fmt: skip
-        value = b.fadd(b.fpext(src, doubles), b.fmul(alphas, b.fpext(z, doubles)))
+        value = b.fadd(b.fpext(src, doubles), b.fmul(splat(b, alpha, 2 * LANES), b.fpext(z, doubles)))
         b.store(b.fptrunc(value, elements), b.inttoptr(dst_address, ir.PointerType(elements)), align=4)
         return context.get_dummy_value()
 
@@ -232,10 +237,6 @@ def _gaussian_lanes_codegen(b, key, first):
     i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
     ints, longs, floats = (ir.VectorType(t, LANES) for t in (i32, i64, f32))
 
-    def splat(value, vector):
-        lane0 = b.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(i32, 0))
-        return b.shuffle_vector(lane0, ir.Constant(vector, ir.Undefined), ir.Constant(ints, [0] * LANES))
-
     def u64(value):
         return ir.Constant(longs, [value & ((1 << 64) - 1)] * LANES)
 
@@ -246,8 +247,8 @@ def _gaussian_lanes_codegen(b, key, first):
         return ir.Constant(floats, [float(value)] * LANES)
 
     # SplitMix64 of key + (pair + 1) * GOLDEN (`_mix`)
-    pair = b.add(splat(first, longs), ir.Constant(longs, list(range(LANES))))
-    x = b.add(splat(key, longs), b.mul(b.add(pair, u64(1)), u64(ref.GOLDEN)))
+    pair = b.add(splat(b, first, LANES), ir.Constant(longs, list(range(LANES))))
+    x = b.add(splat(b, key, LANES), b.mul(b.add(pair, u64(1)), u64(ref.GOLDEN)))
     x = b.mul(b.xor(x, b.lshr(x, u64(30))), u64(ref.MIX1))
     x = b.mul(b.xor(x, b.lshr(x, u64(27))), u64(ref.MIX2))
     h = b.xor(x, b.lshr(x, u64(31)))

@@ -15,7 +15,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from sglang.srt.mezo.kernels.numba_kernels import rademacher_word
+from sglang.srt.mezo.kernels.numba_kernels import rademacher_word, splat
 
 WORD = 64  # elements per random word: bit k of the word is the sign of element k
 # Elements per work item (whole words). A thread starts an item only when its log region
@@ -103,7 +103,7 @@ def _word_codegen(builder, x_address, lanes, bits, alpha):
     x.add_incoming(partial_x, partial_block)
     if _COMPRESS_STORE:
         negative = builder.bitcast(bits, lane_mask)
-        steps = builder.select(negative, _splat(builder, builder.fneg(alpha), WORD), _splat(builder, alpha, WORD))
+        steps = builder.select(negative, splat(builder, builder.fneg(alpha), WORD), splat(builder, alpha, WORD))
     else:  # without mask registers: flip alpha's sign bit by each lane's bit, in 32-bit lanes
         i32 = ir.IntType(32)
         halves = ir.VectorType(i32, 2)
@@ -117,16 +117,8 @@ def _word_codegen(builder, x_address, lanes, bits, alpha):
             builder.lshr(words, ir.Constant(ints, list(range(32)) * 2)), ir.Constant(ints, [1] * WORD)
         )
         sign = builder.shl(lane_bits, ir.Constant(ints, [31] * WORD))
-        steps = builder.bitcast(builder.xor(_splat(builder, builder.bitcast(alpha, i32), WORD), sign), floats)
+        steps = builder.bitcast(builder.xor(splat(builder, builder.bitcast(alpha, i32), WORD), sign), floats)
     return full, present, pointer, x, steps
-
-
-def _splat(builder, value, count):
-    vector = ir.VectorType(value.type, count)
-    lane0 = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(
-        lane0, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), count), [0] * count)
-    )
 
 
 def _declare(builder, name, result, *arguments):
@@ -221,7 +213,7 @@ def _move_word(typingctx, x_address, lanes, bits, alpha, off_address, val_addres
         moved, missed = _moved_and_missed(builder, present, x, steps)
         _store_word(builder, moved, pointer, full, present)
         offsets = builder.add(
-            _splat(builder, builder.trunc(word_start, i32), WORD), ir.Constant(ints, list(range(WORD)))
+            splat(builder, builder.trunc(word_start, i32), WORD), ir.Constant(ints, list(range(WORD)))
         )
         for values, address, name in ((x, val_address, "v64f32"), (offsets, off_address, "v64i32")):
             vector = values.type
