@@ -84,10 +84,13 @@ def assert_mean_close(test, samples: torch.Tensor, expected: torch.Tensor, sigma
 class TwoPointNormalised(estimators.OneSidedNormalised):
     """Canary: FZOO's normalisation over two-point differences L(w + eps u) - L(w - eps u)."""
 
-    def estimate(self, loss_at, step):
+    def points(self, step):
         seeds = [estimators.direction_seed(self.run_seed, step, d) for d in range(self.directions)]
-        plus = [loss_at(seed, +self.epsilon) for seed in seeds]
-        minus = [loss_at(seed, -self.epsilon) for seed in seeds]
+        return [(seed, +self.epsilon) for seed in seeds] + [(seed, -self.epsilon) for seed in seeds]
+
+    def combine(self, step, losses):
+        seeds = [seed for seed, _ in self.points(step)[: self.directions]]
+        plus, minus = losses[: self.directions], losses[self.directions :]
         sigma = statistics.stdev(plus)
         return [estimators.DirectionEstimate(s, p, m, (p - m) / sigma) for s, p, m in zip(seeds, plus, minus)]
 

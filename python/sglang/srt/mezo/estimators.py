@@ -34,6 +34,8 @@ from sglang.srt.mezo.structured_directions import lowrank_seed
 
 ESTIMATORS = ("mezo", "fzoo", "sparse", "lowrank")
 
+# (seed or None for the unperturbed weights, scale): a point w + scale * z(seed) a step evaluates
+Point = tuple  # [Optional[int], float]
 # (seed or None for the unperturbed weights, scale) -> mean loss at w + scale * z(seed)
 LossAt = Callable[[Optional[int], float], float]
 
@@ -58,13 +60,25 @@ class DirectionEstimate:
 
 
 class Estimator(Protocol):
+    """A step is its points (every weight setting it evaluates, known before any pass runs,
+    so a backend may evaluate them all in one batched call: `Backend.loss_sums`) and the
+    rule combining their losses into `DirectionEstimate`s."""
+
     name: str
 
     def passes_per_step(self) -> int:
         """Forward passes (over the batch) one step costs."""
 
-    def estimate(self, loss_at: LossAt, step: int) -> list:
-        """The step's `DirectionEstimate`s, all at the same weights."""
+    def points(self, step: int) -> list:
+        """The step's `Point`s, in the order one-by-one passes run them."""
+
+    def combine(self, step: int, losses: list) -> list:
+        """The step's `DirectionEstimate`s from the mean loss at each of `points(step)`."""
+
+
+def estimate(estimator: Estimator, loss_at: LossAt, step: int) -> list:
+    """`estimator`'s estimates at `step`, its points evaluated one by one by `loss_at`."""
+    return estimator.combine(step, [loss_at(seed, scale) for seed, scale in estimator.points(step)])
 
 
 class TwoPoint:
@@ -78,12 +92,14 @@ class TwoPoint:
     def passes_per_step(self) -> int:
         return 2 * self.directions
 
-    def estimate(self, loss_at: LossAt, step: int) -> list:
+    def points(self, step: int) -> list:
+        seeds = [self.seed_of(step, d) for d in range(self.directions)]
+        return [(seed, sign * self.epsilon) for seed in seeds for sign in (+1, -1)]
+
+    def combine(self, step: int, losses: list) -> list:
+        seeds = [seed for seed, _ in self.points(step)[::2]]
         estimates = []
-        for d in range(self.directions):
-            seed = self.seed_of(step, d)
-            loss_plus = loss_at(seed, +self.epsilon)
-            loss_minus = loss_at(seed, -self.epsilon)
+        for seed, loss_plus, loss_minus in zip(seeds, losses[::2], losses[1::2]):
             projected_grad = (loss_plus - loss_minus) / (2 * self.epsilon)
             estimates.append(DirectionEstimate(seed, loss_plus, loss_minus, projected_grad))
         return estimates
@@ -101,10 +117,13 @@ class OneSidedNormalised:
     def passes_per_step(self) -> int:
         return self.directions + 1
 
-    def estimate(self, loss_at: LossAt, step: int) -> list:
-        base = loss_at(None, 0.0)
+    def points(self, step: int) -> list:
         seeds = [direction_seed(self.run_seed, step, d) for d in range(self.directions)]
-        losses = [loss_at(seed, +self.epsilon) for seed in seeds]
+        return [(None, 0.0)] + [(seed, +self.epsilon) for seed in seeds]
+
+    def combine(self, step: int, losses: list) -> list:
+        seeds = [seed for seed, _ in self.points(step)[1:]]
+        base, losses = losses[0], losses[1:]
         finite = all(math.isfinite(loss) for loss in (base, *losses))  # else the trainer skips the step
         sigma = statistics.stdev(losses) if finite else math.nan
         scale = 1.0 / sigma if sigma > 0 else 0.0

@@ -79,14 +79,23 @@ def prompt_token_lists(batch: dict) -> list:
     return [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
 
-def transformers_completions(model, tokenizer, batch: dict, settings: GenerationSettings) -> list:
+def transformers_completions(
+    model, tokenizer, batch: dict, settings: GenerationSettings, adapters: Optional[list] = None
+) -> list:
     """Completions of the batch's prompts, ``settings.num_samples`` per prompt (a prompt's
-    samples adjacent), from `model.generate`: greedy, or sampled by `SeededGumbelSampling`."""
+    samples adjacent), from `model.generate`: greedy, or sampled by `SeededGumbelSampling`.
+
+    With `adapters` (peft adapter names), every adapter generates them in one call (peft's
+    mixed-adapter batch: the rows once per adapter, each copy with the same sampling
+    seeds): then a list of completion lists, one per adapter."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_aligned(batch["input_ids"], batch["attention_mask"], pad)
     ids, mask = ids.repeat_interleave(settings.num_samples, 0), mask.repeat_interleave(settings.num_samples, 0)
+    rows, copies = ids.shape[0], len(adapters) if adapters is not None else 1
+    ids, mask = ids.repeat(copies, 1), mask.repeat(copies, 1)
+    per_row = {} if adapters is None else {"adapter_names": [name for name in adapters for _ in range(rows)]}
     config = GenerationConfig(
         do_sample=False,  # sampling is the logits processor's choice, made by the shared rule
         max_new_tokens=settings.max_new_tokens,
@@ -96,10 +105,16 @@ def transformers_completions(model, tokenizer, batch: dict, settings: Generation
     )
     processors = []
     if not settings.greedy:
-        seeds = settings.completion_seeds(len(batch["input_ids"]))
+        seeds = settings.completion_seeds(len(batch["input_ids"])) * copies
         processors.append(SeededGumbelSampling(seeds, settings.temperature, settings.top_p, ids.shape[1]))
     out = model.generate(
-        input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tokenizer, logits_processor=processors
+        input_ids=ids,
+        attention_mask=mask,
+        generation_config=config,
+        tokenizer=tokenizer,
+        logits_processor=processors,
+        **per_row,
     )
     texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return [cut_at_stop(text, settings.stop) for text in texts]
+    texts = [cut_at_stop(text, settings.stop) for text in texts]
+    return texts if adapters is None else [texts[i * rows : (i + 1) * rows] for i in range(copies)]

@@ -279,7 +279,7 @@ class UnitScopedPerturbation(NestedHolding):
         if t.master is not None:  # written from the float32 master, synced back after: no scratch
             self._write(p, t.master, t, key, scale)
             saved.append((t, None))
-        elif _swappable(t):  # a perturbed copy swapped in
+        elif swappable(t):  # a perturbed copy swapped in
             perturbed = torch.empty_like(p)
             self._write(perturbed, p, t, key, scale)
             saved.append((t, t.param.data))
@@ -291,22 +291,14 @@ class UnitScopedPerturbation(NestedHolding):
         self._perturbed.add(id(t))
 
     def _write(self, dst, src, t: TrainableTensor, key: int, scale: float, save=None) -> None:
-        """``dst = round(src + scale * z)``: the dense z of `key`, or the family's direction of
-        the scope's seed drawn from src (the unperturbed values)."""
-        if self.family is None:
-            axpy_direction_(dst, src, self.kind, key, scale, save=save, layout=t.layout)
-            return
-        kind = self.family.write_kind
-        z_of = self.family.source(t.name, src)
-        seed = self._scope[0]
-        reference.axpy_(dst, src, kind, seed, effective_alpha(kind, dst.dtype, scale), save, z_of=z_of)
+        write_perturbed(dst, src, t, self.kind, self._scope[0], scale, self.family, save=save, key=key)
 
     def _restore(self, unit, saved):
         views, backups = [], []
         for t, original in saved:
             if t.master is not None:
                 t.sync_param()
-            elif _swappable(t):
+            elif swappable(t):
                 t.param.data = original
             else:
                 views.append(t.param.detach())
@@ -347,7 +339,31 @@ class UnitScopedPerturbation(NestedHolding):
         return self._scratch[device]
 
 
-def _swappable(t: TrainableTensor) -> bool:
+def write_perturbed(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    t: TrainableTensor,
+    kind: str,
+    seed: int,
+    scale: float,
+    family: Optional[DirectionFamily] = None,
+    save: Optional[torch.Tensor] = None,
+    key: Optional[int] = None,
+) -> None:
+    """``dst = round(src + scale * z)`` for trainable tensor `t`: the dense z of direction
+    `seed` (`key`: its `tensor_key` for `t`, when already computed), or the family's
+    direction drawn from src (the unperturbed values). Every perturbed copy of a tensor is
+    written by this rule, so copies made for different purposes hold the same bits."""
+    if family is None:
+        key = tensor_key(seed, t.name) if key is None else key
+        axpy_direction_(dst, src, kind, key, scale, save=save, layout=t.layout)
+        return
+    write_kind = family.write_kind
+    z_of = family.source(t.name, src)
+    reference.axpy_(dst, src, write_kind, seed, effective_alpha(write_kind, dst.dtype, scale), save, z_of=z_of)
+
+
+def swappable(t: TrainableTensor) -> bool:
     """A whole parameter of its own (not a view into a larger buffer, not a shard) without a
     float32 master."""
     return t.master is None and isinstance(t.param, nn.Parameter) and not is_shard(t.layout)
@@ -358,7 +374,7 @@ def _slot_kind(t: TrainableTensor) -> Optional[str]:
     copy (swappable parameters); ``"backup"``, its values while it is perturbed in place (a
     view into a larger buffer that the fast kernels address as one run: `fast_kernel_start`);
     None: no slot (float32 masters; views written by the reference, with their own backup)."""
-    if _swappable(t):
+    if swappable(t):
         return "copy"
     if t.master is None and fast_kernel_start(t.layout, t.param.detach()) is not None:
         return "backup"

@@ -261,11 +261,10 @@ class MeZOTrainer:
         if self.guard is not None:
             lr *= self.guard.lr_scale
 
-        def loss_at(seed: Optional[int], scale: float) -> float:
-            return self._loss(objective, batch, seed, scale)
-
         with self.backend.holding_perturbation():  # the passes and the update may share sweeps
-            estimates = self.estimator.estimate(loss_at, self.global_step)
+            points = self.estimator.points(self.global_step)  # (seed, scale) of every pass
+            losses = self._losses(objective, batch, points)  # one by one, or the population in one call
+            estimates = self.estimator.combine(self.global_step, losses)
             out = StepOutput.from_estimates(self.global_step, lr, estimates)
             if isinstance(objective, RewardObjective):
                 out.reward = objective.summary()
@@ -295,8 +294,12 @@ class MeZOTrainer:
 
     def _loss(self, objective, batch: dict, seed: Optional[int], scale: float) -> float:
         """Mean objective under ``w + scale * z(seed)``, combined exactly across ranks."""
-        total, count = reduce_sum_count(*self.backend.loss_sum(objective, batch, seed, scale))
-        return total / count if count else math.nan
+        return self._losses(objective, batch, [(seed, scale)])[0]
+
+    def _losses(self, objective, batch: dict, points: list) -> list:
+        """Mean objective at each (seed, scale) of `points`, combined exactly across ranks."""
+        reduced = [reduce_sum_count(*pair) for pair in self.backend.loss_sums(objective, batch, points)]
+        return [total / count if count else math.nan for total, count in reduced]
 
     # ------------------------------------------------------------------------- the guard
     def _guard_check(self, batches: list) -> dict:

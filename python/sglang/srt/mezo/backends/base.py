@@ -32,6 +32,11 @@ class Backend(Protocol):
     ) -> tuple[float, int]:
         """(sum, count) of `objective` under ``w + scale * z(seed)`` (w itself if seed is None)."""
 
+    def loss_sums(self, objective: Callable, batch: dict, points: Sequence[tuple]) -> list:
+        """[(sum, count)] of `objective` at each (seed, scale) of `points`, in order: one
+        pass after another, or where the backend batches a step's population
+        (``MeZOConfig.population_batch``) all of them in one call."""
+
     def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """Per-row completion log-likelihood sums (float64) and token counts, on the host."""
 

@@ -258,6 +258,10 @@ class SGLangBackend:
         texts = [tokenizer.decode(out["output_ids"], skip_special_tokens=True) for out in outputs]
         return [cut_at_stop(text, settings.stop) for text in texts]
 
+    def loss_sums(self, objective, batch: dict, points: list) -> list:
+        """Pass by pass (the engine's multi-LoRA population is not built yet)."""
+        return [self.loss_sum(objective, batch, seed, scale) for seed, scale in points]
+
     def loss_sum(self, objective, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         if isinstance(objective, RewardObjective):
             total, count = objective.reduce(batch, self.completions(objective, batch, seed, scale))

@@ -10,10 +10,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from sglang.srt.mezo.backends.lora_population import LoRASlots, population_pays, unsupported_reason
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.kv_cache import CachedRowForward
-from sglang.srt.mezo.objectives import RowObjective, example_groups
+from sglang.srt.mezo.objectives import RowObjective, example_groups, positions, row_logprobs
 from sglang.srt.mezo.perturbation import (
     UnitScopedPerturbation,
     WeightVersions,
@@ -24,6 +25,7 @@ from sglang.srt.mezo.restore_log import RestoreLogPerturbation
 from sglang.srt.mezo.rewards.objective import RewardObjective
 from sglang.srt.mezo.structured_directions import direction_family
 from sglang.srt.mezo.trainable import (
+    ADAPTER_NAME,
     apply_peft,
     canonical_name,
     collect_trainable,
@@ -58,6 +60,21 @@ def split_rows(batch: dict, size: int) -> list:
         current = current + group
     chunks.append(current)
     return [{k: v[c[0] : c[-1] + 1] if torch.is_tensor(v) and v.dim() else v for k, v in batch.items()} for c in chunks]
+
+
+def stack_copies(batch: dict, copies: int) -> dict:
+    """`copies` copies of the batch's rows one after another, with ``copy_index`` naming each
+    row's copy; example ids are kept apart per copy (each copy's examples its own groups)."""
+    rows = batch["input_ids"].shape[0]
+    out = {}
+    for key, value in batch.items():
+        per_row = torch.is_tensor(value) and value.dim() and value.shape[0] == rows
+        out[key] = value.repeat(copies, *([1] * (value.dim() - 1))) if per_row else value
+    index = torch.arange(copies, device=batch["input_ids"].device).repeat_interleave(rows)
+    out["copy_index"] = index
+    if "example_id" in batch:
+        out["example_id"] = out["example_id"] + index * (int(batch["example_id"].max()) + 1)
+    return out
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -113,6 +130,17 @@ class TransformersBackend:
         self.row_forward = CachedRowForward(model, self.tensors, self.versions, config)
         self.micro_batch_rows = config.micro_batch_size  # 0: whole batches until memory runs out
         self.device = input_device(model)
+        self.population = self._population(config.population_batch)
+
+    def _population(self, requested: str) -> Optional[LoRASlots]:
+        """LoRA slots for a step's population (`lora_population`) where ``population_batch``
+        asks for them (``auto``: where they pay, `population_pays`), else None: pass by pass."""
+        reason = unsupported_reason(self.model, self.tensors)
+        if requested == "on" and reason is not None:
+            raise ValueError(f"population_batch='on': {reason}")
+        if requested == "off" or reason is not None or (requested == "auto" and not population_pays(self.config)):
+            return None
+        return LoRASlots(self.model, self.tensors, self.config.perturbation, self.family)
 
     def _mechanism(self, requested: str):
         """The perturbation mechanism: `requested`, or for ``auto`` the restore log where it
@@ -167,11 +195,35 @@ class TransformersBackend:
     def row_logprobs(self, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """Per-row completion log-likelihoods under ``w + scale * z(seed)`` (w if seed is None)."""
         batch = to_device(batch, self.device)
+        perturbing = seed is not None
         with self._pass(seed, scale):
-            return self._in_micro_batches(batch, perturbing=seed is not None)
+            return self._in_micro_batches(batch, lambda part: self.row_forward(self.model, part, perturbing))
 
-    def _in_micro_batches(self, batch: dict, perturbing: bool) -> tuple:
-        """Rows in micro-batches under the same weights; on out-of-memory, halve and retry.
+    def _population_row_logprobs(self, batch: dict, points: list) -> list:
+        """Per-row log-likelihoods at every point of `points`, in one call over the batch's
+        rows once per point, each copy on its point's adapter (`lora_population`)."""
+        batch = to_device(batch, self.device)
+        with self._pass(None, 0.0):  # the trained adapter exact: slots are written from it
+            names = self.population.adapter_names(points)
+            stacked = stack_copies(batch, len(names))
+
+            def forward(model, part: dict, keep: torch.Tensor) -> torch.Tensor:
+                adapters = [names[i] for i in part["copy_index"].tolist()]
+                return model(
+                    input_ids=part["input_ids"],
+                    attention_mask=part["attention_mask"],
+                    position_ids=positions(part),
+                    logits_to_keep=keep,
+                    use_cache=False,
+                    adapter_names=adapters,
+                ).logits
+
+            sums, counts = self._in_micro_batches(stacked, lambda part: row_logprobs(self.model, part, forward))
+        return list(zip(sums.chunk(len(names)), counts.chunk(len(names))))
+
+    def _in_micro_batches(self, batch: dict, run) -> tuple:
+        """`run(part)` -> per-row (sums, counts) over the batch's rows in micro-batches under
+        the same weights; on out-of-memory, halve and retry.
 
         MeZO needs only per-row sums, so any split gives the same result up to the rounding
         of differently shaped GEMMs. The size that worked is kept for later passes.
@@ -180,7 +232,7 @@ class TransformersBackend:
         size = min(rows, self.micro_batch_rows or self._budget_rows(batch) or rows)
         while True:
             try:
-                parts = [self.row_forward(self.model, part, perturbing) for part in split_rows(batch, size)]
+                parts = [run(part) for part in split_rows(batch, size)]
                 break
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
                 if not is_out_of_memory(error):
@@ -211,6 +263,39 @@ class TransformersBackend:
         prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, self.device)
         with self._pass(seed, scale):
             return transformers_completions(self.model, objective.tokenizer, prompts, objective.settings)
+
+    def loss_sums(self, objective, batch: dict, points: list) -> list:
+        """(sum, count) of `objective` at each (seed, scale) of `points`: with LoRA slots
+        (``population_batch``) the built-in and reward objectives in one call, else (and for
+        a custom objective) pass by pass."""
+        if self.population is None or len(points) < 2 or not isinstance(objective, (RowObjective, RewardObjective)):
+            return [self.loss_sum(objective, batch, seed, scale) for seed, scale in points]
+        if isinstance(objective, RowObjective):
+            rows = self._population_row_logprobs(batch, points)
+            totals = [objective.reduce(sums, counts, batch) for sums, counts in rows]
+        else:
+            totals = [
+                objective.reduce(batch, texts) for texts in self._population_completions(objective, batch, points)
+            ]
+        return [(float(total), int(count)) for total, count in totals]
+
+    def _population_completions(self, objective: RewardObjective, batch: dict, points: list) -> list:
+        """The batch's completions at every point of `points` (a list per point), generated
+        together on the points' adapters; under out of memory, fewer adapters per call."""
+        prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, self.device)
+        with self._pass(None, 0.0):
+            names = self.population.adapter_names(points)
+            group, out = len(names), []
+            while len(out) < len(names):
+                chunk = names[len(out) : len(out) + group]
+                try:
+                    out += transformers_completions(self.model, objective.tokenizer, prompts, objective.settings, chunk)
+                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                    if not is_out_of_memory(error) or group == 1:
+                        raise
+                    group //= 2
+                    logger.warning("out of memory generating the population: %d adapters per call", group)
+        return out
 
     def loss_sum(self, objective, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """(sum, count) of `objective` under the perturbed weights; built-ins go through rows,
@@ -259,6 +344,8 @@ class TransformersBackend:
 
     def frozen_state(self) -> dict:
         trainable = {id(t.param) for t in self.tensors}
+        if self.population is not None:
+            trainable |= self.population.parameter_ids()  # scratch
         return {name: p for name, p in self.model.named_parameters() if id(p) not in trainable}
 
     def momentum_state(self) -> dict:
@@ -277,7 +364,10 @@ class TransformersBackend:
         self.perturbation.settle()
         for t in self.tensors:
             t.sync_param()
-        self.model.save_pretrained(directory)
+        if self.population is not None and self.population.count:
+            self.model.save_pretrained(directory, selected_adapters=[ADAPTER_NAME])  # not the slots
+        else:
+            self.model.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return directory

@@ -1,0 +1,131 @@
+"""A step's population as LoRA slots: every perturbed adapter of one step in one batched call.
+
+A step evaluates its points (`estimators.Estimator.points`): w + eps z_i for its q or 2q
+directions, and w itself for one-sided estimators. With LoRA each perturbed adapter is
+small, so instead of perturbing the trained adapter pass after pass, each point's adapter
+is written into a slot of its own (an extra peft adapter, ``mezo_slot_<i>``) and the batch
+runs once per slot in one call: peft's mixed-adapter batches (``adapter_names``), where the
+frozen base's GEMMs read every weight once for all slots and each slot's LoRA product runs
+on its own rows (S-LoRA/Punica's scheme; EGGROLL's for ES populations). The unperturbed
+point runs on the trained adapter itself.
+
+Exactness: a slot holds the bits the one-by-one perturbation writes
+(`perturbation.write_perturbed`, from the same values), and no population pass writes the
+trained adapter, so lr = 0 stays bit-exact; per-slot losses differ from one-by-one passes
+only by the rounding of differently shaped GEMMs (the base's over K x B rows). Slots are
+scratch: not trained, not saved, not compared across ranks, and they consume no random
+numbers of the run (peft initialises a new adapter from torch's generator: forked here).
+
+Memory: the slots (K adapters) and the activations of K x B rows, which the backend's
+micro-batching bounds (under out of memory it halves a call's rows, a slot's rows may span
+calls; generation halves the slots per call).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Optional
+
+import torch
+
+from sglang.srt.mezo.kernels import PairedWrites, tensor_key
+from sglang.srt.mezo.perturbation import swappable, write_perturbed
+from sglang.srt.mezo.structured_directions import DirectionFamily
+from sglang.srt.mezo.trainable import ADAPTER_NAME
+
+SLOT_PREFIX = "mezo_slot_"
+_ADAPTER_IN_NAME = re.compile(r"\." + ADAPTER_NAME + r"(?=\.|$)")  # peft's ".default." in a parameter's name
+
+
+def unsupported_reason(model, tensors: list) -> Optional[str]:
+    """Why `model`'s step cannot run as LoRA slots (None: it can): a peft LoRA model whose
+    trainable tensors are all its adapter's."""
+    import peft
+
+    if not isinstance(model, peft.PeftModel) or not isinstance(model.peft_config.get(ADAPTER_NAME), peft.LoraConfig):
+        return "the population runs as LoRA slots: train with --peft lora"
+    names = {id(p): name for name, p in model.named_parameters()}
+    outside = [t.name for t in tensors if not _ADAPTER_IN_NAME.search(names.get(id(t.param), ""))]
+    if outside:
+        return f"trainable tensors outside the LoRA adapter ({', '.join(outside[:3])}) have no slots"
+    return None
+
+
+def population_pays(config) -> bool:
+    """``population_batch="auto"``'s rule: where batching a step's adapters was measured to
+    pay (benchmark/mezo/bench_population.py, SmolLM2-135M LoRA, fzoo, 2 CPU cores): in
+    generation (the reward objective; 1.43x at q = 4), where decoding a few rows per token
+    reads every weight for little arithmetic. Not for teacher-forced passes: 0.85x at
+    16 x 128, and a plain forward of 80 rows already takes 1.18x five forwards of 16 (a CPU
+    is compute-bound there and the larger activations leave its caches); unmeasured on a GPU."""
+    return config.objective == "reward"
+
+
+class LoRASlots:
+    """Extra peft adapters holding a step's perturbed copies of the trained one.
+
+    `adapter_names(points)` writes one slot per perturbed point and names the adapter each
+    point runs on; the forward then passes those names per row (``adapter_names``).
+    """
+
+    def __init__(self, model, tensors: list, kind: str, family: Optional[DirectionFamily] = None):
+        reason = unsupported_reason(model, tensors)
+        if reason is not None:
+            raise ValueError(reason)
+        self.model, self.tensors, self.kind, self.family = model, tensors, kind, family
+        self._param_names = {id(p): name for name, p in model.named_parameters()}
+        self._slots: list = []  # per slot: (PairedWrites of its dense copies, their tensors, [(tensor, dst)] others)
+        self._slot_params: list = []  # every slot's parameters
+
+    @property
+    def count(self) -> int:
+        return len(self._slots)
+
+    def parameter_ids(self) -> set:
+        """ids of every slot's parameters (scratch: excluded from the model's frozen state)."""
+        return {id(p) for p in self._slot_params}
+
+    def adapter_names(self, points: list) -> list:
+        """The adapter each (seed, scale) of `points` runs on: the trained one for seed None,
+        else a slot, written now with ``round(w + scale * z(seed))``."""
+        self._grow(sum(seed is not None for seed, _ in points))
+        names, slot = [], 0
+        for seed, scale in points:
+            if seed is None:
+                names.append(ADAPTER_NAME)
+                continue
+            self._write(slot, seed, scale)
+            names.append(f"{SLOT_PREFIX}{slot}")
+            slot += 1
+        return names
+
+    def _write(self, slot: int, seed: int, scale: float) -> None:
+        copies, swapped, others = self._slots[slot]
+        if swapped:
+            copies(self.kind, [tensor_key(seed, t.name) for t in swapped], scale)
+        for t, dst in others:
+            write_perturbed(dst, t.value, t, self.kind, seed, scale, self.family)
+
+    def _grow(self, count: int) -> None:
+        """At least `count` slots: new peft adapters configured as the trained one."""
+        devices = sorted({t.param.device for t in self.tensors if t.param.device.type != "cpu"}, key=str)
+        while len(self._slots) < count:
+            name = f"{SLOT_PREFIX}{len(self._slots)}"
+            with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda"):
+                self.model.add_adapter(name, copy.deepcopy(self.model.peft_config[ADAPTER_NAME]))
+            params = dict(self.model.named_parameters())
+            dense, swapped, others = [], [], []
+            for t in self.tensors:
+                dst = params[_ADAPTER_IN_NAME.sub("." + name, self._param_names[id(t.param)])]
+                dst.requires_grad_(False)
+                self._slot_params.append(dst)
+                if dst.dtype != t.param.dtype:  # the trained tensor's dtype: the same rounding as its copies
+                    dst.data = dst.data.to(t.param.dtype)
+                if self.family is None and swappable(t):
+                    dense.append(dst)
+                    swapped.append(t)
+                else:
+                    others.append((t, dst))
+            copies = PairedWrites([d.detach() for d in dense], [t.param.detach() for t in swapped])
+            self._slots.append((copies, swapped, others))

@@ -1,0 +1,254 @@
+"""A step's population in one call (`population_batch`): the perturbed LoRA adapters of a
+step as slots of one peft mixed-adapter batch, on a tiny random Llama.
+
+The reference for every point (seed, scale) is the model holding ``w + scale z(seed)`` as
+plain weights (`perturbed_weights`), run by a plain forward or ``generate``: it shares
+neither the slots nor the per-pass perturbation with what it checks.
+"""
+
+import tempfile
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import torch
+from mezo_testing import (
+    candidate_batch,
+    lm_batch,
+    loss_tolerance,
+    perturbed_weights,
+    snapshot,
+    tiny_llama,
+    tiny_tokenizer,
+)
+from safetensors.torch import load_file
+
+from sglang.srt.mezo.backends import transformers_backend
+from sglang.srt.mezo.generation import transformers_completions
+from sglang.srt.mezo.objectives import make_objective
+from sglang.srt.mezo.usage_errors import ConfigError
+from sglang.srt.mezo_trainer import MeZOConfig, MeZODataset, MeZOTrainer, create_dataloader
+
+LORA = dict(peft="lora", lora_target_modules="q_proj,v_proj", lora_rank=4, disable_tqdm=True, seed=5)
+RECORDS = [{"prompt": f"Say {w}:" + " please" * (i % 3), "answer": w} for i, w in enumerate(["yes", "no", "cat", "a"])]
+
+
+def lora_trainer(model=None, tokenizer=None, **overrides) -> MeZOTrainer:
+    """A LoRA trainer whose B is non-zero (seeded): with B = 0 a perturbation of A is invisible."""
+    trainer = MeZOTrainer(model or tiny_llama(), MeZOConfig(**{**LORA, **overrides}), tokenizer=tokenizer)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in trainer.backend.tensors:
+            t.param.copy_(torch.randn(t.param.shape, generator=generator, dtype=t.param.dtype) * 0.1)
+    return trainer
+
+
+def reference_losses(trainer, objective, batch, points) -> list:
+    """The objective's mean at each point, each from plain weights ``w + scale z`` and a plain forward."""
+    losses = []
+    for seed, scale in points:
+        with perturbed_weights(trainer, seed, scale) as model, torch.no_grad():
+            total, count = objective(model, batch)
+            losses.append(float(total) / int(count))
+    return losses
+
+
+def tolerances(trainer, batch, points) -> list:
+    """`loss_tolerance` (derived in mezo_testing: two forwards of one model differing only in
+    GEMM shapes and blocking) at each point's weights: the population's base GEMMs run over
+    K x B rows, its LoRA products over each slot's rows, the reference's over B."""
+    out = []
+    for seed, scale in points:
+        with perturbed_weights(trainer, seed, scale) as model:
+            out.append(loss_tolerance(model, batch))
+    return out
+
+
+def population_losses(trainer, objective, batch, points) -> list:
+    return [total / count for total, count in trainer.backend.loss_sums(objective, batch, points)]
+
+
+class TestPopulationLosses(unittest.TestCase):
+    def test_each_slots_loss_is_the_loss_at_its_point(self):
+        """Per-slot losses of one call equal the losses of plain weights at each point within
+        the derived tolerance (mezo: 2q slots; fzoo: q slots and the trained adapter for the
+        unperturbed point; both kinds of z, NLL and candidate batches). Canary: two slots
+        given the same perturbation (L- run on L+'s adapter) make g = 0 exactly, and the
+        reference sees that slot's loss off by far more than the tolerance."""
+        cases = {
+            "mezo rademacher": dict(estimator="mezo", num_directions=2, perturbation="rademacher"),
+            "fzoo gaussian": dict(estimator="fzoo", num_directions=4, perturbation="gaussian"),
+        }
+        for name, estimator in cases.items():
+            for batch in (lm_batch(), candidate_batch()):
+                with self.subTest(name, candidates="is_gold" in batch):
+                    trainer = lora_trainer(population_batch="on", epsilon=1e-2, **estimator)
+                    objective, points = make_objective("auto", batch), trainer.estimator.points(3)
+                    expected = reference_losses(trainer, objective, batch, points)
+                    tolerance = tolerances(trainer, batch, points)
+                    got = population_losses(trainer, objective, batch, points)
+                    self.assertEqual(trainer.backend.population.count, sum(s is not None for s, _ in points))
+                    for g, e, tol in zip(got, expected, tolerance):
+                        self.assertLessEqual(abs(g - e), tol)
+                    if name.startswith("mezo"):
+                        self.assertGreater(abs(expected[0] - expected[1]), 10 * tolerance[0])  # the canary can show
+
+        trainer = lora_trainer(population_batch="on", epsilon=1e-2, **cases["mezo rademacher"])
+        batch, objective = lm_batch(), make_objective("auto", lm_batch())
+        points = trainer.estimator.points(3)
+        names = trainer.backend.population.adapter_names
+
+        def same_perturbation_twice(points):
+            out = names(points)
+            return [out[0], out[0], *out[2:]]
+
+        with mock.patch.object(trainer.backend.population, "adapter_names", same_perturbation_twice):
+            broken = population_losses(trainer, objective, batch, points)
+        estimate = trainer.estimator.combine(3, broken)[0]
+        self.assertEqual(estimate.coefficient, 0.0)
+        expected = reference_losses(trainer, objective, batch, points)
+        self.assertGreater(abs(broken[1] - expected[1]), 10 * tolerances(trainer, batch, points)[1])
+
+    def test_micro_batches_and_out_of_memory_split_the_call_with_the_same_losses(self):
+        """The population's K x B rows in micro-batches that cut across slots (3 rows), and a
+        call that runs out of memory above 5 rows (halved until it fits, as a plain pass
+        is): the same per-slot losses within the tolerance."""
+        batch, objective = lm_batch(), make_objective("auto", lm_batch())
+        trainer = lora_trainer(population_batch="on", estimator="fzoo", num_directions=3, micro_batch_size=3)
+        points = trainer.estimator.points(0)
+        expected, tolerance = reference_losses(trainer, objective, batch, points), tolerances(trainer, batch, points)
+        for g, e, tol in zip(population_losses(trainer, objective, batch, points), expected, tolerance):
+            self.assertLessEqual(abs(g - e), tol)
+
+        trainer = lora_trainer(population_batch="on", estimator="fzoo", num_directions=3)
+        forward = trainer.model.forward
+        calls = []
+
+        def runs_out_above_five_rows(*args, **kwargs):
+            rows = kwargs["input_ids"].shape[0]
+            calls.append(rows)
+            if rows > 5:
+                raise torch.OutOfMemoryError("simulated")
+            return forward(*args, **kwargs)
+
+        with mock.patch.object(trainer.model, "forward", runs_out_above_five_rows):
+            got = population_losses(trainer, objective, batch, points)
+        self.assertEqual(calls[:2], [16, 8])  # 4 points x 4 rows, halved until it fits
+        self.assertEqual(max(calls[-4:]), 4)
+        for g, e, tol in zip(got, expected, tolerance):
+            self.assertLessEqual(abs(g - e), tol)
+
+
+class TestPopulationGeneration(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tok = tiny_tokenizer()
+        config = MeZOConfig(reward="length=6", **LORA)
+        data = MeZODataset(RECORDS, cls.tok, **config.dataset_options())
+        cls.batch = next(iter(create_dataloader(data, 4, shuffle=False, seed=0)))
+
+    def trainer(self, **overrides):
+        # float64, sdpa: greedy argmax could differ between the one call and a plain pass only
+        # at a near-tie of two logits (~1e-15 apart in float64): none in these prompts
+        model = tiny_llama(dtype=torch.float64, attn_implementation="sdpa")
+        values = dict(reward="length=6", max_new_tokens=8, estimator="fzoo", num_directions=3, epsilon=0.2)
+        return lora_trainer(model, self.tok, **{**values, **overrides})
+
+    def test_each_slot_generates_what_its_point_generates(self):
+        """Completions of one generate() over every slot equal, per point, the completions of
+        the plain perturbed weights, greedy and sampled (two samples per prompt, the step's
+        common seeds); the rewards follow. Canary: the points generate different text (so a
+        slot mix-up would show)."""
+        for sampling in (dict(temperature=0.0), dict(temperature=1.0, num_samples=2)):
+            with self.subTest(**sampling):
+                trainer = self.trainer(**sampling)
+                self.assertIsNotNone(trainer.backend.population)  # auto: on for the reward objective
+                at, points = trainer.objective.at_step(2), trainer.estimator.points(2)
+                names = trainer.backend.population.adapter_names(points)
+                prompts = {k: self.batch[k] for k in ("input_ids", "attention_mask")}
+                together = transformers_completions(trainer.model, self.tok, prompts, at.settings, names)
+                apart = []
+                for seed, scale in points:
+                    with perturbed_weights(trainer, seed, scale):
+                        apart.append(trainer.backend.completions(at, self.batch))
+                self.assertEqual(together, apart)
+                self.assertGreater(len({tuple(texts) for texts in apart}), 1)
+                sums = trainer.backend.loss_sums(at, self.batch, points)
+                self.assertEqual(sums, [tuple(map(float, at.reduce(self.batch, texts))) for texts in apart])
+
+    def test_out_of_memory_generates_fewer_slots_per_call_with_the_same_text(self):
+        trainer = self.trainer(temperature=1.0)
+        at, points = trainer.objective.at_step(1), trainer.estimator.points(1)
+        expected = trainer.backend._population_completions(at, self.batch, points)
+        sizes = []
+
+        def fits_two(model, tokenizer, batch, settings, adapters=None):
+            sizes.append(len(adapters))
+            if len(adapters) > 2:
+                raise torch.OutOfMemoryError("simulated")
+            return transformers_completions(model, tokenizer, batch, settings, adapters)
+
+        with mock.patch.object(transformers_backend, "transformers_completions", fits_two):
+            got = trainer.backend._population_completions(at, self.batch, points)
+        self.assertEqual(sizes, [4, 2, 2])
+        self.assertEqual(got, expected)
+
+
+class TestPopulationExactness(unittest.TestCase):
+    def test_learning_rate_zero_is_bit_exact_and_the_export_holds_the_trained_adapter_alone(self):
+        """lr = 0 over 6 steps with the population on: the model's every weight bit for bit,
+        the exported adapter is the trained one (no slot directories, the same tensors).
+        Canary: slots that alias the trained adapter (written in place) move it."""
+        batch = lm_batch()
+        for canary in (False, True):
+            with self.subTest(canary=canary):
+                trainer = lora_trainer(population_batch="on", learning_rate=0.0, max_steps=6, num_directions=2)
+                before = snapshot(trainer.model)
+                if canary:
+                    slots = trainer.backend.population
+                    slots.adapter_names(trainer.estimator.points(0))
+                    copies, swapped, _ = slots._slots[0]
+                    for i, t in enumerate(swapped):
+                        copies.dsts[i] = t.param.detach()  # slot 0 written over the trained adapter
+                trainer.train([batch] * 6)
+                changed = [
+                    k for k, v in snapshot(trainer.model).items() if k in before and not torch.equal(v, before[k])
+                ]
+                if canary:
+                    self.assertTrue(changed)
+                    continue
+                self.assertEqual(changed, [])
+                with tempfile.TemporaryDirectory() as directory:
+                    trainer.backend.export(Path(directory))
+                    self.assertEqual(sorted(p.name for p in Path(directory).iterdir() if p.is_dir()), [])
+                    saved = load_file(str(Path(directory) / "adapter_model.safetensors"))
+                expected = {t.name: t.param.detach() for t in trainer.backend.tensors}
+                self.assertEqual(sorted(saved), sorted(expected))
+                for name, value in saved.items():
+                    self.assertTrue(torch.equal(value, expected[name]), name)
+
+
+class TestPopulationChoice(unittest.TestCase):
+    def test_on_needs_lora_on_the_transformers_backend_and_auto_picks_generation(self):
+        for overrides, needs in (
+            (dict(population_batch="on"), "--peft lora"),
+            (dict(population_batch="on", peft="prefix"), "--peft lora"),
+            (dict(population_batch="on", peft="lora", backend="sglang"), "transformers backend"),
+        ):
+            with self.subTest(**overrides), self.assertRaisesRegex(ConfigError, f"--population-batch.*{needs}"):
+                MeZOConfig(**overrides)
+        tok = tiny_tokenizer()
+        chosen = {
+            "reward lora": (dict(reward="length=6", **LORA), True),
+            "nll lora": (dict(**LORA), False),
+            "reward full-parameter": (dict(reward="length=6", disable_tqdm=True), False),
+            "reward lora off": (dict(reward="length=6", population_batch="off", **LORA), False),
+        }
+        for name, (values, on) in chosen.items():
+            with self.subTest(name):
+                trainer = MeZOTrainer(tiny_llama(), MeZOConfig(**values), tokenizer=tok)
+                self.assertEqual(trainer.backend.population is not None, on)
+
+
+if __name__ == "__main__":
+    unittest.main()
