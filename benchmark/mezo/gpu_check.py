@@ -24,6 +24,9 @@ transformers and this overlay. Every row is measured side by side in this one ru
 * memory: extra peak of a step over a forward (``torch.cuda.max_memory_allocated``, reset
   after load; peak RSS on a CPU). Target: <= the largest module's trainable bytes + 16 MiB.
 * exact: every weight bit-identical after 20 lr=0 steps (held as `train` holds them).
+* population: a step's points as LoRA slots of one peft mixed-adapter call against its
+  passes one by one (SmolLM2's shape, LoRA r 8 on q/v, fzoo q = 4; teacher-forced and
+  greedy generation of 32 tokens), and the largest gap between their losses.
 * shards: a tensor-parallel shard's z on this device equals the whole tensor's z at its
   unsharded offsets (this device's fast kernel), and perturbing and updating a shard of
   rows, and one of columns inside an engine tensor with padding columns (a strided view),
@@ -83,7 +86,7 @@ SHAPES = {
     ),
 }  # fmt: skip
 BIG = ("llama3-1b", "llama3-3b")
-CHECKS = ("identity", "shards", "replay", "checkpoint", "models")
+CHECKS = ("identity", "shards", "replay", "checkpoint", "population", "models")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -521,6 +524,62 @@ def check_model(device: torch.device, shape: str, rows: int, length: int, repeat
         torch.cuda.empty_cache()
 
 
+def word_tokenizer(vocab: int):
+    """A tokenizer whose tokens are the ids themselves ("t0" ... ), built here (nothing to
+    download): the reward objective decodes what it generates."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=f"t{vocab - 1}", pad_token="t0")
+
+
+def check_population(device: torch.device, shape: str, rows: int, length: int, repeats: int) -> None:
+    """A step's population as LoRA slots of one peft mixed-adapter call (`--population-batch on`)
+    against its passes one by one (off): LoRA r 8 on q/v over the bf16 base, fzoo q = 4,
+    teacher-forced `rows` x `length` and greedy generation of 32 tokens from `rows` prompts
+    of 64 (the reward objective); ratio above 1: the population is faster."""
+    print(f"\n== population as LoRA slots ({shape}, bf16 base, fzoo q = 4) ==", flush=True)
+    base = build_model(shape, torch.bfloat16, device)
+    tokenizer = word_tokenizer(base.config.vocab_size)
+    for part in ("teacher-forced", "generation"):
+        batch = make_batch(base.config.vocab_size, rows, length if part == "teacher-forced" else 64, device)
+        batch["labels"] = batch["labels"].clone()  # (make_batch's labels are its input_ids)
+        batch["labels"][:, 0] = -100
+        generate = {}
+        if part == "generation":
+            batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            batch.update(records=[{"answer": "never"}] * rows, prompts=["(random tokens)"] * rows)
+            generate = dict(reward="exact_match", max_new_tokens=32, temperature=0.0)
+        trainers, first = {}, {}
+        for population in ("off", "on"):
+            config = MeZOConfig(
+                peft="lora", lora_rank=8, lora_alpha=16, lora_target_modules="q_proj,v_proj", estimator="fzoo",
+                num_directions=4, learning_rate=LEARNING_RATE, epsilon=EPSILON, population_batch=population,
+                divergence_guard="off", device=str(device), disable_tqdm=True, **generate,
+            )  # fmt: skip
+            trainer = MeZOTrainer(copy.deepcopy(base), config, tokenizer=tokenizer)
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():  # B = 0 would hide the perturbations of A
+                for t in trainer.backend.tensors:
+                    t.param.copy_(torch.randn(t.param.shape, generator=generator).to(t.param) * 0.02)
+            first[population] = trainer.step(batch)
+            trainers[population] = trainer
+        gap = max(
+            abs(a.loss_perturbed - b.loss_perturbed)
+            for a, b in zip(first["off"].per_direction, first["on"].per_direction)
+        )
+        t = interleaved({name: lambda tr=tr, b=batch: tr.step(b) for name, tr in trainers.items()}, device, repeats)
+        row(
+            f"population ({part})",
+            f"{t['off'] / t['on']:.2f}x the speed of passes one by one ({t['off']:.3f} s -> {t['on']:.3f} s a step); "
+            f"max |L_slot - L_pass| {gap:.1e}",
+        )
+    del base
+    gc.collect()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -554,6 +613,8 @@ def main(argv=None) -> int:
         guarded("replay", lambda: check_replay(device, identity_shape))
     if "checkpoint" in checks:
         guarded("checkpoint", lambda: check_checkpoint(device, identity_shape))
+    if "population" in checks:
+        guarded("population", lambda: check_population(device, identity_shape, rows, length, args.repeats))
     for shape in shapes if "models" in checks else []:
         guarded(shape, lambda shape=shape: check_model(device, shape, rows, length, args.repeats))
     return 0

@@ -6,6 +6,7 @@ plain weights (`perturbed_weights`), run by a plain forward or ``generate``: it 
 neither the slots nor the per-pass perturbation with what it checks.
 """
 
+import json
 import tempfile
 import unittest
 from pathlib import Path
@@ -17,17 +18,20 @@ from mezo_testing import (
     lm_batch,
     loss_tolerance,
     perturbed_weights,
+    run_cli,
     snapshot,
     tiny_llama,
     tiny_tokenizer,
 )
 from safetensors.torch import load_file
 
+from sglang.srt.mezo import replay
 from sglang.srt.mezo.backends import transformers_backend
+from sglang.srt.mezo.backends.engine_launch import lora_engine_args
 from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.objectives import make_objective
 from sglang.srt.mezo.usage_errors import ConfigError
-from sglang.srt.mezo_trainer import MeZOConfig, MeZODataset, MeZOTrainer, create_dataloader
+from sglang.srt.mezo_trainer import MeZOConfig, MeZODataset, MeZOTrainer, create_dataloader, main
 
 LORA = dict(peft="lora", lora_target_modules="q_proj,v_proj", lora_rank=4, disable_tqdm=True, seed=5)
 RECORDS = [{"prompt": f"Say {w}:" + " please" * (i % 3), "answer": w} for i, w in enumerate(["yes", "no", "cat", "a"])]
@@ -228,15 +232,71 @@ class TestPopulationExactness(unittest.TestCase):
                     self.assertTrue(torch.equal(value, expected[name]), name)
 
 
+class TestPopulationRun(unittest.TestCase):
+    """The main job with the population on: a run stopped after step 2 and resumed equals the
+    run in one go (metrics and checkpoint, bit for bit), and replay rebuilds it from the log."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory(prefix="mezo-population-")
+        cls.tmp = Path(cls._tmp.name)
+        tiny_llama().save_pretrained(cls.tmp / "model")
+        tiny_tokenizer().save_pretrained(cls.tmp / "model")
+        (cls.tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def argv(self, out: str, steps: int) -> list:
+        return [
+            "--model", str(self.tmp / "model"), "--train-file", str(self.tmp / "train.jsonl"), "--peft", "lora",
+            "--reward", "length=6", "--population-batch", "on", "--max-new-tokens", "6", "--temperature", "1.0",
+            "--steps", str(steps), "--batch-size", "4", "--lr", "0.05", "--epsilon", "0.05",
+            "--divergence-guard", "off", "--output-dir", str(self.tmp / out), "--disable-tqdm", "--save-steps", "1",
+        ]  # fmt: skip
+
+    def test_a_resumed_run_equals_the_run_in_one_go_and_replays(self):
+        self.assertEqual(run_cli(main, self.argv("whole", 4))[0], 0)
+        self.assertEqual(run_cli(main, self.argv("parts", 2))[0], 0)
+        resumed = self.argv("parts", 4) + ["--resume", str(self.tmp / "parts" / "checkpoints")]
+        self.assertEqual(run_cli(main, resumed)[0], 0)
+
+        def comparable(path):
+            return [{k: v for k, v in json.loads(line).items() if k != "seconds" and not k.startswith("cache/")}
+                    for line in path.read_text().splitlines()]  # fmt: skip
+
+        whole, parts = comparable(self.tmp / "whole" / "metrics.jsonl"), comparable(
+            self.tmp / "parts" / "metrics.jsonl"
+        )
+        self.assertEqual([row["step"] for row in whole], [0, 1, 2, 3])
+        self.assertEqual(parts, whole)
+        self.assertTrue(any(g != 0 for row in whole for _, g in row["directions"]))  # it trained
+        a = load_file(str(self.tmp / "whole" / "checkpoints" / "step-4" / "trainable.safetensors"))
+        b = load_file(str(self.tmp / "parts" / "checkpoints" / "step-4" / "trainable.safetensors"))
+        self.assertEqual(sorted(a), sorted(b))
+        for key in a:
+            self.assertTrue(torch.equal(a[key], b[key]), key)
+        self.assertEqual(run_cli(replay.main, [str(self.tmp / "whole"), "--check"]), (0, ""))
+
+
 class TestPopulationChoice(unittest.TestCase):
-    def test_on_needs_lora_on_the_transformers_backend_and_auto_picks_generation(self):
+    def test_on_needs_lora_and_auto_picks_generation(self):
         for overrides, needs in (
             (dict(population_batch="on"), "--peft lora"),
             (dict(population_batch="on", peft="prefix"), "--peft lora"),
-            (dict(population_batch="on", peft="lora", backend="sglang"), "transformers backend"),
         ):
             with self.subTest(**overrides), self.assertRaisesRegex(ConfigError, f"--population-batch.*{needs}"):
                 MeZOConfig(**overrides)
+        pool = {  # the engine's LoRA pool: the trained adapter, one free slot, one per perturbed point
+            "fzoo q=4 on": (dict(estimator="fzoo", num_directions=4, population_batch="on"), 6),
+            "mezo q=2 on": (dict(estimator="mezo", num_directions=2, population_batch="on"), 6),
+            "reward auto": (dict(reward="length=6", estimator="mezo", num_directions=1), 4),
+            "nll auto": (dict(estimator="mezo", num_directions=1), 2),
+        }
+        for name, (values, size) in pool.items():
+            with self.subTest(name):
+                self.assertEqual(lora_engine_args(MeZOConfig(peft="lora", **values))["max_loras_per_batch"], size)
         tok = tiny_tokenizer()
         chosen = {
             "reward lora": (dict(reward="length=6", **LORA), True),

@@ -30,7 +30,7 @@ from sglang.srt.mezo.backends.engine_protocol import ack_file
 from sglang.srt.mezo.backends.sglang_backend import EngineRPCError, SGLangBackend
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.data import MeZODataset, create_dataloader
-from sglang.srt.mezo.objectives import CompletionNLL
+from sglang.srt.mezo.objectives import CompletionNLL, make_objective
 from sglang.srt.mezo.primitives import tensor_digest
 from sglang.srt.mezo.trainer import MeZOTrainer
 
@@ -652,6 +652,70 @@ class TestSGLangLoRA(unittest.TestCase):
         self.assertLessEqual(per_token_gap(served, trained_sums, counts), token_tol)
         peft_sums, _ = reloaded.backend.row_logprobs(batch)
         self.assertLessEqual(per_token_gap(peft_sums, trained_sums, counts), token_tol)
+
+
+class TestSGLangLoRAPopulation(unittest.TestCase):
+    """A step's perturbed adapters as slots of SGLang's LoRA pool (`population_batch`), every
+    point in one engine call, against the same points pass by pass on the engine and on the
+    transformers backend."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory(prefix="mezo-engine-population-")
+        cls.model_dir = ENGINES.model_dir
+        values = dict(
+            peft="lora", lora_rank=4, lora_alpha=8, learning_rate=0.0, epsilon=1e-2, seed=6, disable_tqdm=True,
+            estimator="mezo", num_directions=1,
+        )  # fmt: skip
+        cls.config = MeZOConfig(**values, population_batch="on")
+        cls.adapter_dir = Path(cls.tmp.name) / "initial-adapter"
+        cls.reference = lora_reference(MeZOConfig(**values, population_batch="off"), cls.model_dir, cls.adapter_dir)
+        cls.engine = ENGINES.engine(tp_size=1)  # its pool: 4 adapters (trained + 2 slots pinned)
+        cls.backend = SGLangBackend(cls.engine, cls.config, cls.model_dir, adapter_path=str(cls.adapter_dir))
+
+    @classmethod
+    def tearDownClass(cls):
+        for name in cls.backend.slot_names:  # the shared engine's pool has room for other classes' adapters
+            cls.engine.unload_lora_adapter(name)
+        cls.tmp.cleanup()
+
+    def test_one_call_over_the_slots_equals_the_passes_and_lr0_steps_keep_the_adapter(self):
+        """L(w + eps z) and L(w - eps z) from two slots in one call equal the engine's passes
+        one by one and the transformers backend's (within the derived tolerance); z reached
+        the slots (L+ - L- stands 10 tolerances clear: a slot left unperturbed, or both
+        given one perturbation, would not); lr = 0 steps leave the trained adapter bit for bit."""
+        self.assertEqual(self.backend.slot_names, ["mezo_slot_0", "mezo_slot_1"])
+        batch, seed = candidate_batch(seed=5), 101
+        objective = make_objective("auto", batch)
+        points = [(seed, self.config.epsilon), (seed, -self.config.epsilon)]
+        before = self.backend.checksum()
+        together = [total / count for total, count in self.backend.loss_sums(objective, batch, points)]
+        apart = [total / count for total, count in (self.backend.loss_sum(objective, batch, *p) for p in points)]
+        hf = [total / count for total, count in self.reference.backend.loss_sums(objective, batch, points)]
+        _, loss_tol = pass_tolerances(self.reference, batch, seed)
+        for t, a, h in zip(together, apart, hf):
+            self.assertLessEqual(abs(t - a), loss_tol)
+            self.assertLessEqual(abs(t - h), loss_tol)
+        self.assertGreater(abs(together[0] - together[1]), 10 * loss_tol)
+        trainer = MeZOTrainer(None, self.config, backend=self.backend)
+        for _ in range(2):
+            a, b = trainer.step(batch), self.reference.step(batch)
+            _, loss_tol = pass_tolerances(self.reference, batch, a.seed)
+            self.assertLessEqual(abs(a.loss_perturbed - b.loss_perturbed), loss_tol)
+            self.assertLessEqual(abs(a.loss_baseline - b.loss_baseline), loss_tol)
+        self.assertEqual(self.backend.checksum(), before)
+
+    def test_generation_over_the_slots_equals_each_points_passes(self):
+        """Completions through both slots in one call (sampled, two per prompt, the step's
+        common seeds) equal, point by point, the transformers backend's passes; the points
+        generate different text (a slot mix-up would show)."""
+        objective, batch = generation_case()
+        at, points = objective.at_step(3), [(9, 1e-1), (9, -1e-1)]
+        adapters = self.backend._write_slots(points)
+        together = self.backend._completions(at, batch, adapters)
+        apart = [self.reference.backend.completions(at, batch, seed, scale) for seed, scale in points]
+        self.assertEqual(together, apart)
+        self.assertNotEqual(apart[0], apart[1])
 
 
 class TestTensorParallelEngine(unittest.TestCase):

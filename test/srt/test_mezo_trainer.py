@@ -700,18 +700,20 @@ class TestMeZOGradientEstimation(unittest.TestCase):
             theta0 = model.theta.detach().clone()
             trainer = toy_trainer(model, learning_rate=lr, num_directions=q, grad_clip=clip)
             if apply_unclipped:  # the broken variant: logs clip(g), updates with g
-                losses, real_loss, real_update = {}, trainer._loss, trainer.backend.apply_update
+                losses, real_losses, real_update = {}, trainer._losses, trainer.backend.apply_update
 
-                def loss(objective, batch, seed, scale):
-                    losses.setdefault(seed, []).append(real_loss(objective, batch, seed, scale))
-                    return losses[seed][-1]
+                def loss(objective, batch, points):
+                    values = real_losses(objective, batch, points)
+                    for (seed, _), value in zip(points, values):
+                        losses.setdefault(seed, []).append(value)
+                    return values
 
                 def update(directions, lr_):
                     real_update(
                         [(s, (losses[s][0] - losses[s][1]) / (2 * trainer.config.epsilon)) for s, _ in directions], lr_
                     )
 
-                trainer._loss, trainer.backend.apply_update = loss, update
+                trainer._losses, trainer.backend.apply_update = loss, update
             out = trainer.step(TOY_BATCH)
             expected = theta0.clone()
             for s, g in out.applied:
@@ -1729,18 +1731,18 @@ class TestMeZOIntegration(unittest.TestCase):
 
     @staticmethod
     def in_step_three(action):
-        """A patch under which `action()` runs when step 3's L+ starts (the fifth pass)."""
+        """A patch under which `action()` runs when step 3's passes start (the fifth pass)."""
         from sglang.srt.mezo.trainer import MeZOTrainer as Trainer
 
-        real_loss, calls = Trainer._loss, {"n": 0}
+        real_losses, passes = Trainer._losses, {"n": 0}
 
-        def loss(trainer, *args):
-            calls["n"] += 1
-            if calls["n"] == 5:  # two passes per step
+        def losses(trainer, objective, batch, points):
+            first, passes["n"] = passes["n"] + 1, passes["n"] + len(points)
+            if first <= 5 <= passes["n"]:  # two passes per step
                 action()
-            return real_loss(trainer, *args)
+            return real_losses(trainer, objective, batch, points)
 
-        return mock.patch.object(Trainer, "_loss", loss)
+        return mock.patch.object(Trainer, "_losses", losses)
 
     def test_sigterm_finishes_the_step_checkpoints_and_resumes_bit_identically(self):
         """SIGTERM arriving inside step 3 (momentum, cosine schedule): the step completes, its

@@ -50,15 +50,19 @@ def lora_engine_args(config: MeZOConfig) -> dict:
     """`sglang.Engine` arguments that serve `config`'s LoRA adapter ({} without LoRA).
 
     Two pool slots: a pinned adapter may not take the last one (SGLang keeps one for base
-    requests). The rank is the adapter's, so pool slots hold it without padding.
+    requests); plus one per population slot where the step's points run as LoRA slots
+    (`lora_population.runs_population`). The rank is the adapter's, so pool slots hold it
+    without padding.
     """
+    from sglang.srt.mezo.backends.lora_population import runs_population, slots_per_step
+
     if config.peft != "lora":
         return {}
     args = dict(
         enable_lora=True,
         max_lora_rank=config.lora_rank,
         lora_target_modules=split_list(config.lora_target_modules),
-        max_loras_per_batch=2,
+        max_loras_per_batch=2 + (slots_per_step(config) if runs_population(config) else 0),
     )
     if config.torch_device().type == "cpu":
         args["lora_backend"] = "torch_native"  # the triton and csgmv LoRA backends need a GPU

@@ -47,6 +47,7 @@ import torch
 from sglang.srt.mezo.backends.engine_protocol import ack_file, write_shards
 from sglang.srt.mezo.backends.lora_pool import lora_pool_tensors
 from sglang.srt.mezo.backends.shard_maps import SINGLE_PROCESS, TensorParallel, logical_tensors, split_sizes
+from sglang.srt.mezo.kernels import PairedWrites, tensor_key
 from sglang.srt.mezo.perturbation import UnitScopedPerturbation, WeightVersions
 from sglang.srt.mezo.primitives import require_all, same_bits, write_json_atomically
 from sglang.srt.mezo.sharding import ShardLayout
@@ -80,6 +81,7 @@ class EngineMeZO:
         self.scope = contextlib.ExitStack()
         self.reference = reference
         self.residency = residency  # () -> raises when the trained tensors moved (LoRA eviction)
+        self.slots: list = []  # the population's LoRA slots: `PairedWrites` (slot views <- trained views) each
 
     def check_resident(self) -> None:
         if self.residency is not None:
@@ -166,9 +168,21 @@ def _on_state(method):
     return on_state
 
 
-def mezo_setup(scheduler, owner: str, kind: str, patterns, model_path: str, lora_name=None, adapter_path=None):
+def _pool_slot(manager, lora_name: str) -> tuple:
+    """(the adapter's id, its slot in SGLang's LoRA memory pool)."""
+    lora_id = next(i for i, ref in manager.lora_refs.items() if ref.lora_name == lora_name)
+    slot = manager.memory_pool.uid_to_buffer_id.get(lora_id)
+    if slot is None:
+        raise RuntimeError(f"LoRA adapter {lora_name!r} is not resident in SGLang's LoRA memory pool")
+    return lora_id, slot
+
+
+def mezo_setup(
+    scheduler, owner: str, kind: str, patterns, model_path: str, lora_name=None, adapter_path=None, slot_names=()
+):
     """Builds this rank's MeZO state for the backend `owner` (the base model's tensors, or the
-    adapter's in SGLang's LoRA pool) and self-tests it against the checkpoint or adapter."""
+    adapter's in SGLang's LoRA pool) and self-tests it against the checkpoint or adapter.
+    `slot_names`: adapters loaded as the population's slots (`mezo_write_slots`)."""
     global _current
     runner = scheduler.tp_worker.model_runner
     hf_config = runner.model_config.hf_config
@@ -182,20 +196,22 @@ def mezo_setup(scheduler, owner: str, kind: str, patterns, model_path: str, lora
         from safetensors import safe_open
 
         manager = runner.lora_manager
-        lora_id = next(i for i, ref in manager.lora_refs.items() if ref.lora_name == lora_name)
         adapter_file = Path(adapter_path) / "adapter_model.safetensors"
         with safe_open(str(adapter_file), framework="pt") as st:
             shapes = {key: tuple(st.get_slice(key).get_shape()) for key in st.keys()}
-        slot = manager.memory_pool.uid_to_buffer_id.get(lora_id)
-        if slot is None:
-            raise RuntimeError(f"LoRA adapter {lora_name!r} is not resident in SGLang's LoRA memory pool")
-        tensors = lora_pool_tensors(manager, slot, shapes, hf_config, tp)
+        places = {name: _pool_slot(manager, name) for name in (lora_name, *slot_names)}
+        tensors = lora_pool_tensors(manager, places[lora_name][1], shapes, hf_config, tp)
 
         def residency():
-            if manager.memory_pool.uid_to_buffer_id.get(lora_id) != slot:
-                raise RuntimeError(f"LoRA adapter {lora_name!r} left pool slot {slot}: its trained values are lost")
+            for name, (lora_id, slot) in places.items():
+                if manager.memory_pool.uid_to_buffer_id.get(lora_id) != slot:
+                    raise RuntimeError(f"LoRA adapter {name!r} left pool slot {slot}: its values are lost")
 
         state = EngineMeZO(tensors, kind, patterns, [adapter_file], residency, tp, root=runner.model)
+        for name in slot_names:
+            views = {t.name: t.view for t in lora_pool_tensors(manager, places[name][1], shapes, hf_config, tp)}
+            state.slots.append(PairedWrites([views[t.name] for t in state.tensors], [t.param for t in state.tensors],
+                                            layouts=[t.layout for t in state.tensors]))  # fmt: skip
     if _current is not None:  # the previous backend's state: weights put back, hooks off
         _current[1].scope.close()
         _current[1].perturbation.remove()
@@ -216,6 +232,17 @@ def mezo_begin(state: EngineMeZO, seed: int, scale: float):
     """Forward passes from now on see w + scale * z(seed) (each unit while it runs)."""
     state.check_resident()
     state.scope.enter_context(state.perturbation.scope(int(seed), float(scale)))
+
+
+def mezo_write_slots(state: EngineMeZO, points):
+    """Writes slot i with ``round(w + scale_i * z(seed_i))`` of the trained adapter for the
+    i-th (seed, scale) of `points` (the bits a perturbed pass reads: the same dense z at the
+    same offsets); the trained adapter is not written."""
+    state.check_resident()
+    if len(points) > len(state.slots):
+        raise RuntimeError(f"{len(points)} perturbed points and {len(state.slots)} LoRA slots")
+    for writes, (seed, scale) in zip(state.slots, points):
+        writes(state.kind, [tensor_key(int(seed), t.name) for t in state.tensors], float(scale))
 
 
 def mezo_end(state: EngineMeZO):
@@ -259,7 +286,10 @@ def mezo_save(state: EngineMeZO, directory: str):
 RPC_METHODS = {
     "mezo_setup": _acknowledged(mezo_setup),
     "mezo_split_sizes": _acknowledged(mezo_split_sizes),
-    **{f.__name__: _acknowledged(_on_state(f)) for f in (mezo_begin, mezo_end, mezo_update, mezo_load, mezo_save)},
+    **{
+        f.__name__: _acknowledged(_on_state(f))
+        for f in (mezo_begin, mezo_end, mezo_write_slots, mezo_update, mezo_load, mezo_save)
+    },
 }
 
 

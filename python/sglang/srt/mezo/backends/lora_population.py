@@ -55,11 +55,26 @@ def unsupported_reason(model, tensors: list) -> Optional[str]:
 def population_pays(config) -> bool:
     """``population_batch="auto"``'s rule: where batching a step's adapters was measured to
     pay (benchmark/mezo/bench_population.py, SmolLM2-135M LoRA, fzoo, 2 CPU cores): in
-    generation (the reward objective; 1.43x at q = 4), where decoding a few rows per token
-    reads every weight for little arithmetic. Not for teacher-forced passes: 0.85x at
-    16 x 128, and a plain forward of 80 rows already takes 1.18x five forwards of 16 (a CPU
-    is compute-bound there and the larger activations leave its caches); unmeasured on a GPU."""
+    generation (the reward objective; 1.57x at q = 4 on transformers, 1.50x on the engine),
+    where decoding a few rows per token reads every weight for little arithmetic. Not for
+    teacher-forced passes at 16 x 128: 0.63x on transformers (a plain forward of 80 rows
+    already takes 1.18x five of 16: compute-bound, its activations leave the caches), 1.01x
+    on the engine; unmeasured on a GPU."""
     return config.objective == "reward"
+
+
+def runs_population(config) -> bool:
+    """Whether `config` asks for the population as LoRA slots (``on``, or ``auto`` where it
+    pays); a backend then serves it where it can (`unsupported_reason`)."""
+    wanted = config.population_batch == "on" or (config.population_batch == "auto" and population_pays(config))
+    return config.peft == "lora" and wanted
+
+
+def slots_per_step(config) -> int:
+    """LoRA slots a step of `config`'s estimator fills: its perturbed points (2q two-point, q fzoo)."""
+    from sglang.srt.mezo.estimators import make_estimator
+
+    return sum(seed is not None for seed, _ in make_estimator(config, epsilon=1.0).points(0))
 
 
 class LoRASlots:

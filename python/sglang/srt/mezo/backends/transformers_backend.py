@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sglang.srt.mezo.backends.lora_population import LoRASlots, population_pays, unsupported_reason
+from sglang.srt.mezo.backends.lora_population import LoRASlots, runs_population, unsupported_reason
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.kv_cache import CachedRowForward
@@ -134,12 +134,13 @@ class TransformersBackend:
 
     def _population(self, requested: str) -> Optional[LoRASlots]:
         """LoRA slots for a step's population (`lora_population`) where ``population_batch``
-        asks for them (``auto``: where they pay, `population_pays`), else None: pass by pass."""
+        asks for them (`runs_population`), else None: pass by pass."""
         reason = unsupported_reason(self.model, self.tensors)
         if requested == "on" and reason is not None:
             raise ValueError(f"population_batch='on': {reason}")
-        if requested == "off" or reason is not None or (requested == "auto" and not population_pays(self.config)):
+        if reason is not None or not runs_population(self.config):
             return None
+        logger.info("a step's perturbed adapters run as LoRA slots of one call (population_batch=%s)", requested)
         return LoRASlots(self.model, self.tensors, self.config.perturbation, self.family)
 
     def _mechanism(self, requested: str):
