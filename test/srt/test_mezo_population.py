@@ -8,6 +8,7 @@ neither the slots nor the per-pass perturbation with what it checks.
 
 import json
 import tempfile
+import types
 import unittest
 from pathlib import Path
 from unittest import mock
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 from sglang.srt.mezo import replay
 from sglang.srt.mezo.backends import transformers_backend
 from sglang.srt.mezo.backends.engine_launch import lora_engine_args
+from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
 from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.objectives import make_objective
 from sglang.srt.mezo.usage_errors import ConfigError
@@ -112,6 +114,52 @@ class TestPopulationLosses(unittest.TestCase):
         self.assertEqual(estimate.coefficient, 0.0)
         expected = reference_losses(trainer, objective, batch, points)
         self.assertGreater(abs(broken[1] - expected[1]), 10 * tolerances(trainer, batch, points)[1])
+
+    def test_a_slot_holds_the_bits_a_pass_reads(self):
+        """Each slot's tensors equal, bit for bit, what a one-by-one pass at its point reads
+        (captured inside the pass by hooks on the tensors' modules): per-unit copies with
+        Gaussian z, the restore log (Rademacher, float32), float32 masters over a bfloat16
+        adapter, low-rank z; and with only lora_B trained, the slot's lora_A equals the
+        trained adapter's. Canary: the other sign's slot differs from the pass."""
+        cases = {
+            "unit-scoped gaussian": (torch.float32, dict(perturbation="gaussian")),
+            "restore log": (torch.float32, dict(perturbation="rademacher", perturbation_mechanism="restore_log")),
+            "float32 masters": (torch.bfloat16, dict(perturbation="gaussian", fp32_trainable=True)),
+            "low-rank": (torch.float32, dict(estimator="lowrank")),
+            "lora_B only": (torch.float32, dict(perturbation="gaussian", trainable_patterns="lora_B")),
+        }
+        for name, (dtype, values) in cases.items():
+            with self.subTest(name):
+                trainer = lora_trainer(tiny_llama(dtype=dtype), population_batch="on", epsilon=1e-2, **values)
+                backend, seed, scale = trainer.backend, 77, 1e-2
+                if name == "restore log":
+                    self.assertEqual(backend.mechanism, "restore_log")
+                read = {}
+
+                def capture(module, args, output, backend=backend, read=read):
+                    for t in backend.tensors:
+                        if any(m is module for m in t.owners):
+                            read[t.name] = t.param.detach().clone()
+
+                hooks = [m.register_forward_hook(capture) for t in backend.tensors for m in t.owners]
+                backend.row_logprobs(lm_batch(), seed, scale)
+                for hook in hooks:
+                    hook.remove()
+                plus, minus = backend.population.adapter_names([(seed, scale), (seed, -scale)])
+                params = dict(trainer.model.named_parameters())
+                trained = {n: t for t in backend.tensors for n, p in params.items() if p is t.param}
+                slots = 0
+                for param_name, p in params.items():
+                    if ".default." not in param_name:
+                        continue
+                    slot = params[param_name.replace(".default.", f".{plus}.")]
+                    expected = read[trained[param_name].name] if param_name in trained else p.detach()
+                    self.assertTrue(torch.equal(slot, expected), param_name)
+                    if param_name in trained:
+                        other = params[param_name.replace(".default.", f".{minus}.")]
+                        self.assertFalse(torch.equal(other, expected), param_name)  # the canary
+                    slots += 1
+                self.assertEqual(slots, len(trained) if name != "lora_B only" else 2 * len(trained))
 
     def test_micro_batches_and_out_of_memory_split_the_call_with_the_same_losses(self):
         """The population's K x B rows in micro-batches that cut across slots (3 rows), and a
@@ -281,7 +329,7 @@ class TestPopulationRun(unittest.TestCase):
 
 
 class TestPopulationChoice(unittest.TestCase):
-    def test_on_needs_lora_and_auto_picks_generation(self):
+    def test_on_needs_lora_and_auto_picks_generation_where_the_engine_has_room(self):
         for overrides, needs in (
             (dict(population_batch="on"), "--peft lora"),
             (dict(population_batch="on", peft="prefix"), "--peft lora"),
@@ -297,6 +345,15 @@ class TestPopulationChoice(unittest.TestCase):
         for name, (values, size) in pool.items():
             with self.subTest(name):
                 self.assertEqual(lora_engine_args(MeZOConfig(peft="lora", **values))["max_loras_per_batch"], size)
+        engine = types.SimpleNamespace(server_args=types.SimpleNamespace(max_loras_per_batch=2))  # the old default
+        reward = dict(peft="lora", reward="length=6", estimator="mezo", num_directions=1)
+        with self.assertLogs("sglang.srt.mezo.backends.sglang_backend", "WARNING") as logged:
+            self.assertEqual(SGLangBackend._population_slots(engine, MeZOConfig(**reward)), [])
+        self.assertIn("max_loras_per_batch >= 4", logged.output[0])
+        with self.assertRaisesRegex(ValueError, "max_loras_per_batch >= 4"):
+            SGLangBackend._population_slots(engine, MeZOConfig(**reward, population_batch="on"))
+        engine.server_args.max_loras_per_batch = 4
+        self.assertEqual(SGLangBackend._population_slots(engine, MeZOConfig(**reward)), ["mezo_slot_0", "mezo_slot_1"])
         tok = tiny_tokenizer()
         chosen = {
             "reward lora": (dict(reward="length=6", **LORA), True),

@@ -35,7 +35,8 @@ from sglang.srt.mezo.structured_directions import DirectionFamily
 from sglang.srt.mezo.trainable import ADAPTER_NAME
 
 SLOT_PREFIX = "mezo_slot_"
-_ADAPTER_IN_NAME = re.compile(r"\." + ADAPTER_NAME + r"(?=\.|$)")  # peft's ".default." in a parameter's name
+# the adapter's segment of a peft parameter name: "...q_proj.lora_A.default.weight"
+_ADAPTER_IN_NAME = re.compile(r"(\.lora_[A-Za-z_]+)\." + ADAPTER_NAME + r"(?=\.|$)")
 
 
 def unsupported_reason(model, tensors: list) -> Optional[str]:
@@ -89,7 +90,6 @@ class LoRASlots:
         if reason is not None:
             raise ValueError(reason)
         self.model, self.tensors, self.kind, self.family = model, tensors, kind, family
-        self._param_names = {id(p): name for name, p in model.named_parameters()}
         self._slots: list = []  # per slot: (PairedWrites of its dense copies, their tensors, [(tensor, dst)] others)
         self._slot_params: list = []  # every slot's parameters
 
@@ -123,20 +123,28 @@ class LoRASlots:
             write_perturbed(dst, t.value, t, self.kind, seed, scale, self.family)
 
     def _grow(self, count: int) -> None:
-        """At least `count` slots: new peft adapters configured as the trained one."""
+        """At least `count` slots: new peft adapters configured as the trained one, each
+        holding a copy of every tensor of it (those not trained stay equal to it: frozen)."""
         devices = sorted({t.param.device for t in self.tensors if t.param.device.type != "cpu"}, key=str)
         while len(self._slots) < count:
             name = f"{SLOT_PREFIX}{len(self._slots)}"
             with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda"):
                 self.model.add_adapter(name, copy.deepcopy(self.model.peft_config[ADAPTER_NAME]))
             params = dict(self.model.named_parameters())
+            slot_of = {}  # id(trained adapter parameter) -> the slot's
+            with torch.no_grad():
+                for trained_name, trained in list(params.items()):
+                    slot_name = _ADAPTER_IN_NAME.sub(r"\1." + name, trained_name)
+                    if slot_name == trained_name:
+                        continue  # not the trained adapter's
+                    dst = params[slot_name]
+                    dst.requires_grad_(False)
+                    dst.data = trained.detach().clone()  # its values and dtype (peft may autocast a new adapter)
+                    self._slot_params.append(dst)
+                    slot_of[id(trained)] = dst
             dense, swapped, others = [], [], []
             for t in self.tensors:
-                dst = params[_ADAPTER_IN_NAME.sub("." + name, self._param_names[id(t.param)])]
-                dst.requires_grad_(False)
-                self._slot_params.append(dst)
-                if dst.dtype != t.param.dtype:  # the trained tensor's dtype: the same rounding as its copies
-                    dst.data = dst.data.to(t.param.dtype)
+                dst = slot_of[id(t.param)]
                 if self.family is None and swappable(t):
                     dense.append(dst)
                     swapped.append(t)

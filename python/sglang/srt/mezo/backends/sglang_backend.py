@@ -121,18 +121,20 @@ class SGLangBackend:
                 raise ValueError("peft='lora' on the SGLang backend needs adapter_path (the initial peft adapter)")
             self.adapter_path = Path(adapter_path)
             for_engine = self._adapter_for_engine()
-            if runs_population(config):  # the step's perturbed adapters as slots of one call (`lora_population`)
-                self.slot_names = [f"{SLOT_PREFIX}{i}" for i in range(slots_per_step(config))]
-                logger.info("a step's perturbed adapters run as %d LoRA slots of one engine call", len(self.slot_names))
-            for name in (LORA_NAME, *self.slot_names):
+            self.slot_names = self._population_slots(engine, config)
+            pool = int(engine.server_args.max_loras_per_batch)
+            for name in (LORA_NAME, *(f"{SLOT_PREFIX}{i}" for i in range(pool))):
                 engine.unload_lora_adapter(name)  # a previous backend's on this engine (none: a refusal, ignored)
-                loaded = engine.load_lora_adapter(name, str(for_engine), pinned=True)
-                if not loaded.success:
+            loaded = []
+            for name in (LORA_NAME, *self.slot_names):
+                outcome = engine.load_lora_adapter(name, str(for_engine), pinned=True)
+                if not outcome.success:
+                    for done in loaded:  # nothing of this backend left pinned in the pool
+                        engine.unload_lora_adapter(done)
                     raise RuntimeError(
-                        f"SGLang could not load the adapter {self.adapter_path} as {name!r}: {loaded.error_message} "
-                        "(launch the engine with engine_launch.lora_engine_args(config): its LoRA pool holds the "
-                        "trained adapter and the population's slots)"
+                        f"SGLang could not load the adapter {self.adapter_path} as {name!r}: {outcome.error_message}"
                     )
+                loaded.append(name)
             self.lora_name = LORA_NAME
             names = [LORA_NAME, *self.slot_names]
             self._generate([[0, 0]] * len(names), [0] * len(names), names)  # a first request puts them in the pool
@@ -155,6 +157,26 @@ class SGLangBackend:
             raise RuntimeError("the SGLang engine's tensor-parallel ranks train different tensors")
         self.tensor_names = [name for name, _ in reports[0]["tensors"]]
         self._stopped = False
+
+    @staticmethod
+    def _population_slots(engine, config: MeZOConfig) -> list:
+        """The LoRA slots of a step's population (`lora_population`) where the config runs
+        it and the engine's pool has room (2 + slots: `engine_launch.lora_engine_args`);
+        ``auto`` on an engine launched without room goes pass by pass (logged), ``on`` is refused."""
+        if not runs_population(config):
+            return []
+        slots, pool = slots_per_step(config), int(engine.server_args.max_loras_per_batch)
+        if 2 + slots > pool:
+            why = (
+                f"the population's {slots} LoRA slots need max_loras_per_batch >= {2 + slots} (the trained adapter, "
+                f"one free slot, the slots); this engine has {pool}: launch it with engine_launch.lora_engine_args(config)"
+            )
+            if config.population_batch == "on":
+                raise ValueError(f"population_batch='on': {why}")
+            logger.warning("population_batch='auto': pass by pass, since %s", why)
+            return []
+        logger.info("a step's perturbed adapters run as %d LoRA slots of one engine call", slots)
+        return [f"{SLOT_PREFIX}{i}" for i in range(slots)]
 
     def _adapter_for_engine(self) -> Path:
         """The adapter dir to hand the engine's LoRA loader: `adapter_path`, or a copy padded

@@ -131,6 +131,7 @@ class TransformersBackend:
         self.micro_batch_rows = config.micro_batch_size  # 0: whole batches until memory runs out
         self.device = input_device(model)
         self.population = self._population(config.population_batch)
+        self.population_group = 0  # adapters per generation call (0: all; halved on out of memory)
 
     def _population(self, requested: str) -> Optional[LoRASlots]:
         """LoRA slots for a step's population (`lora_population`) where ``population_batch``
@@ -286,7 +287,7 @@ class TransformersBackend:
         prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, self.device)
         with self._pass(None, 0.0):
             names = self.population.adapter_names(points)
-            group, out = len(names), []
+            group, out = min(len(names), self.population_group or len(names)), []
             while len(out) < len(names):
                 chunk = names[len(out) : len(out) + group]
                 try:
@@ -295,6 +296,7 @@ class TransformersBackend:
                     if not is_out_of_memory(error) or group == 1:
                         raise
                     group //= 2
+                    self.population_group = group  # kept for later steps, as micro_batch_rows is
                     logger.warning("out of memory generating the population: %d adapters per call", group)
         return out
 
