@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from sglang.srt.mezo.estimators import make_estimator
 from sglang.srt.mezo.kernels import PairedWrites, tensor_key
 from sglang.srt.mezo.perturbation import swappable, write_perturbed
 from sglang.srt.mezo.structured_directions import DirectionFamily
@@ -73,8 +74,6 @@ def runs_population(config) -> bool:
 
 def slots_per_step(config) -> int:
     """LoRA slots a step of `config`'s estimator fills: its perturbed points (2q two-point, q fzoo)."""
-    from sglang.srt.mezo.estimators import make_estimator
-
     return sum(seed is not None for seed, _ in make_estimator(config, epsilon=1.0).points(0))
 
 
