@@ -22,6 +22,11 @@ beside it, and the largest difference between the two sides' losses on the warm-
     .venv/bin/python benchmark/mezo/bench_population.py                        # q = 2, 4, 8; ~18 min
     .venv/bin/python benchmark/mezo/bench_population.py --backend sglang       # ~25 min
     .venv/bin/python benchmark/mezo/bench_population.py --q 4 --repeats 2      # ~6 min
+    .venv/bin/python benchmark/mezo/bench_population.py --form lowrank --q 1 --new-tokens 8 --repeats 2
+
+``--form lowrank``: full-parameter, the ``lowrank`` estimator (rank 2) on every Linear weight
+of the decoder layers, q directions (2q passes), its points as low-rank deltas of one call
+against passes that write ``round(W + eps Z)`` unit by unit (`lowrank_population`).
 """
 
 from __future__ import annotations
@@ -39,28 +44,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-LORA = dict(peft="lora", lora_rank=8, lora_alpha=16, lora_target_modules="q_proj,v_proj")
+FORMS = {  # the trained tensors and the estimator of each one-call form
+    "lora": dict(peft="lora", lora_rank=8, lora_alpha=16, lora_target_modules="q_proj,v_proj", estimator="fzoo"),
+    "lowrank": dict(estimator="lowrank", lowrank_rank=2, trainable_patterns=r"layers\.\d+\..*_proj\.weight"),
+}
 PARTS = ("teacher", "generation")
 
 
-def make_config(population: str, q: int, part: str):
+def make_config(population: str, q: int, part: str, form: str = "lora", new_tokens: int = 32):
     from sglang.srt.mezo.config import MeZOConfig
 
-    reward = dict(reward="exact_match", max_new_tokens=32, temperature=0.0) if part == "generation" else {}
+    reward = dict(reward="exact_match", max_new_tokens=new_tokens, temperature=0.0) if part == "generation" else {}
     return MeZOConfig(
-        estimator="fzoo", num_directions=q, learning_rate=1e-5, epsilon=1e-3, population_batch=population,
-        divergence_guard="off", disable_tqdm=True, **LORA, **reward,
+        num_directions=q, learning_rate=1e-5 if form == "lora" else 1e-7, epsilon=1e-3, population_batch=population,
+        divergence_guard="off", disable_tqdm=True, **FORMS[form], **reward,
     )  # fmt: skip
 
 
-def make_trainer(model, population: str, q: int, part: str, tokenizer):
+def make_trainer(model, population: str, q: int, part: str, tokenizer, form: str = "lora", new_tokens: int = 32):
     from sglang.srt.mezo.trainer import MeZOTrainer
 
-    trainer = MeZOTrainer(copy.deepcopy(model), make_config(population, q, part), tokenizer=tokenizer)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # B = 0 would make every perturbed adapter act like the base on its first pass
-        for t in trainer.backend.tensors:
-            t.param.copy_(torch.randn(t.param.shape, generator=generator) * 0.02)
+    config = make_config(population, q, part, form, new_tokens)
+    trainer = MeZOTrainer(copy.deepcopy(model), config, tokenizer=tokenizer)
+    if form == "lora":
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # B = 0 would make every perturbed adapter act like the base on its first pass
+            for t in trainer.backend.tensors:
+                t.param.copy_(torch.randn(t.param.shape, generator=generator) * 0.02)
     return trainer
 
 
@@ -106,10 +116,10 @@ def make_batch(part: str, vocab: int) -> dict:
     }
 
 
-def measure(model, tokenizer, part: str, q: int, repeats: int, engine: Optional[Engine]) -> dict:
+def measure(model, tokenizer, part: str, q: int, repeats: int, engine: Optional[Engine], form: str, new_tokens: int):
     batch = make_batch(part, model.config.vocab_size)
     if engine is None:
-        sides = {name: make_trainer(model, name, q, part, tokenizer) for name in ("off", "on")}
+        sides = {name: make_trainer(model, name, q, part, tokenizer, form, new_tokens) for name in ("off", "on")}
     else:
         sides = engine.sides(q, part, tokenizer)
     losses = {name: trainer.step(batch) for name, trainer in sides.items()}  # warm-up (and numba's compile)
@@ -135,7 +145,11 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="transformers", choices=("transformers", "sglang"))
+    parser.add_argument("--form", default="lora", choices=tuple(FORMS), help="LoRA slots, or full-parameter lowrank")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     args = parser.parse_args()
+    if args.form == "lowrank" and args.backend != "transformers":
+        parser.error("--form lowrank runs on the transformers backend (the engine draws dense z)")
     common.setup_threads()
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # the vanishing-update check on a random adapter
     from sglang.srt.mezo_trainer import load_model_and_tokenizer
@@ -146,13 +160,14 @@ def main() -> None:
         engine = Engine(model, tokenizer, max(qs), Path(root)) if args.backend == "sglang" else None
         try:
             meter = common.NeighbourMeter()
-            print(f"backend {args.backend}")
+            print(f"backend {args.backend}, form {args.form}, {args.new_tokens} new tokens in generation")
             print("part        q  passes  one-by-one/population (median)  (best)  one-by-one step s  max |dL|")
             for part in common.parse_list(args.parts, PARTS):
                 for q in qs:
-                    row = measure(model, tokenizer, part, q, args.repeats, engine)
+                    row = measure(model, tokenizer, part, q, args.repeats, engine, args.form, args.new_tokens)
+                    passes = q + 1 if args.form == "lora" else 2 * q
                     print(
-                        f"{part:<10} {q:>2}  {q + 1:>6}  {row['median']:>31.2f}  {row['best']:>6.2f}"
+                        f"{part:<10} {q:>2}  {passes:>6}  {row['median']:>31.2f}  {row['best']:>6.2f}"
                         f"  {row['off_s']:>17.2f}  {row['gap']:.1e}",
                         flush=True,
                     )

@@ -1,5 +1,6 @@
-"""A step's population in one call (`population_batch`): the perturbed LoRA adapters of a
-step as slots of one peft mixed-adapter batch, on a tiny random Llama.
+"""A step's population in one call (`population_batch`) on a tiny random Llama: the perturbed
+LoRA adapters of a step as slots of one peft mixed-adapter batch, and the full-parameter
+low-rank estimator's perturbations as LoRA-shaped deltas of one call.
 
 The reference for every point (seed, scale) is the model holding ``w + scale z(seed)`` as
 plain weights (`perturbed_weights`), run by a plain forward or ``generate``: it shares
@@ -7,6 +8,7 @@ neither the slots nor the per-pass perturbation with what it checks.
 """
 
 import json
+import math
 import tempfile
 import types
 import unittest
@@ -32,6 +34,7 @@ from sglang.srt.mezo.backends.engine_launch import lora_engine_args
 from sglang.srt.mezo.backends.sglang_backend import SGLangBackend
 from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.objectives import make_objective
+from sglang.srt.mezo.structured_directions import lowrank_seed
 from sglang.srt.mezo.usage_errors import ConfigError
 from sglang.srt.mezo_trainer import MeZOConfig, MeZODataset, MeZOTrainer, create_dataloader, main
 
@@ -218,7 +221,11 @@ class TestPopulationGeneration(unittest.TestCase):
                 at, points = trainer.objective.at_step(2), trainer.estimator.points(2)
                 names = trainer.backend.population.adapter_names(points)
                 prompts = {k: self.batch[k] for k in ("input_ids", "attention_mask")}
-                together = transformers_completions(trainer.model, self.tok, prompts, at.settings, names)
+                rows = [name for name in names for _ in range(4 * at.settings.num_samples)]
+                with trainer.backend.population.routed(rows) as options:
+                    together = transformers_completions(
+                        trainer.model, self.tok, prompts, at.settings, len(names), **options
+                    )
                 apart = []
                 for seed, scale in points:
                     with perturbed_weights(trainer, seed, scale):
@@ -234,16 +241,113 @@ class TestPopulationGeneration(unittest.TestCase):
         expected = trainer.backend._population_completions(at, self.batch, points)
         sizes = []
 
-        def fits_two(model, tokenizer, batch, settings, adapters=None):
-            sizes.append(len(adapters))
-            if len(adapters) > 2:
+        def fits_two(model, tokenizer, batch, settings, copies=None, **options):
+            sizes.append(copies)
+            if copies > 2:
                 raise torch.OutOfMemoryError("simulated")
-            return transformers_completions(model, tokenizer, batch, settings, adapters)
+            return transformers_completions(model, tokenizer, batch, settings, copies, **options)
 
         with mock.patch.object(transformers_backend, "transformers_completions", fits_two):
             got = trainer.backend._population_completions(at, self.batch, points)
         self.assertEqual(sizes, [4, 2, 2])
         self.assertEqual(got, expected)
+
+
+LINEAR_WEIGHTS = r"layers\.\d+\..*_proj\.weight"  # every nn.Linear weight of the decoder layers
+
+
+def lowrank_trainer(model=None, tokenizer=None, **overrides) -> MeZOTrainer:
+    values = dict(estimator="lowrank", lowrank_rank=2, trainable_patterns=LINEAR_WEIGHTS, population_batch="on")
+    values.update(epsilon=1e-2, disable_tqdm=True, seed=5)
+    return MeZOTrainer(model or tiny_llama(), MeZOConfig(**{**values, **overrides}), tokenizer=tokenizer)
+
+
+class TestLowRankPopulation(unittest.TestCase):
+    """Full-parameter ``lowrank``: each point's perturbation of a Linear weight, scale U V^T /
+    sqrt(r), added as a LoRA-shaped product in one call; the weights never written by it."""
+
+    def test_the_delta_equals_the_dense_perturbation_of_the_weight(self):
+        """A covered Linear's output in a population call equals x (W + scale Z)^T with Z = U
+        V^T / sqrt(r) from the same factors, computed in float64, within Higham's
+        deterministic bound for the float32 sums (gamma_n = n u / (1 - n u) per sum of n
+        products: x W^T over `in` terms, x V over `in`, (x V) U^T over r, the scale, the
+        final addition): |err| <= gamma_(in+1) |x| |W|^T + gamma_(in+r+3) |c| (|x| |V|) |U|^T.
+        Canary: the other basis (V of the next interval) is off by far more."""
+        trainer = lowrank_trainer()
+        population, family = trainer.backend.population, trainer.backend.family
+        t = next(t for t in trainer.backend.tensors if "layers.0.self_attn.q_proj" in t.name)
+        module, (seed, scale) = t.owners[0], trainer.estimator.points(7)[0]
+        population.adapter_names([(seed, scale)])
+        x = torch.randn(2, 5, t.param.shape[1], generator=torch.Generator().manual_seed(3))
+        with population.routed([0, 0]), torch.no_grad():
+            got = module(x).double()
+        u, v = (f.double() for f in family.factors(seed, t.name, *t.param.shape, "cpu"))
+        c = scale * family.scale
+        w, x64 = t.param.detach().double(), x.double()
+        unit = 2.0**-24
+
+        def gamma(n):
+            return n * unit / (1 - n * unit)
+
+        bound = gamma(x.shape[-1] + 1) * (x64.abs() @ w.abs().T)
+        bound += gamma(x.shape[-1] + 2 + 3) * abs(c) * ((x64.abs() @ v.abs()) @ u.abs().T)
+        self.assertTrue(bool(((got - (x64 @ w.T + c * (x64 @ v) @ u.T)).abs() <= bound).all()))
+        other = lowrank_seed(seed, seed ^ (1 << 40))  # the same U's seed bits, another basis V
+        u2, v2 = (f.double() for f in family.factors(other, t.name, *t.param.shape, "cpu"))
+        self.assertFalse(bool(((got - (x64 @ w.T + c * (x64 @ v2) @ u.T)).abs() <= bound).all()))
+
+    def test_each_points_loss_is_the_loss_at_its_point_and_lr0_is_exact(self):
+        """Per-point losses of one call against plain weights ``round(W + scale Z)``: the
+        one-call form skips that rounding, one more relative u per weight, i.e. at most one
+        more rounding per product of every sum: the probabilistic bound of `loss_tolerance`
+        (lambda sqrt(K) u) grows by at most sqrt(2). Canary: L- run on L+'s point makes g = 0
+        and misses its reference. Then 4 lr = 0 steps leave every weight bit for bit."""
+        batch, objective = lm_batch(), make_objective("auto", lm_batch())
+        trainer = lowrank_trainer(learning_rate=0.0, max_steps=4)
+        self.assertIsNotNone(trainer.backend.population)
+        points = trainer.estimator.points(2)
+        expected = reference_losses(trainer, objective, batch, points)
+        tolerance = [math.sqrt(2) * tol for tol in tolerances(trainer, batch, points)]
+        got = population_losses(trainer, objective, batch, points)
+        for g, e, tol in zip(got, expected, tolerance):
+            self.assertLessEqual(abs(g - e), tol)
+        self.assertGreater(abs(expected[0] - expected[1]), 10 * tolerance[0])
+        names = trainer.backend.population.adapter_names
+        with mock.patch.object(trainer.backend.population, "adapter_names", lambda p: [names(p)[0]] * len(p)):
+            broken = population_losses(trainer, objective, batch, points)
+        self.assertEqual(trainer.estimator.combine(2, broken)[0].coefficient, 0.0)
+        self.assertGreater(abs(broken[1] - expected[1]), 10 * tolerance[1])
+        before = snapshot(trainer.model)
+        trainer.train([batch] * 4)
+        self.assertEqual([k for k, v in snapshot(trainer.model).items() if not torch.equal(v, before[k])], [])
+
+    def test_generation_in_one_call_equals_each_points_generation(self):
+        """Greedy and sampled completions of every point in one generate() equal, point by
+        point, those of the plain perturbed weights (float64, sdpa: no near-ties)."""
+        tok = tiny_tokenizer()
+        config = MeZOConfig(reward="length=6", **LORA)
+        data = MeZODataset(RECORDS, tok, **config.dataset_options())
+        batch = next(iter(create_dataloader(data, 4, shuffle=False, seed=0)))
+        for sampling in (dict(temperature=0.0), dict(temperature=1.0, num_samples=2)):
+            with self.subTest(**sampling):
+                model = tiny_llama(dtype=torch.float64, attn_implementation="sdpa")
+                trainer = lowrank_trainer(model, tok, reward="length=6", max_new_tokens=8, epsilon=0.3, **sampling)
+                at, points = trainer.objective.at_step(1), trainer.estimator.points(1)
+                together = trainer.backend._population_completions(at, batch, points)
+                apart = []
+                for seed, scale in points:
+                    with perturbed_weights(trainer, seed, scale):
+                        apart.append(trainer.backend.completions(at, batch))
+                self.assertEqual(together, apart)
+                self.assertNotEqual(apart[0], apart[1])
+
+    def test_trainable_tensors_beyond_linear_weights_go_pass_by_pass(self):
+        with self.assertRaisesRegex(ValueError, "nn.Linear weights only.*--trainable-patterns"):
+            lowrank_trainer(trainable_patterns="")  # every tensor: embeddings and norms too
+        self.assertIsNone(lowrank_trainer(trainable_patterns="", population_batch="auto").backend.population)
+        self.assertIsNone(lowrank_trainer(population_batch="auto").backend.population)  # teacher-forced: off
+        tok = tiny_tokenizer()
+        self.assertIsNotNone(lowrank_trainer(None, tok, reward="length=6", population_batch="auto").backend.population)
 
 
 class TestPopulationExactness(unittest.TestCase):

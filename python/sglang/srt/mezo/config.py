@@ -234,10 +234,11 @@ class MeZOConfig:
     )
     population_batch: str = _f(
         "auto",
-        f"Evaluate a step's perturbed LoRA adapters in one call, the batch once per slot (peft's mixed-adapter "
-        f"batches, SGLang's multi-LoRA batches): one of {POPULATION_MODES}. on: always (--peft lora); off: pass after "
-        "pass; auto: on for the reward objective with LoRA (generation: 1.5-1.6x at q = 4 on 2 CPU cores), off for "
-        "teacher-forced passes (0.63x on transformers, 1.01x on the engine there).",
+        f"Evaluate a step's points in one call, the batch once per point: LoRA adapters as slots (peft's "
+        f"mixed-adapter batches, SGLang's multi-LoRA batches) or, full-parameter, the lowrank estimator's "
+        f"perturbations as LoRA-shaped deltas on Linear weights; one of {POPULATION_MODES}. on: always; off: pass "
+        "after pass; auto: on for the reward objective (generation: 1.5-1.6x at q = 4 with LoRA, 10x with low-rank "
+        "deltas on 2 CPU cores), off for teacher-forced passes (compute-bound there: 0.54-1.38x).",
         choices=POPULATION_MODES,
     )
     num_directions: Optional[int] = _f(
@@ -401,8 +402,14 @@ class MeZOConfig:
             for name, why in engine_refuses.items():
                 if getattr(self, name):
                     bad(name, f"not supported with --backend sglang ({why})")
-        if self.population_batch == "on" and self.peft != "lora":
-            bad("population_batch", "runs a step's perturbed LoRA adapters as slots of one call: it needs --peft lora")
+        if self.population_batch == "on" and not (
+            self.peft == "lora" or (self.peft == "none" and self.estimator == "lowrank")
+        ):
+            bad(
+                "population_batch",
+                "runs a step's points in one call as LoRA slots (--peft lora) or low-rank deltas (full-parameter "
+                "--estimator lowrank): it needs one of the two",
+            )
         if self.device != "auto":
             try:
                 torch.device(self.device)

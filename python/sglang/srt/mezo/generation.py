@@ -80,22 +80,22 @@ def prompt_token_lists(batch: dict) -> list:
 
 
 def transformers_completions(
-    model, tokenizer, batch: dict, settings: GenerationSettings, adapters: Optional[list] = None
+    model, tokenizer, batch: dict, settings: GenerationSettings, copies: Optional[int] = None, **generate_options
 ) -> list:
     """Completions of the batch's prompts, ``settings.num_samples`` per prompt (a prompt's
     samples adjacent), from `model.generate`: greedy, or sampled by `SeededGumbelSampling`.
 
-    With `adapters` (peft adapter names), every adapter generates them in one call (peft's
-    mixed-adapter batch: the rows once per adapter, each copy with the same sampling
-    seeds): then a list of completion lists, one per adapter."""
+    With `copies`, the rows are generated that many times in one call, one copy after
+    another and each with the same sampling seeds (a step's population, which
+    `generate_options` route to the copies' weights): then a list of completion lists,
+    one per copy."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_aligned(batch["input_ids"], batch["attention_mask"], pad)
     ids, mask = ids.repeat_interleave(settings.num_samples, 0), mask.repeat_interleave(settings.num_samples, 0)
-    rows, copies = ids.shape[0], len(adapters) if adapters is not None else 1
-    ids, mask = ids.repeat(copies, 1), mask.repeat(copies, 1)
-    per_row = {} if adapters is None else {"adapter_names": [name for name in adapters for _ in range(rows)]}
+    rows, repeats = ids.shape[0], copies or 1
+    ids, mask = ids.repeat(repeats, 1), mask.repeat(repeats, 1)
     config = GenerationConfig(
         do_sample=False,  # sampling is the logits processor's choice, made by the shared rule
         max_new_tokens=settings.max_new_tokens,
@@ -105,7 +105,7 @@ def transformers_completions(
     )
     processors = []
     if not settings.greedy:
-        seeds = settings.completion_seeds(len(batch["input_ids"])) * copies
+        seeds = settings.completion_seeds(len(batch["input_ids"])) * repeats
         processors.append(SeededGumbelSampling(seeds, settings.temperature, settings.top_p, ids.shape[1]))
     out = model.generate(
         input_ids=ids,
@@ -113,8 +113,8 @@ def transformers_completions(
         generation_config=config,
         tokenizer=tokenizer,
         logits_processor=processors,
-        **per_row,
+        **generate_options,
     )
     texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     texts = [cut_at_stop(text, settings.stop) for text in texts]
-    return texts if adapters is None else [texts[i * rows : (i + 1) * rows] for i in range(copies)]
+    return texts if copies is None else [texts[i * rows : (i + 1) * rows] for i in range(copies)]

@@ -23,9 +23,11 @@ calls; generation halves the slots per call).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from typing import Optional
+from contextlib import AbstractContextManager
+from typing import Iterator, Optional, Protocol
 
 import torch
 
@@ -55,21 +57,29 @@ def unsupported_reason(model, tensors: list) -> Optional[str]:
 
 
 def population_pays(config) -> bool:
-    """``population_batch="auto"``'s rule: where batching a step's adapters was measured to
-    pay (benchmark/mezo/bench_population.py, SmolLM2-135M LoRA, fzoo, 2 CPU cores): in
-    generation (the reward objective; 1.57x at q = 4 on transformers, 1.50x on the engine),
-    where decoding a few rows per token reads every weight for little arithmetic. Not for
-    teacher-forced passes at 16 x 128: 0.63x on transformers (a plain forward of 80 rows
-    already takes 1.18x five of 16: compute-bound, its activations leave the caches), 1.01x
-    on the engine; unmeasured on a GPU."""
+    """``population_batch="auto"``'s rule: where one call was measured to pay on every q
+    measured (benchmark/mezo/bench_population.py, SmolLM2-135M, 2 CPU cores): generation,
+    the reward objective (LoRA slots 1.3-1.6x, low-rank deltas 9.8-11x), where decoding a
+    few rows per token reads every weight for little arithmetic. Teacher-forced passes are
+    compute-bound on a CPU and one large batch is slower than its parts (a plain forward of
+    80 rows takes 1.18x five of 16): LoRA slots 0.54-0.84x, the engine's 1.01-1.21x,
+    low-rank deltas 1.38x at q = 1 but 0.91x from q = 2. Unmeasured on a GPU."""
     return config.objective == "reward"
 
 
+def population_form(config) -> Optional[str]:
+    """The one-call form of `config`'s steps: ``"lora"`` (slots, here), ``"lowrank"`` (the
+    full-parameter low-rank estimator's deltas, `lowrank_population`), or None: none."""
+    if config.peft == "lora":
+        return "lora"
+    return "lowrank" if config.peft == "none" and config.estimator == "lowrank" else None
+
+
 def runs_population(config) -> bool:
-    """Whether `config` asks for the population as LoRA slots (``on``, or ``auto`` where it
-    pays); a backend then serves it where it can (`unsupported_reason`)."""
+    """Whether `config` asks for its steps' points in one call (``on``, or ``auto`` where it
+    pays) in a form it has (`population_form`); a backend then serves it where it can."""
     wanted = config.population_batch == "on" or (config.population_batch == "auto" and population_pays(config))
-    return config.peft == "lora" and wanted
+    return population_form(config) is not None and wanted
 
 
 def slots_per_step(config) -> int:
@@ -77,11 +87,29 @@ def slots_per_step(config) -> int:
     return sum(seed is not None for seed, _ in make_estimator(config, epsilon=1.0).points(0))
 
 
+class Population(Protocol):
+    """A step's points evaluated in one call: what each point runs on (`adapter_names`,
+    which writes what it needs) and how one call routes its rows to them (`routed`)."""
+
+    def adapter_names(self, points: list) -> list:
+        """A name per (seed, scale) of `points`: what that point's rows run on."""
+
+    def routed(self, row_names: list) -> AbstractContextManager:
+        """Within the block, a call whose i-th row runs on ``row_names[i]``; it yields the
+        call's extra keyword arguments."""
+
+    def parameter_ids(self) -> set:
+        """ids of the parameters it adds to the model (scratch)."""
+
+    def export_options(self) -> dict:
+        """Keyword arguments of ``save_pretrained`` that leave its scratch out."""
+
+
 class LoRASlots:
     """Extra peft adapters holding a step's perturbed copies of the trained one.
 
     `adapter_names(points)` writes one slot per perturbed point and names the adapter each
-    point runs on; the forward then passes those names per row (``adapter_names``).
+    point runs on; the forward then passes those names per row (peft's ``adapter_names``).
     """
 
     def __init__(self, model, tensors: list, kind: str, family: Optional[DirectionFamily] = None):
@@ -95,6 +123,13 @@ class LoRASlots:
     @property
     def count(self) -> int:
         return len(self._slots)
+
+    @contextlib.contextmanager
+    def routed(self, row_names: list) -> Iterator[dict]:
+        yield {"adapter_names": row_names}
+
+    def export_options(self) -> dict:
+        return {"selected_adapters": [ADAPTER_NAME]} if self._slots else {}
 
     def parameter_ids(self) -> set:
         """ids of every slot's parameters (scratch: excluded from the model's frozen state)."""

@@ -10,7 +10,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sglang.srt.mezo.backends.lora_population import LoRASlots, runs_population, unsupported_reason
+from sglang.srt.mezo.backends.lora_population import LoRASlots, Population, runs_population
+from sglang.srt.mezo.backends.lora_population import unsupported_reason as lora_unsupported_reason
+from sglang.srt.mezo.backends.lowrank_population import LowRankDeltas
+from sglang.srt.mezo.backends.lowrank_population import unsupported_reason as lowrank_unsupported_reason
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.kv_cache import CachedRowForward
@@ -25,7 +28,6 @@ from sglang.srt.mezo.restore_log import RestoreLogPerturbation
 from sglang.srt.mezo.rewards.objective import RewardObjective
 from sglang.srt.mezo.structured_directions import direction_family
 from sglang.srt.mezo.trainable import (
-    ADAPTER_NAME,
     apply_peft,
     canonical_name,
     collect_trainable,
@@ -133,16 +135,23 @@ class TransformersBackend:
         self.population = self._population(config.population_batch)
         self.population_group = 0  # adapters per generation call (0: all; halved on out of memory)
 
-    def _population(self, requested: str) -> Optional[LoRASlots]:
-        """LoRA slots for a step's population (`lora_population`) where ``population_batch``
-        asks for them (`runs_population`), else None: pass by pass."""
-        reason = unsupported_reason(self.model, self.tensors)
+    def _population(self, requested: str) -> Optional[Population]:
+        """How a step's points run in one call where ``population_batch`` asks for it
+        (`runs_population`): LoRA slots (`lora_population`), or low-rank deltas for the
+        full-parameter ``lowrank`` estimator (`lowrank_population`); None: pass by pass."""
+        c = self.config
+        if c.peft == "lora":
+            reason = lora_unsupported_reason(self.model, self.tensors)
+        else:
+            reason = lowrank_unsupported_reason(self.tensors)
         if requested == "on" and reason is not None:
             raise ValueError(f"population_batch='on': {reason}")
-        if reason is not None or not runs_population(self.config):
+        if reason is not None or not runs_population(c):
             return None
-        logger.info("a step's perturbed adapters run as LoRA slots of one call (population_batch=%s)", requested)
-        return LoRASlots(self.model, self.tensors, self.config.perturbation, self.family)
+        logger.info("a step's points run in one call (population_batch=%s)", requested)
+        if c.peft == "lora":
+            return LoRASlots(self.model, self.tensors, c.perturbation, self.family)
+        return LowRankDeltas(self.tensors, self.family)
 
     def _mechanism(self, requested: str):
         """The perturbation mechanism: `requested`, or for ``auto`` the restore log where it
@@ -210,15 +219,15 @@ class TransformersBackend:
             stacked = stack_copies(batch, len(names))
 
             def forward(model, part: dict, keep: torch.Tensor) -> torch.Tensor:
-                adapters = [names[i] for i in part["copy_index"].tolist()]
-                return model(
-                    input_ids=part["input_ids"],
-                    attention_mask=part["attention_mask"],
-                    position_ids=positions(part),
-                    logits_to_keep=keep,
-                    use_cache=False,
-                    adapter_names=adapters,
-                ).logits
+                with self.population.routed([names[i] for i in part["copy_index"].tolist()]) as options:
+                    return model(
+                        input_ids=part["input_ids"],
+                        attention_mask=part["attention_mask"],
+                        position_ids=positions(part),
+                        logits_to_keep=keep,
+                        use_cache=False,
+                        **options,
+                    ).logits
 
             sums, counts = self._in_micro_batches(stacked, lambda part: row_logprobs(self.model, part, forward))
         return list(zip(sums.chunk(len(names)), counts.chunk(len(names))))
@@ -287,11 +296,15 @@ class TransformersBackend:
         prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, self.device)
         with self._pass(None, 0.0):
             names = self.population.adapter_names(points)
+            rows = prompts["input_ids"].shape[0] * objective.settings.num_samples
             group, out = min(len(names), self.population_group or len(names)), []
             while len(out) < len(names):
                 chunk = names[len(out) : len(out) + group]
                 try:
-                    out += transformers_completions(self.model, objective.tokenizer, prompts, objective.settings, chunk)
+                    with self.population.routed([name for name in chunk for _ in range(rows)]) as options:
+                        out += transformers_completions(
+                            self.model, objective.tokenizer, prompts, objective.settings, len(chunk), **options
+                        )
                 except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
                     if not is_out_of_memory(error) or group == 1:
                         raise
@@ -367,10 +380,7 @@ class TransformersBackend:
         self.perturbation.settle()
         for t in self.tensors:
             t.sync_param()
-        if self.population is not None and self.population.count:
-            self.model.save_pretrained(directory, selected_adapters=[ADAPTER_NAME])  # not the slots
-        else:
-            self.model.save_pretrained(directory)
+        self.model.save_pretrained(directory, **(self.population.export_options() if self.population else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return directory
