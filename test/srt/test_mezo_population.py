@@ -267,45 +267,66 @@ class TestLowRankPopulation(unittest.TestCase):
     sqrt(r), added as a LoRA-shaped product in one call; the weights never written by it."""
 
     def test_the_delta_equals_the_dense_perturbation_of_the_weight(self):
-        """A covered Linear's output in a population call equals x (W + scale Z)^T with Z = U
-        V^T / sqrt(r) from the same factors, computed in float64, within Higham's
-        deterministic bound for the float32 sums (gamma_n = n u / (1 - n u) per sum of n
-        products: x W^T over `in` terms, x V over `in`, (x V) U^T over r, the scale, the
-        final addition): |err| <= gamma_(in+1) |x| |W|^T + gamma_(in+r+3) |c| (|x| |V|) |U|^T.
-        Canary: the other basis (V of the next interval) is off by far more."""
+        """A covered Linear's output in a population call equals x (W + scale Z)^T, Z the dense
+        low-rank direction the one-by-one pass writes (`LowRank.source`, float32), computed
+        in float64, within Higham's deterministic bound (gamma_n = n u / (1 - n u) for a
+        float32 result of n roundings): x W^T sums `in` products and adds the delta (in + 1);
+        the delta sums `in` products for x V, r for (x V) U^T, then the coefficient's
+        rounding and product (in + r + 2), against Z's r products and sums and its 1/sqrt(r)
+        (r + 1): |err| <= gamma_(in+1) |x| |W|^T + gamma_(in+2r+3) |c| (|x| |V|) |U|^T. A
+        non-square weight (up_proj): swapped U and V would not even fit. Canary: the other
+        basis (another V) is off by far more."""
         trainer = lowrank_trainer()
         population, family = trainer.backend.population, trainer.backend.family
-        t = next(t for t in trainer.backend.tensors if "layers.0.self_attn.q_proj" in t.name)
+        t = next(t for t in trainer.backend.tensors if "layers.0.mlp.up_proj" in t.name)
+        (out_features, in_features), r = t.param.shape, trainer.config.lowrank_rank
+        self.assertNotEqual(out_features, in_features)
         module, (seed, scale) = t.owners[0], trainer.estimator.points(7)[0]
         population.adapter_names([(seed, scale)])
-        x = torch.randn(2, 5, t.param.shape[1], generator=torch.Generator().manual_seed(3))
+        x = torch.randn(2, 5, in_features, generator=torch.Generator().manual_seed(3))
         with population.routed([0, 0]), torch.no_grad():
             got = module(x).double()
-        u, v = (f.double() for f in family.factors(seed, t.name, *t.param.shape, "cpu"))
-        c = scale * family.scale
-        w, x64 = t.param.detach().double(), x.double()
-        unit = 2.0**-24
+        z = family.source(t.name, t.param.detach())(seed, 0, t.param.detach().reshape(-1)).double()
+        z = z.view(out_features, in_features)
+        u, v = (f.double() for f in family.factors(seed, t.name, out_features, in_features, "cpu"))
+        w, x64, unit = t.param.detach().double(), x.double(), 2.0**-24
 
         def gamma(n):
             return n * unit / (1 - n * unit)
 
-        bound = gamma(x.shape[-1] + 1) * (x64.abs() @ w.abs().T)
-        bound += gamma(x.shape[-1] + 2 + 3) * abs(c) * ((x64.abs() @ v.abs()) @ u.abs().T)
-        self.assertTrue(bool(((got - (x64 @ w.T + c * (x64 @ v) @ u.T)).abs() <= bound).all()))
+        bound = gamma(in_features + 1) * (x64.abs() @ w.abs().T)
+        c = scale * family.scale
+        bound += gamma(in_features + 2 * r + 3) * abs(c) * ((x64.abs() @ v.abs()) @ u.abs().T)
+        self.assertTrue(bool(((got - x64 @ (w + scale * z).T).abs() <= bound).all()))
         other = lowrank_seed(seed, seed ^ (1 << 40))  # the same U's seed bits, another basis V
-        u2, v2 = (f.double() for f in family.factors(other, t.name, *t.param.shape, "cpu"))
-        self.assertFalse(bool(((got - (x64 @ w.T + c * (x64 @ v2) @ u.T)).abs() <= bound).all()))
+        z2 = family.source(t.name, t.param.detach())(other, 0, t.param.detach().reshape(-1)).double()
+        self.assertFalse(bool(((got - x64 @ (w + scale * z2.view_as(w)).T).abs() <= bound).all()))
+
+    def test_a_layer_fed_other_rows_is_an_error_naming_it(self):
+        """A covered Linear called on rows that are not the batch's (a mixture-of-experts block
+        flattens tokens into rows) cannot tell the points apart: an error, not a silent mix."""
+        trainer = lowrank_trainer()
+        population = trainer.backend.population
+        t = trainer.backend.tensors[0]
+        population.adapter_names(trainer.estimator.points(0))
+        x = torch.randn(2, 5, t.param.shape[1])
+        with population.routed([0, 1]), torch.no_grad(), self.assertRaisesRegex(RuntimeError, "Linear got 10 rows"):
+            t.owners[0](x.view(10, -1))
 
     def test_each_points_loss_is_the_loss_at_its_point_and_lr0_is_exact(self):
         """Per-point losses of one call against plain weights ``round(W + scale Z)``: the
         one-call form skips that rounding, one more relative u per weight, i.e. at most one
-        more rounding per product of every sum: the probabilistic bound of `loss_tolerance`
-        (lambda sqrt(K) u) grows by at most sqrt(2). Canary: L- run on L+'s point makes g = 0
-        and misses its reference. Then 4 lr = 0 steps leave every weight bit for bit."""
+        more rounding per product of every sum (and the delta's own chain of about as many
+        roundings, of the size of the perturbation's terms): K grows to at most 2K, the
+        probabilistic bound of `loss_tolerance` (lambda sqrt(K) u) by at most sqrt(2). Canary:
+        L- run on L+'s point makes g = 0 and misses its reference. A plain forward after the
+        calls gives the bits it gave before them; 4 lr = 0 steps leave every weight bit for bit."""
         batch, objective = lm_batch(), make_objective("auto", lm_batch())
         trainer = lowrank_trainer(learning_rate=0.0, max_steps=4)
         self.assertIsNotNone(trainer.backend.population)
         points = trainer.estimator.points(2)
+        with torch.no_grad():
+            plain = objective(trainer.model, batch)
         expected = reference_losses(trainer, objective, batch, points)
         tolerance = [math.sqrt(2) * tol for tol in tolerances(trainer, batch, points)]
         got = population_losses(trainer, objective, batch, points)
@@ -317,6 +338,8 @@ class TestLowRankPopulation(unittest.TestCase):
             broken = population_losses(trainer, objective, batch, points)
         self.assertEqual(trainer.estimator.combine(2, broken)[0].coefficient, 0.0)
         self.assertGreater(abs(broken[1] - expected[1]), 10 * tolerance[1])
+        with torch.no_grad():  # after the population calls: the hooks left no trace on a plain forward
+            self.assertEqual(objective(trainer.model, batch), plain)
         before = snapshot(trainer.model)
         trainer.train([batch] * 4)
         self.assertEqual([k for k, v in snapshot(trainer.model).items() if not torch.equal(v, before[k])], [])

@@ -34,17 +34,19 @@ from sglang.srt.mezo.structured_directions import LowRank
 
 def unsupported_reason(tensors: list) -> Optional[str]:
     """Why a full-parameter low-rank step cannot run in one call (None: it can)."""
-    outside = [
-        t.name
-        for t in tensors
-        if t.layout is not None or not all(isinstance(m, nn.Linear) and m.weight is t.param for m in t.owners)
-    ]
+    outside = [t.name for t in tensors if t.layout is not None or not all(_plain_linear(m, t) for m in t.owners)]
     if outside:
         return (
             f"the low-rank population perturbs nn.Linear weights only, and {', '.join(outside[:3])} are trained too: "
             "select the Linear weights with --trainable-patterns"
         )
     return None
+
+
+def _plain_linear(module: nn.Module, t) -> bool:
+    """`t` is the weight of an `nn.Linear` that computes x W^T + b itself (a subclass with a
+    forward of its own, a router returning a tuple, say, is not covered)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and module.weight is t.param
 
 
 class LowRankDeltas:
@@ -93,6 +95,12 @@ class LowRankDeltas:
         if self._runs is None:
             return None
         x = args[0]
+        if x.shape[0] != self._runs[-1][2]:  # e.g. a mixture-of-experts block flattening tokens into rows
+            raise RuntimeError(
+                f"{type(module).__name__} got {x.shape[0]} rows in a population call of {self._runs[-1][2]}: its "
+                "input is not one row per batch row, so the points' deltas cannot be told apart (use "
+                "--population-batch off, or leave this layer out of --trainable-patterns)"
+            )
         for point, start, end in self._runs:
             if self._points[point] is None:
                 continue

@@ -146,7 +146,10 @@ class TransformersBackend:
             reason = lowrank_unsupported_reason(self.tensors)
         if requested == "on" and reason is not None:
             raise ValueError(f"population_batch='on': {reason}")
-        if reason is not None or not runs_population(c):
+        if not runs_population(c):
+            return None
+        if reason is not None:
+            logger.info("population_batch=auto: pass by pass, since %s", reason)
             return None
         logger.info("a step's points run in one call (population_batch=%s)", requested)
         if c.peft == "lora":
