@@ -63,6 +63,19 @@ def right_aligned(batch: dict) -> dict:
     return aligned
 
 
+def kept_logits(model: torch.nn.Module, batch: dict, keep: torch.Tensor, **options) -> torch.Tensor:
+    """The plain model call's logits at positions `keep` only (`options`: extra keyword
+    arguments of the call, e.g. peft's ``adapter_names``)."""
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=positions(batch),
+        logits_to_keep=keep,
+        use_cache=False,
+        **options,
+    ).logits
+
+
 def row_logprobs(model: torch.nn.Module, batch: dict, forward: Optional[Callable] = None) -> tuple:
     """Per-row (sum of completion-token log-probs [B] float64, token count [B]).
 
@@ -77,16 +90,7 @@ def row_logprobs(model: torch.nn.Module, batch: dict, forward: Optional[Callable
     if keep.numel() == 0:
         zeros = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
         return zeros, torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
-    if forward is None:
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=positions(batch),
-            logits_to_keep=keep,
-            use_cache=False,
-        ).logits
-    else:
-        logits = forward(model, batch, keep)
+    logits = (forward or kept_logits)(model, batch, keep)
     targets = labels[:, keep + 1]
     valid = targets != IGNORE_INDEX
     picked = target_logprobs(logits, targets)

@@ -17,7 +17,7 @@ from sglang.srt.mezo.backends.lowrank_population import unsupported_reason as lo
 from sglang.srt.mezo.config import MeZOConfig
 from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.kv_cache import CachedRowForward
-from sglang.srt.mezo.objectives import RowObjective, example_groups, positions, row_logprobs
+from sglang.srt.mezo.objectives import RowObjective, example_groups, kept_logits, row_logprobs
 from sglang.srt.mezo.perturbation import (
     UnitScopedPerturbation,
     WeightVersions,
@@ -223,14 +223,7 @@ class TransformersBackend:
 
             def forward(model, part: dict, keep: torch.Tensor) -> torch.Tensor:
                 with self.population.routed([names[i] for i in part["copy_index"].tolist()]) as options:
-                    return model(
-                        input_ids=part["input_ids"],
-                        attention_mask=part["attention_mask"],
-                        position_ids=positions(part),
-                        logits_to_keep=keep,
-                        use_cache=False,
-                        **options,
-                    ).logits
+                    return kept_logits(model, part, keep, **options)
 
             sums, counts = self._in_micro_batches(stacked, lambda part: row_logprobs(self.model, part, forward))
         return list(zip(sums.chunk(len(names)), counts.chunk(len(names))))
