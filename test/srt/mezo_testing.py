@@ -88,6 +88,12 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, **config_overrides) -> LlamaF
     return model.eval()
 
 
+def save_tiny_model(directory) -> None:
+    """`tiny_llama()` and `tiny_tokenizer()` saved to `directory`: a model dir the CLI loads."""
+    tiny_llama().save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+
+
 def smollm2_shaped(**overrides) -> LlamaForCausalLM:
     """SmolLM2-135M's head layout (9 query and 3 KV heads) in miniature, with a vocabulary of
     400: on 2 CPU ranks upstream pads them to 12 and 4 heads and 448 vocabulary rows, so

@@ -22,6 +22,7 @@ from mezo_testing import (
     loss_tolerance,
     perturbed_weights,
     run_cli,
+    save_tiny_model,
     snapshot,
     tiny_llama,
     tiny_tokenizer,
@@ -415,8 +416,7 @@ class TestPopulationRun(unittest.TestCase):
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory(prefix="mezo-population-")
         cls.tmp = Path(cls._tmp.name)
-        tiny_llama().save_pretrained(cls.tmp / "model")
-        tiny_tokenizer().save_pretrained(cls.tmp / "model")
+        save_tiny_model(cls.tmp / "model")
         (cls.tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
 
     @classmethod

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import mezo_test_rewards
 import torch
-from mezo_testing import assert_bit_identical, perturbed_weights, run_cli, snapshot, tiny_llama, tiny_tokenizer
+from mezo_testing import (
+    assert_bit_identical,
+    perturbed_weights,
+    run_cli,
+    save_tiny_model,
+    snapshot,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from safetensors.torch import load_file
 
 from sglang.srt.mezo import replay
@@ -284,8 +292,7 @@ class TestRewardCommandLine(unittest.TestCase):
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory(prefix="mezo-reward-")
         cls.tmp = Path(cls._tmp.name)
-        tiny_llama().save_pretrained(cls.tmp / "model")
-        tiny_tokenizer().save_pretrained(cls.tmp / "model")
+        save_tiny_model(cls.tmp / "model")
         for split, records in (("train", RECORDS), ("eval", RECORDS[:4])):
             (cls.tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
