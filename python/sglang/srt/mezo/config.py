@@ -113,6 +113,15 @@ def split_list(text: Optional[str]) -> list:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
+def population_form(config) -> Optional[str]:
+    """The one-call form of `config`'s steps (``population_batch``): ``"lora"``, the adapters
+    as slots (`backends.lora_population`); ``"lowrank"``, the full-parameter low-rank
+    estimator's deltas (`backends.lowrank_population`); or None: none."""
+    if config.peft == "lora":
+        return "lora"
+    return "lowrank" if config.peft == "none" and config.estimator == "lowrank" else None
+
+
 def flag(name: str) -> str:
     """The command-line flag of config field `name`."""
     return "--" + name.replace("_", "-")
@@ -402,9 +411,7 @@ class MeZOConfig:
             for name, why in engine_refuses.items():
                 if getattr(self, name):
                     bad(name, f"not supported with --backend sglang ({why})")
-        if self.population_batch == "on" and not (
-            self.peft == "lora" or (self.peft == "none" and self.estimator == "lowrank")
-        ):
+        if self.population_batch == "on" and population_form(self) is None:
             bad(
                 "population_batch",
                 "runs a step's points in one call as LoRA slots (--peft lora) or low-rank deltas (full-parameter "

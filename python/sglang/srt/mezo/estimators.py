@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 from sglang.srt.mezo.primitives import derived_seed
 from sglang.srt.mezo.structured_directions import lowrank_seed
@@ -36,8 +36,6 @@ ESTIMATORS = ("mezo", "fzoo", "sparse", "lowrank")
 
 # (seed or None for the unperturbed weights, scale): a point w + scale * z(seed) a step evaluates
 Point = tuple  # [Optional[int], float]
-# (seed or None for the unperturbed weights, scale) -> mean loss at w + scale * z(seed)
-LossAt = Callable[[Optional[int], float], float]
 
 
 def direction_seed(run_seed: int, step: int, direction: int) -> int:
@@ -74,11 +72,6 @@ class Estimator(Protocol):
 
     def combine(self, step: int, losses: list) -> list:
         """The step's `DirectionEstimate`s from the mean loss at each of `points(step)`."""
-
-
-def estimate(estimator: Estimator, loss_at: LossAt, step: int) -> list:
-    """`estimator`'s estimates at `step`, its points evaluated one by one by `loss_at`."""
-    return estimator.combine(step, [loss_at(seed, scale) for seed, scale in estimator.points(step)])
 
 
 class TwoPoint:

@@ -31,6 +31,7 @@ from typing import Iterator, Optional, Protocol
 
 import torch
 
+from sglang.srt.mezo.config import population_form
 from sglang.srt.mezo.estimators import make_estimator
 from sglang.srt.mezo.kernels import PairedWrites, tensor_key
 from sglang.srt.mezo.perturbation import swappable, write_perturbed
@@ -67,17 +68,9 @@ def population_pays(config) -> bool:
     return config.objective == "reward"
 
 
-def population_form(config) -> Optional[str]:
-    """The one-call form of `config`'s steps: ``"lora"`` (slots, here), ``"lowrank"`` (the
-    full-parameter low-rank estimator's deltas, `lowrank_population`), or None: none."""
-    if config.peft == "lora":
-        return "lora"
-    return "lowrank" if config.peft == "none" and config.estimator == "lowrank" else None
-
-
 def runs_population(config) -> bool:
     """Whether `config` asks for its steps' points in one call (``on``, or ``auto`` where it
-    pays) in a form it has (`population_form`); a backend then serves it where it can."""
+    pays) in a form it has (`config.population_form`); a backend then serves it where it can."""
     wanted = config.population_batch == "on" or (config.population_batch == "auto" and population_pays(config))
     return population_form(config) is not None and wanted
 

@@ -453,7 +453,7 @@ class SGLangBackend:
 
     def _generate(self, input_ids: list, starts: list, adapters: list) -> list:
         """One scoring call; `adapters`: each request's adapter (None: the base model)."""
-        lora = {} if all(name is None for name in adapters) else {"lora_path": adapters}
+        lora = self._lora_paths(adapters, 1)
         with self._engine_call():
             return self.engine.generate(
                 input_ids=input_ids,

@@ -14,7 +14,7 @@ from sglang.srt.mezo.backends.lora_population import LoRASlots, Population, runs
 from sglang.srt.mezo.backends.lora_population import unsupported_reason as lora_unsupported_reason
 from sglang.srt.mezo.backends.lowrank_population import LowRankDeltas
 from sglang.srt.mezo.backends.lowrank_population import unsupported_reason as lowrank_unsupported_reason
-from sglang.srt.mezo.config import MeZOConfig
+from sglang.srt.mezo.config import MeZOConfig, population_form
 from sglang.srt.mezo.generation import transformers_completions
 from sglang.srt.mezo.kv_cache import CachedRowForward
 from sglang.srt.mezo.objectives import RowObjective, example_groups, kept_logits, row_logprobs
@@ -47,6 +47,24 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+def halving_on_out_of_memory(attempt, size: int, floor: int, retrying: str, too_big=None) -> tuple:
+    """(`attempt(size)`, the size it took), the size halved (never below `floor`) after each
+    out-of-memory error and logged with `retrying` % the new size; out of memory at `floor`
+    re-raises, or raises `too_big(size)` where given (a message saying what to change)."""
+    while True:
+        try:
+            return attempt(size), size
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            if size <= floor:
+                if too_big is None:
+                    raise
+                raise too_big(size) from error
+            size = max(floor, size // 2)
+            logger.warning("out of memory " + retrying, size)
 
 
 def split_rows(batch: dict, size: int) -> list:
@@ -140,19 +158,19 @@ class TransformersBackend:
         (`runs_population`): LoRA slots (`lora_population`), or low-rank deltas for the
         full-parameter ``lowrank`` estimator (`lowrank_population`); None: pass by pass."""
         c = self.config
-        if c.peft == "lora":
+        if not runs_population(c):  # (the config refuses "on" where no form exists)
+            return None
+        if population_form(c) == "lora":
             reason = lora_unsupported_reason(self.model, self.tensors)
         else:
             reason = lowrank_unsupported_reason(self.tensors)
-        if requested == "on" and reason is not None:
-            raise ValueError(f"population_batch='on': {reason}")
-        if not runs_population(c):
-            return None
         if reason is not None:
+            if requested == "on":
+                raise ValueError(f"population_batch='on': {reason}")
             logger.info("population_batch=auto: pass by pass, since %s", reason)
             return None
         logger.info("a step's points run in one call (population_batch=%s)", requested)
-        if c.peft == "lora":
+        if population_form(c) == "lora":
             return LoRASlots(self.model, self.tensors, c.perturbation, self.family)
         return LowRankDeltas(self.tensors, self.family)
 
@@ -237,21 +255,18 @@ class TransformersBackend:
         """
         rows = batch["input_ids"].shape[0]
         size = min(rows, self.micro_batch_rows or self._budget_rows(batch) or rows)
-        while True:
-            try:
-                parts = [run(part) for part in split_rows(batch, size)]
-                break
-            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
-                if not is_out_of_memory(error):
-                    raise
-                smallest = max(len(g) for g in example_groups(batch))
-                if size <= smallest:
-                    raise MemoryError(
-                        f"out of memory with a micro-batch of {size} rows (one example): shorten max_length, "
-                        "train LoRA (--peft lora) or use a quantized/half-precision base"
-                    ) from error
-                size = max(smallest, size // 2)
-                logger.warning("out of memory in a forward: retrying with micro-batches of %d rows", size)
+        smallest = max(len(g) for g in example_groups(batch))
+
+        def too_big(size: int) -> MemoryError:
+            return MemoryError(
+                f"out of memory with a micro-batch of {size} rows (one example): shorten max_length, "
+                "train LoRA (--peft lora) or use a quantized/half-precision base"
+            )
+
+        parts, size = halving_on_out_of_memory(
+            lambda size: [run(part) for part in split_rows(batch, size)], size, smallest,
+            "in a forward: retrying with micro-batches of %d rows", too_big,
+        )  # fmt: skip
         self.micro_batch_rows = size if size < rows else self.micro_batch_rows
         return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
@@ -272,9 +287,9 @@ class TransformersBackend:
             return transformers_completions(self.model, objective.tokenizer, prompts, objective.settings)
 
     def loss_sums(self, objective, batch: dict, points: list) -> list:
-        """(sum, count) of `objective` at each (seed, scale) of `points`: with LoRA slots
-        (``population_batch``) the built-in and reward objectives in one call, else (and for
-        a custom objective) pass by pass."""
+        """(sum, count) of `objective` at each (seed, scale) of `points`: with a population
+        (``population_batch``: LoRA slots or low-rank deltas) the built-in and reward
+        objectives in one call, else (and for a custom objective) pass by pass."""
         if self.population is None or len(points) < 2 or not isinstance(objective, (RowObjective, RewardObjective)):
             return [self.loss_sum(objective, batch, seed, scale) for seed, scale in points]
         if isinstance(objective, RowObjective):
@@ -290,24 +305,23 @@ class TransformersBackend:
         """The batch's completions at every point of `points` (a list per point), generated
         together on the points' adapters; under out of memory, fewer adapters per call."""
         prompts = to_device({key: batch[key] for key in ("input_ids", "attention_mask")}, self.device)
+        rows = prompts["input_ids"].shape[0] * objective.settings.num_samples
+
+        def generate(chunk: list) -> list:
+            with self.population.routed([name for name in chunk for _ in range(rows)]) as options:
+                return transformers_completions(
+                    self.model, objective.tokenizer, prompts, objective.settings, len(chunk), **options
+                )
+
         with self._pass(None, 0.0):
             names = self.population.adapter_names(points)
-            rows = prompts["input_ids"].shape[0] * objective.settings.num_samples
-            group, out = min(len(names), self.population_group or len(names)), []
-            while len(out) < len(names):
-                chunk = names[len(out) : len(out) + group]
-                try:
-                    with self.population.routed([name for name in chunk for _ in range(rows)]) as options:
-                        out += transformers_completions(
-                            self.model, objective.tokenizer, prompts, objective.settings, len(chunk), **options
-                        )
-                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
-                    if not is_out_of_memory(error) or group == 1:
-                        raise
-                    group //= 2
-                    self.population_group = group  # kept for later steps, as micro_batch_rows is
-                    logger.warning("out of memory generating the population: %d adapters per call", group)
-        return out
+            group = min(len(names), self.population_group or len(names))
+            parts, group = halving_on_out_of_memory(
+                lambda group: [generate(names[i : i + group]) for i in range(0, len(names), group)], group, 1,
+                "generating the population: %d adapters per call",
+            )  # fmt: skip
+        self.population_group = group if group < len(names) else self.population_group  # kept for later steps
+        return [texts for part in parts for texts in part]
 
     def loss_sum(self, objective, batch: dict, seed: Optional[int] = None, scale: float = 0.0) -> tuple:
         """(sum, count) of `objective` under the perturbed weights; built-ins go through rows,
