@@ -103,12 +103,10 @@ class LoRASlots:
 
     `adapter_names(points)` writes one slot per perturbed point and names the adapter each
     point runs on; the forward then passes those names per row (peft's ``adapter_names``).
+    For a model `unsupported_reason` accepts (the backend checks it first).
     """
 
     def __init__(self, model, tensors: list, kind: str, family: Optional[DirectionFamily] = None):
-        reason = unsupported_reason(model, tensors)
-        if reason is not None:
-            raise ValueError(reason)
         self.model, self.tensors, self.kind, self.family = model, tensors, kind, family
         self._slots: list = []  # per slot: (PairedWrites of its dense copies, their tensors, [(tensor, dst)] others)
         self._slot_params: list = []  # every slot's parameters
